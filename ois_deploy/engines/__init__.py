@@ -1,0 +1,1 @@
+"""Inference engines built from the exported graphs (ONNX Runtime, TensorRT)."""

@@ -1,0 +1,143 @@
+"""The OIS model: frozen Depth Anything V2 (ViT + DPT depth head) and the click decoder.
+
+The forward is split the way it is deployed:
+- encode(image) -> ImageState: everything that does not depend on the clicks, run once per image;
+- decode(state, point_coords, point_labels, prev_mask) -> mask logits, run once per click, for a
+  batch of P prompt sets that share one image state by broadcasting (batch-1 state, never copied).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .blocks import DecoderBlock
+from .dpt import DPTHead
+from .order import object_bias, order_bias, order_maps, order_rows, padding_bias
+from .presets import OISConfig
+from .prompts import PromptEncoder, click_kinds
+from .vit import DinoVisionTransformer
+
+# ImageNet statistics in 0..255 units: the encoder takes raw RGB and normalises inside.
+PIXEL_MEAN = (123.675, 116.28, 103.53)
+PIXEL_STD = (58.395, 57.12, 57.375)
+
+
+class ImageState(NamedTuple):
+    """Encoder outputs; also the names of the encoder graph's outputs and decoder's inputs."""
+
+    image_embed: Tensor  # [B,C,h,w] level-4 ViT tokens projected to decoder width
+    pyramid_l1: Tensor  # [B,F,4h,4w] mask-head skip inputs (refinenet1..3, resConfUnit1 applied)
+    pyramid_l2: Tensor  # [B,F,2h,2w]
+    pyramid_l3: Tensor  # [B,F,h,w]
+    depth: Tensor  # [B,1,S,S] relative inverse depth, min-max normalised per image to [0,1]
+
+
+class OISDecoder(nn.Module):
+    """Every OIS parameter beyond Depth Anything V2."""
+
+    def __init__(self, cfg: OISConfig):
+        super().__init__()
+        d, vit = cfg.decoder, cfg.encoder
+        self.neck = nn.Conv2d(vit.embed_dim, d.width, 1)
+        self.prompts = PromptEncoder(d.width, vit.patch_size, cfg.input_size, cfg.disk_radius, d.fourier_scale)
+        self.object_blocks = nn.ModuleList(DecoderBlock(d.width, d.num_heads, d.mlp_ratio) for _ in range(d.object_blocks))
+        self.order_blocks = nn.ModuleList(DecoderBlock(d.width, d.num_heads, d.mlp_ratio) for _ in range(d.order_blocks))
+        # sigma = softplus(order_sigma) > 0, learned
+        self.order_sigma = nn.Parameter(torch.tensor(math.log(math.expm1(d.sigma_init))))
+        self.mask_head = DPTHead(vit.embed_dim, cfg.depth_head, level4_in_channels=d.width, out_relu=False)
+
+
+class OIS(nn.Module):
+    def __init__(self, cfg: OISConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.pretrained = DinoVisionTransformer(cfg.encoder, cfg.grid)
+        self.depth_head = DPTHead(cfg.encoder.embed_dim, cfg.depth_head)
+        self.decoder = OISDecoder(cfg)
+        self.register_buffer("pixel_mean", torch.tensor(PIXEL_MEAN).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("pixel_std", torch.tensor(PIXEL_STD).view(1, 3, 1, 1), persistent=False)
+        self.init_mask_head_from_depth_head()
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.decoder.neck.weight.dtype
+
+    @torch.no_grad()
+    def init_mask_head_from_depth_head(self) -> None:
+        """The paper initialises its decoders from DAv2: copy every depth-head tensor whose
+        shape fits (all but level 4's input projection, which takes decoder tokens)."""
+        source = self.depth_head.state_dict()
+        for name, tensor in self.decoder.mask_head.state_dict().items():
+            if name in source and source[name].shape == tensor.shape:
+                tensor.copy_(source[name])
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if not mode:  # the cached pos_embed resize must follow any training step
+            self.pretrained.refresh_pos_embed()
+        return self
+
+    def encode(self, image: Tensor) -> ImageState:
+        """image [B,3,S,S] float RGB in 0..255 (padded, see preprocess)."""
+        cfg = self.cfg
+        x = ((image.float() - self.pixel_mean) / self.pixel_std).to(self.dtype)
+        grid = cfg.grid
+        maps = [t.transpose(1, 2).reshape(t.shape[0], t.shape[2], grid, grid) for t in self.pretrained.intermediate_layers(x)]
+        depth = F.relu(self.depth_head(maps, cfg.input_size)).float()
+        lo = depth.amin(dim=(1, 2, 3), keepdim=True)
+        hi = depth.amax(dim=(1, 2, 3), keepdim=True)
+        depth = (depth - lo) / (hi - lo).clamp(min=cfg.depth_eps)  # a constant map becomes zeros
+        skips = self.decoder.mask_head.skips(maps[:3])
+        return ImageState(self.decoder.neck(maps[3]), *skips, depth)
+
+    def decode(self, state: ImageState, point_coords: Tensor, point_labels: Tensor, prev_mask: Tensor) -> Tensor:
+        """state of batch 1; point_coords [P,N,2] (x, y in the SxS frame); point_labels [P,N]
+        (1, 0, -1 padding); prev_mask [P,1,S,S] probability -> mask logits [P,1,S',S'] float32."""
+        cfg, dec = self.cfg, self.decoder
+        dtype, patch, grid = self.dtype, cfg.encoder.patch_size, cfg.grid
+        coords = point_coords.float()
+        kinds = click_kinds(point_labels)
+
+        dense = dec.prompts.dense(coords, kinds, prev_mask)
+        image = (state.image_embed + dense).flatten(2).transpose(1, 2)  # [P,L,C]
+        clicks = dec.prompts.sparse(coords, kinds).to(dtype)
+        image_pe = dec.prompts.positions.grid(grid, cfg.input_size).to(dtype)
+
+        mv = cfg.decoder.mask_value
+        key_bias = padding_bias(kinds, mv)
+        guide = object_bias(prev_mask, kinds, patch, cfg.decoder.object_mask_threshold, mv)
+        for block in dec.object_blocks:
+            clicks, image = block(clicks, image, image_pe, guide, key_bias)
+        o_pos, o_neg = order_maps(state.depth, coords, kinds, patch, cfg.decoder.order_eps)
+        guide = order_bias(
+            order_rows(o_pos, o_neg, kinds),
+            kinds,
+            cfg.decoder.order_attention,
+            F.softplus(dec.order_sigma.float()),
+            cfg.decoder.order_mask_threshold,
+            mv,
+        )
+        for block in dec.order_blocks:
+            clicks, image = block(clicks, image, image_pe, guide, key_bias)
+
+        image = image.transpose(1, 2).reshape(image.shape[0], -1, grid, grid)
+        head = dec.mask_head
+        skips = [state.pyramid_l1, state.pyramid_l2, state.pyramid_l3]
+        features = head.fuse(image, skips, out_scale=cfg.decoder.mask_scale // 4)
+        return head.scratch.output_conv2(features).float()
+
+    def forward(self, image: Tensor, point_coords: Tensor, point_labels: Tensor, prev_mask: Tensor) -> Tensor:
+        return self.decode(self.encode(image), point_coords, point_labels, prev_mask)
+
+
+def count_parameters(model: OIS) -> dict[str, int]:
+    """Parameter split as `ois-deploy info` reports it."""
+    parts = {"encoder": model.pretrained, "depth_head": model.depth_head, "decoder": model.decoder}
+    counts = {k: sum(p.numel() for p in m.parameters()) for k, m in parts.items()}
+    counts["total"] = sum(counts.values())
+    return counts

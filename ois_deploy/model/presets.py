@@ -1,0 +1,154 @@
+"""Model configurations. Every choice DESIGN.md marks as ours is a field here, not a constant."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+from ..errors import UserError
+
+PATCH = 14
+
+
+@dataclass(frozen=True)
+class ViTConfig:
+    """DINOv2 ViT as used by Depth Anything V2."""
+
+    variant: str  # vits | vitb | vitl | tiny: names the official checkpoint family it loads
+    embed_dim: int
+    depth: int
+    num_heads: int
+    intermediate_layers: tuple[int, ...]
+    mlp_ratio: float = 4.0
+    patch_size: int = PATCH
+    pretrained_grid: int = 37  # side of the pos_embed grid stored in checkpoints (518 / 14)
+    layerscale_init: float = 1.0
+    # DINOv2 resizes pos_embed with scale_factor=(g + offset) / grid, bicubic, no antialias.
+    pos_interp_offset: float = 0.1
+
+
+@dataclass(frozen=True)
+class DPTConfig:
+    """DPT head of Depth Anything V2."""
+
+    features: int
+    out_channels: tuple[int, int, int, int]
+
+
+@dataclass(frozen=True)
+class DecoderConfig:
+    """The OIS click decoder (DESIGN §2.3-2.6)."""
+
+    width: int = 256
+    num_heads: int = 8
+    object_blocks: int = 1  # object-aware blocks, run first
+    order_blocks: int = 1  # order-aware blocks, run second
+    mlp_ratio: float = 4.0
+    order_attention: str = "bias"  # bias: logits - O/sigma; mask: hard threshold (ablation)
+    order_mask_threshold: float = 0.5  # used by order_attention="mask"
+    sigma_init: float = 0.5  # initial sigma = softplus(s) of the order bias
+    object_mask_threshold: float = 0.5  # prev-mask probability counted as "inside"
+    max_clicks: int = 24
+    mask_scale: int = 4  # mask_logits side S' = mask_scale x token grid (4: S/3.5, as SAM's S/4)
+    disk_radius_at_1024: float = 5.0  # click disk radius in pixels at S=1024, scaled with S
+    fourier_scale: float = 1.0  # std of the random Fourier features of click positions
+    mask_value: float = -1e4  # finite "minus infinity" of masked attention, safe in fp16
+    order_eps: float = 1e-6  # guards each order map's division by its maximum
+
+    def __post_init__(self):
+        if self.order_attention not in ("bias", "mask"):
+            raise ValueError(f"order_attention must be 'bias' or 'mask', not {self.order_attention!r}")
+        if self.mask_scale not in (4, 8):
+            raise ValueError("mask_scale must be 4 or 8")
+        if self.width % self.num_heads:
+            raise ValueError("decoder width must be a multiple of num_heads")
+
+
+@dataclass(frozen=True)
+class OISConfig:
+    name: str
+    input_size: int  # S: square input side, a multiple of the patch size
+    encoder: ViTConfig
+    depth_head: DPTConfig
+    decoder: DecoderConfig = field(default_factory=DecoderConfig)
+    depth_eps: float = 1e-6  # guards min-max normalisation of a constant depth map
+
+    def __post_init__(self):
+        if self.input_size % self.encoder.patch_size:
+            raise ValueError(f"input size {self.input_size} is not a multiple of {self.encoder.patch_size}")
+
+    @property
+    def grid(self) -> int:
+        """Token grid side h = w = S / patch."""
+        return self.input_size // self.encoder.patch_size
+
+    @property
+    def mask_size(self) -> int:
+        """Side S' of mask_logits: where the DPT fusion path ends (4x or 8x the token grid)."""
+        return self.decoder.mask_scale * self.grid
+
+    @property
+    def disk_radius(self) -> float:
+        return self.decoder.disk_radius_at_1024 * self.input_size / 1024
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "OISConfig":
+        try:
+            enc = dict(d["encoder"])
+            enc["intermediate_layers"] = tuple(enc["intermediate_layers"])
+            head = dict(d["depth_head"])
+            head["out_channels"] = tuple(head["out_channels"])
+            rest = {k: v for k, v in d.items() if k not in ("encoder", "depth_head", "decoder")}
+            return cls(
+                encoder=ViTConfig(**enc),
+                depth_head=DPTConfig(**head),
+                decoder=DecoderConfig(**d.get("decoder", {})),
+                **rest,
+            )
+        except (KeyError, TypeError, ValueError) as e:
+            raise UserError(f"invalid model config in checkpoint: {e}") from None
+
+
+def snap_to_patch(size: int, patch: int = PATCH) -> int:
+    """Largest multiple of the patch not above the paper's nominal size (1024 -> 1022)."""
+    return size // patch * patch
+
+
+VITS = ViTConfig("vits", embed_dim=384, depth=12, num_heads=6, intermediate_layers=(2, 5, 8, 11))
+VITB = ViTConfig("vitb", embed_dim=768, depth=12, num_heads=12, intermediate_layers=(2, 5, 8, 11))
+VITL = ViTConfig("vitl", embed_dim=1024, depth=24, num_heads=16, intermediate_layers=(4, 11, 17, 23))
+DPT_S = DPTConfig(features=64, out_channels=(48, 96, 192, 384))
+DPT_B = DPTConfig(features=128, out_channels=(96, 192, 384, 768))
+DPT_L = DPTConfig(features=256, out_channels=(256, 512, 1024, 1024))
+
+# Head size 32 (ViT) and 16 (decoder): multiples of 8, >= 16, so TensorRT can fuse attention.
+TINY_VIT = ViTConfig(
+    "tiny", embed_dim=128, depth=4, num_heads=4, intermediate_layers=(0, 1, 2, 3), pretrained_grid=16
+)
+
+PRESETS: dict[str, OISConfig] = {
+    "ois-tiny": OISConfig(
+        "ois-tiny",
+        224,
+        TINY_VIT,
+        DPTConfig(features=32, out_channels=(32, 64, 128, 128)),
+        DecoderConfig(width=64, num_heads=4),
+    ),
+    "ois-s-1024": OISConfig("ois-s-1024", snap_to_patch(1024), VITS, DPT_S),
+    "ois-b-1024": OISConfig("ois-b-1024", snap_to_patch(1024), VITB, DPT_B),
+    "ois-b-2048": OISConfig("ois-b-2048", snap_to_patch(2048), VITB, DPT_B),
+    "ois-l-1024": OISConfig("ois-l-1024", snap_to_patch(1024), VITL, DPT_L),
+}
+
+# Depth Anything V2 family -> the preset its official weights fill by default.
+DEFAULT_PRESET_FOR_VARIANT = {"vits": "ois-s-1024", "vitb": "ois-b-1024", "vitl": "ois-l-1024"}
+
+
+def get_preset(name: str) -> OISConfig:
+    try:
+        return PRESETS[name]
+    except KeyError:
+        raise UserError(f"unknown preset {name!r}; choose one of: {', '.join(PRESETS)}") from None

@@ -1,0 +1,119 @@
+"""Interactive predictor: set an image once, then click; the previous mask is fed back.
+
+Backends run the two halves of the model (encode once per image, decode per click) behind one
+small interface, so the host-side logic here is shared by all of them.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import cv2
+import numpy as np
+import torch
+
+from .errors import UserError
+from .preprocess import Frame, as_rgb, logits_to_image, logits_to_input_frame, sigmoid, to_input
+from .weights import WeightsReport, load_model
+
+BACKENDS = ("torch",)
+
+
+class Prediction(NamedTuple):
+    mask: np.ndarray  # bool [H,W] at the original image size
+    logits: np.ndarray  # float32 [H,W]
+
+
+class TorchRunner:
+    """The PyTorch reference model; the image state stays on the device between clicks."""
+
+    def __init__(self, model, device: str):
+        if device.startswith("cuda") and not torch.cuda.is_available():
+            raise UserError("device cuda requested but PyTorch sees no CUDA GPU")
+        self.device = torch.device(device)
+        self.model = model.to(self.device).eval()
+
+    @torch.inference_mode()
+    def encode(self, image: np.ndarray):
+        return self.model.encode(torch.from_numpy(image).to(self.device))
+
+    @torch.inference_mode()
+    def decode(self, state, coords: np.ndarray, labels: np.ndarray, prev_mask: np.ndarray) -> np.ndarray:
+        t = lambda a: torch.from_numpy(np.ascontiguousarray(a)).to(self.device)  # noqa: E731
+        return self.model.decode(state, t(coords), t(labels), t(prev_mask)).float().cpu().numpy()
+
+
+class Predictor:
+    def __init__(self, preset: str | None = "ois-tiny", checkpoint=None, backend: str = "torch", device: str = "cpu"):
+        if backend not in BACKENDS:
+            raise UserError(f"unknown backend {backend!r}; available: {', '.join(BACKENDS)}")
+        model, self.weights = load_model(preset, checkpoint)
+        self.weights: WeightsReport
+        self.cfg = model.cfg
+        self.runner = TorchRunner(model, device)
+        self.frame: Frame | None = None
+        self._state = None
+        self.reset()
+
+    @property
+    def max_clicks(self) -> int:
+        return self.cfg.decoder.max_clicks
+
+    def set_image(self, image: np.ndarray) -> None:
+        """HxW, HxWx3 or HxWx4 uint8 of any size. Encodes once; clears the clicks."""
+        tensor, self.frame = to_input(as_rgb(image), self.cfg.input_size)
+        self._state = self.runner.encode(tensor)
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget clicks and previous mask; keep the image."""
+        self.clicks: list[tuple[float, float, bool]] = []
+        s = self.cfg.input_size
+        self._prev = np.zeros((1, 1, s, s), np.float32)
+
+    def click(self, x: float, y: float, positive: bool = True) -> Prediction:
+        """Add a click at column x, row y (original image pixels) and predict with all clicks so far."""
+        self._require_image()
+        self.frame.check_click(x, y)
+        if len(self.clicks) >= self.max_clicks:
+            raise UserError(f"at most {self.max_clicks} clicks per object")
+        self.clicks.append((float(x), float(y), bool(positive)))
+        logits_sxs = self._decode_sxs(self.clicks, self._prev)
+        self._prev = self._feedback(logits_sxs)
+        return self._prediction(logits_sxs)
+
+    def predict(self, clicks: list[tuple[float, float, bool]], prev_mask: np.ndarray | None = None) -> Prediction:
+        """Stateless: clicks (x, y, positive) in original pixels, prev_mask an optional [H,W] probability."""
+        self._require_image()
+        if not 1 <= len(clicks) <= self.max_clicks:
+            raise UserError(f"give between 1 and {self.max_clicks} clicks, got {len(clicks)}")
+        for x, y, _ in clicks:
+            self.frame.check_click(x, y)
+        prev = np.zeros((1, 1, self.cfg.input_size, self.cfg.input_size), np.float32)
+        if prev_mask is not None:
+            if prev_mask.shape != (self.frame.height, self.frame.width):
+                raise UserError(f"prev_mask must be {self.frame.height}x{self.frame.width}, got {prev_mask.shape}")
+            h, w = self.frame.resized
+            prev[0, 0, :h, :w] = cv2.resize(prev_mask.astype(np.float32), (w, h), interpolation=cv2.INTER_LINEAR)
+        return self._prediction(self._decode_sxs(clicks, prev))
+
+    def _require_image(self) -> None:
+        if self._state is None:
+            raise UserError("call set_image() before clicking")
+
+    def _decode_sxs(self, clicks, prev: np.ndarray) -> np.ndarray:
+        coords = self.frame.to_input(np.array([[x, y] for x, y, _ in clicks], np.float32))[None]
+        labels = np.array([[1 if p else 0 for _, _, p in clicks]], np.int32)
+        logits = self.runner.decode(self._state, coords, labels, prev)
+        return logits_to_input_frame(logits[0, 0], self.cfg.input_size)
+
+    def _feedback(self, logits_sxs: np.ndarray) -> np.ndarray:
+        """Probability fed back as the next prev_mask; the padding outside the image is zero."""
+        prob = np.zeros_like(logits_sxs)
+        h, w = self.frame.resized
+        prob[:h, :w] = sigmoid(logits_sxs[:h, :w])
+        return prob[None, None]
+
+    def _prediction(self, logits_sxs: np.ndarray) -> Prediction:
+        logits = logits_to_image(logits_sxs, self.frame)
+        return Prediction(logits > 0, logits)

@@ -1,0 +1,43 @@
+import ast
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+# The steering repo's shared/ sits beside the project's root (also in CI).
+FIXTURES = Path(os.environ.get("OIS_FIXTURES", REPO.parent / "shared" / "fixtures"))
+DAV2_KEYS = FIXTURES / "depth_anything_v2"
+
+
+def dav2_key_shapes(variant: str) -> dict[str, tuple[int, ...]]:
+    """Key -> shape of an official Depth Anything V2 checkpoint, from the fixture lists."""
+    path = DAV2_KEYS / f"{variant}_state_dict_keys.tsv"
+    assert path.is_file(), f"fixture missing: {path} (set OIS_FIXTURES to shared/fixtures)"
+    shapes = {}
+    for line in path.read_text().splitlines():
+        if line.strip():
+            key, shape = line.split("\t")
+            shapes[key] = tuple(ast.literal_eval(shape))
+    return shapes
+
+
+def synthetic_dav2_state_dict(variant: str, seed: int = 0) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return {k: torch.randn(s, generator=g) * 0.02 for k, s in dav2_key_shapes(variant).items()}
+
+
+@pytest.fixture(scope="session")
+def tiny():
+    """The ois-tiny reference model (random init, seed 0), eval mode."""
+    from ois_deploy.weights import load_model
+
+    model, _ = load_model("ois-tiny")
+    return model
+
+
+@pytest.fixture
+def rng():
+    return np.random.default_rng(1234)

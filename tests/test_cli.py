@@ -1,0 +1,112 @@
+"""The command line, run in-process through its real entry point."""
+
+import json
+
+import cv2
+import numpy as np
+import pytest
+import torch
+
+from ois_deploy.cli import main
+
+from conftest import synthetic_dav2_state_dict
+
+
+def run(argv, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    out, err = capsys.readouterr()
+    return exit_info.value.code, out, err
+
+
+@pytest.fixture
+def image_file(tmp_path):
+    path = tmp_path / "img.png"
+    cv2.imwrite(str(path), np.random.default_rng(0).integers(0, 256, (90, 160, 3), dtype=np.uint8))
+    return path
+
+
+def test_info_json_to_stdout(capsys):
+    code, out, err = run(["info", "--preset", "ois-b-1024", "--json", "-"], capsys)
+    assert code == 0
+    data = json.loads(out)  # nothing but JSON on stdout
+    assert data["preset"] == "ois-b-1024" and data["input_size"] == 1022
+    assert data["params"]["encoder"] + data["params"]["depth_head"] == 97_470_785
+    assert data["params"]["total"] == sum(data["params"][k] for k in ("encoder", "depth_head", "decoder"))
+    assert data["weights"]["format"] == "random" and data["weights"]["path"] is None
+    assert "random init" in err
+
+
+def test_info_with_official_dav2_file(tmp_path, capsys):
+    path = tmp_path / "depth_anything_v2_vitb.pth"
+    torch.save(synthetic_dav2_state_dict("vitb"), path)
+    code, out, err = run(["info", "--checkpoint", str(path), "--json", "-"], capsys)
+    assert code == 0
+    w = json.loads(out)["weights"]
+    assert (w["loaded_keys"], w["missing"], w["unexpected"]) == (239, [], [])
+    assert w["format"] == "dav2-vitb" and "random init" in w["decoder"]
+    assert "CC-BY-NC-4.0" in err and "no OIS decoder" in err
+
+
+def test_info_lists_mismatches_and_exits_2(tmp_path, capsys):
+    state = synthetic_dav2_state_dict("vits")
+    del state["pretrained.blocks.0.norm1.bias"]
+    path = tmp_path / "broken.pth"
+    torch.save(state, path)
+    report = tmp_path / "report.json"
+    code, out, err = run(["info", "--checkpoint", str(path), "--json", str(report)], capsys)
+    assert code == 2 and err.strip().count("\n") == 0 and err.startswith("error:")
+    assert json.loads(report.read_text())["weights"]["missing"] == ["pretrained.blocks.0.norm1.bias"]
+
+
+def test_predict_writes_mask_and_overlay(image_file, tmp_path, capsys):
+    out, overlay = tmp_path / "mask.png", tmp_path / "overlay.png"
+    code, _, err = run(
+        ["predict", "--preset", "ois-tiny", "--image", str(image_file), "--click", "80,45,+", "--click", "10,10,-",
+         "--out", str(out), "--overlay", str(overlay)],
+        capsys,
+    )
+    assert code == 0, err
+    mask = cv2.imread(str(out), cv2.IMREAD_UNCHANGED)
+    assert mask.shape == (90, 160) and set(np.unique(mask)) <= {0, 255}
+    assert cv2.imread(str(overlay)).shape == (90, 160, 3)
+    assert "random init" in err
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--image", "missing.png", "--click", "1,1,+"], "image not found"),
+        (["--image", "{bad}", "--click", "1,1,+"], "cannot read image"),
+        (["--image", "{img}", "--click", "160,10,+"], "outside the 160x90 image"),
+        (["--image", "{img}", "--click", "10,-1,+"], "outside"),
+        (["--image", "{img}", "--click", "10,10"], "bad click"),
+        (["--image", "{img}"] + ["--click", "1,1,+"] * 25, "at most 24 clicks"),
+        (["--image", "{img}", "--click", "1,1,+", "--preset", "ois-huge"], "unknown preset"),
+        (["--image", "{img}", "--click", "1,1,+", "--checkpoint", "{bad}"], "cannot read checkpoint"),
+        (["--image", "{img}", "--click", "1,1,+", "--checkpoint", "{vits}", "--preset", "ois-tiny"], "uses tiny"),
+        (["--image", "{img}", "--click", "1,1,+", "--backend", "tensorrt-nope"], "unknown backend"),
+        (["--image", "{img}", "--click", "1,1,+", "--out", "{tmp}/mask.xyz"], "cannot write image"),
+        (["--image", "{img}", "--click", "1,1,+", "--out", "{tmp}/no/such/dir/m.png"], "output folder does not exist"),
+        (["--image", "{img}", "--click", "1,1,+", "--bogus"], "No such option"),
+    ],
+)
+def test_predict_bad_input_is_one_line_and_exit_2(args, message, image_file, tmp_path, capsys):
+    bad = tmp_path / "corrupt.png"
+    bad.write_bytes(b"\x89PNG but not really")
+    vits = tmp_path / "vits.pth"
+    if "{vits}" in args:
+        torch.save(synthetic_dav2_state_dict("vits"), vits)
+    subst = {"{img}": str(image_file), "{bad}": str(bad), "{vits}": str(vits)}
+    args = [subst.get(a, a).replace("{tmp}", str(tmp_path)) for a in args]
+    if "--out" not in args:
+        args += ["--out", str(tmp_path / "mask.png")]
+    if "--preset" not in args:
+        args += ["--preset", "ois-tiny"]
+    code, out, err = run(["predict", *args], capsys)
+    assert code == 2
+    lines = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and message in lines[0], err
+    assert "Traceback" not in err
+    assert not (tmp_path / "mask.png").exists()  # nothing written half-way
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]

@@ -1,0 +1,171 @@
+"""Shapes, parameter counts and the decoder's invariants of the reference model."""
+
+import math
+
+import pytest
+import torch
+
+from ois_deploy.model import OIS, count_parameters, get_preset
+from ois_deploy.model.attention import Attention, masked_bias
+from ois_deploy.model.prompts import click_kinds
+from ois_deploy.weights import load_model
+
+from conftest import dav2_key_shapes
+
+
+def build_meta(preset: str) -> OIS:
+    with torch.device("meta"):
+        return OIS(get_preset(preset)).eval()
+
+
+@pytest.mark.parametrize("preset", ["ois-tiny", "ois-s-1024"])
+def test_module_output_shapes(preset):
+    """Every stage for one image and P=2 prompt sets of N=3 clicks (meta tensors: shapes only)."""
+    cfg = get_preset(preset)
+    model = build_meta(preset)
+    s, g, vit, f = cfg.input_size, cfg.grid, cfg.encoder, cfg.depth_head.features
+    image = torch.empty(1, 3, s, s, device="meta")
+    with torch.no_grad():
+        tokens = model.pretrained.intermediate_layers(image)
+        assert [t.shape for t in tokens] == [(1, g * g, vit.embed_dim)] * 4
+        maps = [t.transpose(1, 2).reshape(1, vit.embed_dim, g, g) for t in tokens]
+        assert model.depth_head(maps, s).shape == (1, 1, s, s)
+        state = model.encode(image)
+        assert state.image_embed.shape == (1, cfg.decoder.width, g, g)
+        assert state.pyramid_l1.shape == (1, f, 4 * g, 4 * g)
+        assert state.pyramid_l2.shape == (1, f, 2 * g, 2 * g)
+        assert state.pyramid_l3.shape == (1, f, g, g)
+        assert state.depth.shape == (1, 1, s, s)
+        p, n = 2, 3
+        coords = torch.empty(p, n, 2, device="meta")
+        kinds = click_kinds(torch.empty(p, n, device="meta"))
+        prompts = model.decoder.prompts
+        assert prompts.sparse(coords, kinds).shape == (p, n, cfg.decoder.width)
+        assert prompts.disks(coords, kinds).shape == (p, 2, s, s)
+        prev = torch.empty(p, 1, s, s, device="meta")
+        assert prompts.dense(coords, kinds, prev).shape == (p, cfg.decoder.width, g, g)
+        logits = model.decode(state, coords, torch.empty(p, n, device="meta"), prev)
+        assert logits.shape == (p, 1, cfg.mask_size, cfg.mask_size)
+        assert cfg.mask_size == 4 * g
+
+
+def test_depth_anything_v2_parameter_counts_match_official_files():
+    """The DAv2 part of a B preset is exactly 97,470,785 parameters; S and L match the fixture lists."""
+    for preset in ("ois-b-1024", "ois-b-2048"):
+        counts = count_parameters(build_meta(preset))
+        assert counts["encoder"] == 86_580_480
+        assert counts["depth_head"] == 10_890_305
+        assert counts["encoder"] + counts["depth_head"] == 97_470_785
+        assert counts["total"] == counts["encoder"] + counts["depth_head"] + counts["decoder"]
+    for preset, variant in (("ois-s-1024", "vits"), ("ois-b-1024", "vitb"), ("ois-l-1024", "vitl")):
+        counts = count_parameters(build_meta(preset))
+        official = sum(math.prod(s) for s in dav2_key_shapes(variant).values())
+        assert counts["encoder"] + counts["depth_head"] == official
+
+
+def test_b_preset_total_is_reported_beside_the_paper():
+    counts = count_parameters(build_meta("ois-b-1024"))
+    # OIS adds roughly 10M to DAv2-B in the paper (107.88M in all); ours must be of that order.
+    assert 5_000_000 < counts["decoder"] < 20_000_000
+
+
+def test_input_sizes_snap_to_patch():
+    assert get_preset("ois-s-1024").input_size == 1022
+    assert get_preset("ois-b-1024").grid == 73
+    assert get_preset("ois-b-2048").input_size == 2044
+    assert get_preset("ois-b-2048").grid == 146
+
+
+def random_state(model, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    s = model.cfg.input_size
+    return model.encode(torch.rand(1, 3, s, s, generator=g) * 255)
+
+
+def test_padding_clicks_change_nothing(tiny):
+    with torch.no_grad():
+        state = random_state(tiny)
+        coords = torch.tensor([[[100.0, 120.0], [30.0, 40.0]]])
+        labels = torch.tensor([[1, 0]])
+        prev = torch.rand(1, 1, 224, 224)
+        base = tiny.decode(state, coords, labels, prev)
+        padded = tiny.decode(
+            state,
+            torch.cat([coords, torch.tensor([[[5.0, 200.0], [150.0, 7.0]]])], dim=1),
+            torch.tensor([[1, 0, -1, -1]]),
+            prev,
+        )
+    torch.testing.assert_close(padded, base, atol=1e-5, rtol=1e-5)
+
+
+def test_prompt_sets_share_one_image_state(tiny):
+    """P prompt sets decoded together equal each decoded alone (broadcast image state)."""
+    with torch.no_grad():
+        state = random_state(tiny)
+        coords = torch.tensor([[[100.0, 120.0], [30.0, 40.0]], [[10.0, 12.0], [200.0, 40.0]], [[60.0, 60.0], [0, 0]]])
+        labels = torch.tensor([[1, 0], [1, 1], [1, -1]])
+        prev = torch.rand(3, 1, 224, 224)
+        together = tiny.decode(state, coords, labels, prev)
+        alone = torch.cat([tiny.decode(state, coords[i : i + 1], labels[i : i + 1], prev[i : i + 1]) for i in range(3)])
+    assert state.image_embed.shape[0] == 1
+    torch.testing.assert_close(together, alone, atol=1e-5, rtol=1e-5)
+
+
+def test_clicks_and_previous_mask_change_the_output(tiny):
+    with torch.no_grad():
+        state = random_state(tiny)
+        coords = torch.tensor([[[100.0, 120.0]]])
+        a = tiny.decode(state, coords, torch.tensor([[1]]), torch.zeros(1, 1, 224, 224))
+        b = tiny.decode(state, coords, torch.tensor([[0]]), torch.zeros(1, 1, 224, 224))
+        c = tiny.decode(state, coords, torch.tensor([[1]]), torch.ones(1, 1, 224, 224))
+        d = tiny.decode(state, torch.tensor([[[10.0, 20.0]]]), torch.tensor([[1]]), torch.zeros(1, 1, 224, 224))
+    for other in (b, c, d):
+        assert (a - other).abs().max() > 1e-4
+
+
+def test_masked_bias_falls_back_to_plain_attention_on_empty_rows():
+    allowed = torch.tensor([[[1.0, 0.0, 1.0], [0.0, 0.0, 0.0]]])
+    bias = masked_bias(allowed, -1e4)
+    assert bias.tolist() == [[[0.0, -1e4, 0.0], [0.0, 0.0, 0.0]]]
+
+
+@pytest.mark.parametrize("impl", ["matmul", "sdpa"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_fully_masked_rows_never_give_nan(impl, dtype):
+    torch.manual_seed(0)
+    attn = Attention(32, 2).to(dtype)
+    attn.impl = impl
+    q, kv = torch.randn(2, 3, 32, dtype=dtype), torch.randn(1, 50, 32, dtype=dtype)
+    nothing_allowed = masked_bias(torch.zeros(2, 3, 50), -1e4)
+    with torch.no_grad():
+        out = attn(q, kv, kv, nothing_allowed)
+        plain = attn(q, kv, kv, None)
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out, plain)  # an empty row is plain attention
+
+
+def test_object_aware_first_click_is_plain_attention(tiny):
+    """First click, empty previous mask: the positive row has nothing inside, so it falls back."""
+    from ois_deploy.model.order import object_bias
+
+    kinds = click_kinds(torch.tensor([[1, 0]]))
+    empty = object_bias(torch.zeros(1, 1, 224, 224), kinds, 14, 0.5, -1e4)
+    assert (empty[0, 0] == 0).all()  # positive: fallback to everything
+    assert (empty[0, 1] == 0).all()  # negative: all tokens are outside
+    half = torch.zeros(1, 1, 224, 224)
+    half[..., :112, :] = 1.0
+    guided = object_bias(half, kinds, 14, 0.5, -1e4).reshape(1, 2, 16, 16)
+    assert (guided[0, 0, :8] == 0).all() and (guided[0, 0, 8:] == -1e4).all()
+    assert (guided[0, 1, :8] == -1e4).all() and (guided[0, 1, 8:] == 0).all()
+
+
+def test_fp16_decode_is_finite(tiny):
+    """Half precision with the FP32 islands, first click (every masked row falls back)."""
+    model, _ = load_model("ois-tiny")
+    model = model.half()
+    with torch.no_grad():
+        state = model.encode(torch.rand(1, 3, 224, 224) * 255)
+        out = model.decode(state, torch.tensor([[[50.0, 60.0], [0.0, 0.0]]]), torch.tensor([[1, -1]]), torch.zeros(1, 1, 224, 224))
+        ref = tiny.decode(random_state(tiny), torch.tensor([[[50.0, 60.0]]]), torch.tensor([[1]]), torch.zeros(1, 1, 224, 224))
+    assert out.dtype == torch.float32 and torch.isfinite(out).all()
+    assert out.shape == ref.shape
