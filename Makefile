@@ -17,10 +17,13 @@ $(VENV)/.installed: pyproject.toml
 
 install: $(VENV)/.installed
 
+# The main job: export ois-s-1024 (random weights unless CHECKPOINT=path is given: it says so),
+# lint the graphs, verify them with ONNX Runtime against PyTorch, and segment the bundled image.
 demo: install
 	mkdir -p artifacts
-	$(VENV)/bin/ois-deploy info --preset ois-s-1024
-	$(VENV)/bin/ois-deploy predict --preset ois-s-1024 --image $(DEMO_IMAGE) \
+	$(VENV)/bin/ois-deploy export --preset ois-s-1024 $(if $(CHECKPOINT),--checkpoint $(CHECKPOINT)) --out artifacts/ois-s-1024
+	$(VENV)/bin/ois-deploy verify artifacts/ois-s-1024 $(if $(CHECKPOINT),--checkpoint $(CHECKPOINT)) --json artifacts/verify-ois-s-1024.json
+	$(VENV)/bin/ois-deploy predict --backend ort --model artifacts/ois-s-1024 --precision fp16 --image $(DEMO_IMAGE) \
 		--click 262,280,+ --click 150,100,- --out artifacts/demo_mask.png --overlay artifacts/demo_overlay.png
 
 test: install

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json as jsonlib
 import sys
+from pathlib import Path
 from typing import Optional
 
 import numpy as np
@@ -28,9 +30,11 @@ CheckpointOpt = typer.Option(None, "--checkpoint", "-c", help="Weights: ois-depl
 JsonOpt = typer.Option(None, "--json", help="Write results as JSON to PATH; '-' for stdout.")
 
 
-def console_for(json_path: Optional[str]) -> Console:
-    """Human output goes to stderr when JSON goes to stdout."""
-    return Console(stderr=json_path == "-", highlight=False)
+def console_for(json_path: Optional[str], stderr: bool = False) -> Console:
+    """Human output goes to stderr when JSON goes to stdout. Logs and pipes get wide tables."""
+    to_stderr = stderr or json_path == "-"
+    tty = (sys.stderr if to_stderr else sys.stdout).isatty()
+    return Console(stderr=to_stderr, highlight=False, width=None if tty else 120)
 
 
 @app.command()
@@ -111,8 +115,10 @@ def predict(
     overlay: Optional[str] = typer.Option(None, "--overlay", help="Also write the mask and clicks over the image."),
     preset: Optional[str] = PresetOpt,
     checkpoint: Optional[str] = CheckpointOpt,
-    backend: str = typer.Option("torch", "--backend", help="Inference backend."),
-    device: str = typer.Option("cpu", "--device", help="cpu or cuda."),
+    backend: str = typer.Option("torch", "--backend", help="torch, torch-cuda (PyTorch model) or ort (exported graphs)."),
+    model: Optional[str] = typer.Option(None, "--model", "-m", help="Export folder, for --backend ort."),
+    precision: str = typer.Option("fp32", "--precision", help="fp32 or fp16."),
+    device: Optional[str] = typer.Option(None, "--device", help="torch: cpu (default) or cuda; ort: auto (default), cpu, cuda or tensorrt."),
 ):
     """Segment the object under the clicks; each click sees the mask of the clicks before it."""
     from .predictor import Predictor
@@ -120,8 +126,9 @@ def predict(
 
     clicks = [parse_click(c) for c in click]
     rgb = read_image(image)
-    predictor = Predictor(preset, checkpoint, backend=backend, device=device)
-    print_notes(predictor.weights)
+    predictor = Predictor(preset, checkpoint, backend=backend, device=device, export_dir=model, precision=precision)
+    for note in predictor.notes:
+        print(note, file=sys.stderr)
     if len(clicks) > predictor.max_clicks:
         raise UserError(f"at most {predictor.max_clicks} clicks per object, got {len(clicks)}")
     predictor.set_image(rgb)
@@ -136,6 +143,299 @@ def predict(
         atomic_write_bytes(path, data)
     area = 100.0 * result.mask.mean()
     print(f"mask: {out} ({rgb.shape[1]}x{rgb.shape[0]}, {area:.1f}% of the image, {len(clicks)} clicks)", file=sys.stderr)
+
+
+def progress_steps(console: Console):
+    """A spinner with elapsed time for long, step-wise work; returns (context, step callback)."""
+    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+    bar = Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=console, transient=False)
+    state = {"task": None}
+
+    def step(text: str) -> None:
+        if state["task"] is not None:
+            bar.update(state["task"], completed=1, total=1)
+        state["task"] = bar.add_task(text, total=None)
+
+    def finish() -> None:
+        if state["task"] is not None:
+            bar.update(state["task"], completed=1, total=1)
+
+    return bar, step, finish
+
+
+def parse_precisions(text: str) -> tuple[str, ...]:
+    choices = {"fp32": ("fp32",), "fp16": ("fp16",), "both": ("fp32", "fp16")}
+    if text not in choices:
+        raise UserError(f"precision must be fp32, fp16 or both, not {text!r}")
+    return choices[text]
+
+
+def print_lint(console: Console, reports) -> bool:
+    ok = True
+    for r in reports:
+        console.print(f"lint {r.graph}: " + ("ok" if r.ok else f"{len(r.problems)} problem(s)"))
+        for problem in r.problems:
+            console.print(f"  - {problem}")
+        for note in r.notes:
+            console.print(f"  note: {note}")
+        ok &= r.ok
+    return ok
+
+
+@app.command()
+def export(
+    out: str = typer.Option(..., "--out", "-o", help="Folder for the graphs and manifest.json."),
+    preset: Optional[str] = PresetOpt,
+    checkpoint: Optional[str] = CheckpointOpt,
+    precision: str = typer.Option("both", "--precision", help="fp32, fp16 or both."),
+    opset: Optional[int] = typer.Option(None, "--opset", help="ONNX opset (default 18; 23 with --attention fused)."),
+    attention: str = typer.Option("matmul", "--attention", help="matmul (MatMul-Add-Softmax-MatMul) or fused (ONNX Attention)."),
+):
+    """Export the encoder and decoder graphs (FP32 and/or FP16), then lint them."""
+    from .exporters.lint import lint_export
+    from .exporters.onnx_export import ExportRequest, export_model
+    from .provenance import sha256_file
+    from .weights import RANDOM_SEED
+
+    target = Path(out)
+    request = ExportRequest(target, parse_precisions(precision), opset or (23 if attention == "fused" else 18), attention)
+    precisions = request.precisions
+    model, report = load_model(preset, checkpoint)
+    print_notes(report)
+    weights = {"format": report.format, "path": report.path, "seed": RANDOM_SEED if report.format == "random" else None,
+               "sha256": sha256_file(checkpoint) if checkpoint else None}
+    console = console_for(None, stderr=True)
+    bar, step, finish = progress_steps(console)
+    with bar:
+        manifest = export_model(model, weights, request, progress=step)
+        step("lint")
+        reports = lint_export(target, precisions)
+        finish()
+    if not print_lint(console, reports):
+        raise UserError(f"exported graphs in {out} failed lint (listed above)")
+    console.print(f"exported {', '.join(manifest['graphs'])} and manifest.json to {out}")
+
+
+@app.command()
+def lint(folder: str = typer.Argument(..., help="Export folder.")):
+    """Check exported graphs: onnx checker, TensorRT-parsable ops, forbidden patterns, FP32 islands, dynamic axes."""
+    from .exporters.lint import lint_export
+
+    console = console_for(None)
+    if not print_lint(console, lint_export(folder)):
+        raise UserError(f"graphs in {folder} failed lint (listed above)")
+
+
+@app.command()
+def verify(
+    folder: str = typer.Argument(..., help="Export folder."),
+    backend: str = typer.Option("ort", "--backend", help="Backend to check against PyTorch FP32."),
+    precision: Optional[str] = typer.Option(None, "--precision", help="fp32, fp16 or both (default: what was exported)."),
+    images: Optional[str] = typer.Option(None, "--images", help="Folder of real images (default: bundled ones)."),
+    checkpoint: Optional[str] = CheckpointOpt,
+    rel_l2_fp32: Optional[float] = typer.Option(None, "--rel-l2-fp32", help="Tolerance override."),
+    rel_l2_fp16: Optional[float] = typer.Option(None, "--rel-l2-fp16", help="Tolerance override."),
+    iou_mean: Optional[float] = typer.Option(None, "--iou-mean", help="Minimum mean mask IoU override."),
+    json: Optional[str] = JsonOpt,
+):
+    """Compare a backend with the PyTorch FP32 model; exit 1 above tolerance."""
+    from .parity import verify as run_verify
+
+    tolerances: dict = {"fp32": {}, "fp16": {}}
+    if rel_l2_fp32 is not None:
+        tolerances["fp32"]["rel_l2"] = rel_l2_fp32
+    if rel_l2_fp16 is not None:
+        tolerances["fp16"]["rel_l2"] = rel_l2_fp16
+    if iou_mean is not None:
+        for p in tolerances:
+            tolerances[p]["mask_iou_mean"] = iou_mean
+    console = console_for(json)
+    bar, step, finish = progress_steps(console_for(None, stderr=True))
+    with bar:
+        result = run_verify(folder, backend, parse_precisions(precision) if precision else None, images, checkpoint,
+                            tolerances, progress=step)
+        finish()
+    table = Table(title=f"parity: {result['backend']} ({', '.join(result['providers'])}) vs PyTorch FP32, {result['preset']}")
+    for col in ("precision", "output", "max abs", "rel L2", "non-finite", "IoU mean", "IoU min"):
+        table.add_column(col, justify="left" if col in ("precision", "output") else "right")
+    fmt = lambda v, f: "-" if v is None else format(v, f)  # noqa: E731
+    for r in result["results"]:
+        table.add_row(r["precision"], r["output"], fmt(r["max_abs"], ".2e"), fmt(r["rel_l2"], ".2e"), str(r["nonfinite"]),
+                      fmt(r["mask_iou_mean"], ".4f"), fmt(r["mask_iou_min"], ".4f"))
+    console.print(table)
+    console.print("PASSED" if result["passed"] else "FAILED: " + "; ".join(result["failures"]))
+    if json:
+        write_json(result, json)
+    if not result["passed"]:
+        raise typer.Exit(1)
+
+
+def object_progress(console: Console, total: int, what: str):
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    bar = Progress(TextColumn(what), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn(),
+                   console=console)
+    return bar, bar.add_task(what, total=total)
+
+
+def run_eval(predictor, samples, max_clicks: int, console: Console, label: str):
+    from .evaluation import run_object
+
+    results = []
+    bar, task = object_progress(console, len(samples), f"eval {label}")
+    with bar:
+        for sample in samples:
+            image, gt = sample.load()
+            results.append(run_object(predictor, image, gt, sample.name, max_clicks))
+            bar.advance(task)
+    return results
+
+
+@app.command(name="eval")
+def evaluate(
+    model: str = typer.Argument(..., help="A preset name (PyTorch) or an export folder."),
+    dataset: str = typer.Option(..., "--dataset", "-d", help="DAVIS, HQSeg44K-val or images/+masks/ folder."),
+    backend: Optional[str] = typer.Option(None, "--backend", help="torch, torch-cuda or ort (default: torch for a preset, ort for a folder)."),
+    precision: str = typer.Option("fp32", "--precision", help="fp32 or fp16."),
+    checkpoint: Optional[str] = CheckpointOpt,
+    device: Optional[str] = typer.Option(None, "--device", help="torch: cpu/cuda; ort: auto/cpu/cuda/tensorrt."),
+    max_clicks: int = typer.Option(20, "--max-clicks", min=1, max=24),
+    limit: Optional[int] = typer.Option(None, "--limit", min=1, help="Evaluate the first N objects only."),
+    json: Optional[str] = JsonOpt,
+    save_clicks: Optional[str] = typer.Option(None, "--save-clicks", help="Write the clicks and IoUs as JSON lines."),
+    plot: Optional[str] = typer.Option(None, "--plot", help="Write the mIoU-vs-clicks curve as PNG."),
+    compare_backend: Optional[str] = typer.Option(None, "--compare-backend", help="Also run this backend; report task-level parity."),
+):
+    """NoC@85/90/95, NoF, mIoU@k and seconds per click with simulated clicks (SegNext protocol)."""
+    from .datasets import load_dataset
+    from .evaluation import summarise
+    from .predictor import predictor_for
+
+    layout, samples = load_dataset(dataset)
+    samples = samples[:limit] if limit else samples
+    for path in (json, save_clicks, plot):  # fail before the long run, not after it
+        if path and path != "-" and not Path(path).parent.is_dir():
+            raise UserError(f"output folder does not exist: {Path(path).parent}")
+    predictor = predictor_for(model, backend, checkpoint, precision, device)
+    for note in predictor.notes:
+        print(note, file=sys.stderr)
+    backend_name = backend or ("ort" if predictor.runner.__class__.__name__ == "OrtRunner" else "torch")
+    err = console_for(None, stderr=True)
+    results = run_eval(predictor, samples, max_clicks, err, backend_name)
+    summary = summarise(results, max_clicks)
+    report = {"summary": summary, "backend": backend_name, "precision": precision, "model": model,
+              "dataset": str(dataset), "layout": layout, "objects": len(results)}
+
+    if compare_backend:
+        other = predictor_for(model, compare_backend, checkpoint, precision, device)
+        others = run_eval(other, samples, max_clicks, err, compare_backend)
+        same = [[(c.x, c.y, c.positive) for c in a.clicks] == [(c.x, c.y, c.positive) for c in b.clicks]
+                for a, b in zip(results, others)]
+        report["compare"] = {
+            "backend": compare_backend,
+            "identical_click_sequences": int(sum(same)),
+            "objects": len(same),
+            "max_iou_difference": float(max(abs(x - y) for a, b in zip(results, others) for x, y in zip(a.ious, b.ious))),
+            "NoC@90": {backend_name: summary["NoC@90"], compare_backend: summarise(others, max_clicks)["NoC@90"]},
+        }
+
+    out = console_for(json)
+    table = Table(title=f"{model} on {dataset} ({layout}, {len(results)} objects), {backend_name} {precision}")
+    for col in ("NoC@85", "NoC@90", "NoC@95", "NoF@85", "NoF@90", "NoF@95", "mIoU@1", "mIoU@5", "SPC ms"):
+        table.add_column(col, justify="right")
+    m = summary["mIoU@k"]
+    table.add_row(*(f"{summary[k]:.2f}" for k in ("NoC@85", "NoC@90", "NoC@95")),
+                  *(str(summary[k]) for k in ("NoF@85", "NoF@90", "NoF@95")),
+                  f"{m[0]:.4f}", f"{m[min(4, len(m) - 1)]:.4f}", f"{summary['spc_ms']:.1f}")
+    out.print(table)
+    if "compare" in report:
+        c = report["compare"]
+        out.print(f"task parity vs {c['backend']}: {c['identical_click_sequences']}/{c['objects']} identical click "
+                  f"sequences, max per-click IoU difference {c['max_iou_difference']:.4f}, NoC@90 {c['NoC@90']}")
+    if save_clicks:
+        atomic_write_bytes(save_clicks, "".join(jsonlib.dumps(r.to_json()) + "\n" for r in results).encode())
+    if plot:
+        write_curve(plot, summary["mIoU@k"], f"{model} ({backend_name} {precision})")
+    if json:
+        write_json(report, json)
+
+
+def write_curve(path: str, miou: list[float], label: str) -> None:
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    ax.plot(range(1, len(miou) + 1), miou, marker="o", markersize=3, label=label)
+    ax.set_xlabel("clicks")
+    ax.set_ylabel("mIoU")
+    ax.set_ylim(0, 1)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=120)
+    plt.close(fig)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+@app.command()
+def bench(
+    model: Optional[str] = typer.Argument(None, help="A preset name (PyTorch) or an export folder."),
+    backend: Optional[str] = typer.Option(None, "--backend", help="torch, torch-cuda or ort."),
+    precision: str = typer.Option("fp32", "--precision", help="fp32 or fp16."),
+    checkpoint: Optional[str] = CheckpointOpt,
+    device: Optional[str] = typer.Option(None, "--device", help="torch: cpu/cuda; ort: auto/cpu/cuda/tensorrt."),
+    image: Optional[str] = typer.Option(None, "--image", help="Image to time on (default: the bundled demo image)."),
+    clicks: int = typer.Option(20, "--clicks", min=1, max=24),
+    repeats: int = typer.Option(5, "--repeats", min=1),
+    sat: bool = typer.Option(True, "--sat/--no-sat", help="Also time the 16x16 Segment-Anything-Task."),
+    sat_chunk: int = typer.Option(256, "--sat-chunk", min=1, max=256, help="Prompt sets per decoder call in batched SAT."),
+    results_dir: str = typer.Option("benchmarks/results", "--results-dir", help="Where results are appended."),
+    report: bool = typer.Option(False, "--report", help="Render the performance table and chart from the results."),
+    json: Optional[str] = JsonOpt,
+):
+    """Encoder and per-click decoder latency, seconds per click, and SAT latency (batched, sequential)."""
+    from .bench import append_result, bench_record, load_results, report_chart, report_table, run_bench, update_readme
+    from .predictor import predictor_for
+    from .preprocess import read_image
+
+    out = console_for(json)
+    results = Path(results_dir)
+    if report:
+        records = load_results(results)
+        if not records:
+            raise UserError(f"no benchmark results in {results} (run ois-deploy bench MODEL first)")
+        table = report_table(records)
+        report_chart(records, results / "report.png")
+        (results / "report.md").write_text(table + "\n")
+        updated = update_readme(Path("README.md"), table)
+        out.print(table)
+        print(f"wrote {results / 'report.md'}, {results / 'report.png'}" + (", README.md" if updated else ""), file=sys.stderr)
+        return
+    if model is None:
+        raise UserError("give a MODEL (preset name or export folder), or --report")
+    rgb = read_image(image or Path(__file__).parent / "assets" / "demo.png")
+    predictor = predictor_for(model, backend, checkpoint, precision, device)
+    for note in predictor.notes:
+        print(note, file=sys.stderr)
+    backend_name = backend or ("ort" if predictor.runner.__class__.__name__ == "OrtRunner" else "torch")
+    bar, step, finish = progress_steps(console_for(None, stderr=True))
+    with bar:
+        result = run_bench(predictor, rgb, clicks, repeats, sat, sat_chunk, progress=step)
+        finish()
+    record = bench_record(predictor, backend_name, precision, result)
+    path = append_result(record, results)
+    out.print(report_table([record]))
+    if "sat_batched_speedup" in record:
+        out.print(f"SAT batched is {record['sat_batched_speedup']:.2f}x faster than sequential")
+    print(f"appended to {path}", file=sys.stderr)
+    if json:
+        write_json(record, json)
 
 
 @app.command()

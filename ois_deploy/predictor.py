@@ -14,9 +14,9 @@ import torch
 
 from .errors import UserError
 from .preprocess import Frame, as_rgb, logits_to_image, logits_to_input_frame, sigmoid, to_input
-from .weights import WeightsReport, load_model
+from .weights import describe_weights, load_model
 
-BACKENDS = ("torch",)
+BACKENDS = ("torch", "torch-cuda", "ort")
 
 
 class Prediction(NamedTuple):
@@ -27,11 +27,14 @@ class Prediction(NamedTuple):
 class TorchRunner:
     """The PyTorch reference model; the image state stays on the device between clicks."""
 
-    def __init__(self, model, device: str):
+    name = "torch"
+
+    def __init__(self, model, device: str = "cpu"):
         if device.startswith("cuda") and not torch.cuda.is_available():
             raise UserError("device cuda requested but PyTorch sees no CUDA GPU")
         self.device = torch.device(device)
         self.model = model.to(self.device).eval()
+        self.cfg = model.cfg
 
     @torch.inference_mode()
     def encode(self, image: np.ndarray):
@@ -42,15 +45,77 @@ class TorchRunner:
         t = lambda a: torch.from_numpy(np.ascontiguousarray(a)).to(self.device)  # noqa: E731
         return self.model.decode(state, t(coords), t(labels), t(prev_mask)).float().cpu().numpy()
 
+    def state_to_numpy(self, state) -> dict[str, np.ndarray]:
+        return {k: v.float().cpu().numpy() for k, v in state._asdict().items()}
+
+
+def make_runner(backend: str, preset=None, checkpoint=None, device=None, export_dir=None, precision="fp32"):
+    """(runner, human notes about the weights) for a backend name.
+
+    torch / torch-cuda run the PyTorch model of preset/checkpoint, or the reference model of an
+    export folder; ort runs the graphs of an export folder."""
+    if precision not in ("fp32", "fp16"):
+        raise UserError(f"precision must be fp32 or fp16, not {precision!r}")
+    if backend in ("torch", "torch-cuda"):
+        if backend == "torch-cuda":
+            if not torch.cuda.is_available():
+                raise UserError("backend torch-cuda needs a CUDA GPU and a CUDA build of PyTorch; none found here")
+            device = "cuda"
+        if export_dir is not None:
+            from .exporters.onnx_export import read_manifest
+            from .parity import reference_model
+
+            model, notes = reference_model(read_manifest(export_dir), checkpoint), [f"weights: those of {export_dir}"]
+        else:
+            model, report = load_model(preset, checkpoint)
+            notes = describe_weights(report)
+        if precision == "fp16":
+            from .model.precision import to_fp16
+
+            model = to_fp16(model)
+        return TorchRunner(model, device or "cpu"), notes
+    if backend == "ort":
+        from .engines.ort import OrtRunner
+
+        if export_dir is None:
+            raise UserError("backend ort runs exported graphs: give the export folder (ois-deploy export --out DIR)")
+        runner = OrtRunner(export_dir, precision, providers=device or "auto")
+        return runner, runner.weights_notes()
+    if backend == "trt":
+        raise UserError("backend trt needs TensorRT engines (ois-deploy build), which this version does not have yet")
+    raise UserError(f"unknown backend {backend!r}; available: {', '.join(BACKENDS)}")
+
+
+def predictor_for(model: str, backend: str | None = None, checkpoint=None, precision="fp32", device=None):
+    """A Predictor for a MODEL argument: a preset name, or an export folder (manifest.json)."""
+    from pathlib import Path
+
+    is_export = (Path(model) / "manifest.json").is_file()
+    if not is_export and Path(model).exists() and Path(model).is_dir():
+        raise UserError(f"{model} is a folder without manifest.json: not an export folder")
+    backend = backend or ("ort" if is_export else "torch")
+    if backend == "ort" and not is_export:
+        raise UserError(f"backend ort needs an export folder, and {model!r} is not one (ois-deploy export --out DIR)")
+    if is_export:
+        return Predictor(None, checkpoint, backend, device, export_dir=model, precision=precision)
+    return Predictor(model, checkpoint, backend, device, precision=precision)
+
 
 class Predictor:
-    def __init__(self, preset: str | None = "ois-tiny", checkpoint=None, backend: str = "torch", device: str = "cpu"):
-        if backend not in BACKENDS:
-            raise UserError(f"unknown backend {backend!r}; available: {', '.join(BACKENDS)}")
-        model, self.weights = load_model(preset, checkpoint)
-        self.weights: WeightsReport
-        self.cfg = model.cfg
-        self.runner = TorchRunner(model, device)
+    def __init__(
+        self,
+        preset: str | None = "ois-tiny",
+        checkpoint=None,
+        backend: str = "torch",
+        device: str | None = None,
+        export_dir=None,
+        precision: str = "fp32",
+    ):
+        """backend torch: the PyTorch model of preset/checkpoint, device cpu (default) or cuda;
+        torch-cuda: the same on the GPU. backend ort: the graphs of export_dir, device = ONNX
+        Runtime providers auto (default), cpu, cuda or tensorrt. precision fp32 or fp16."""
+        self.runner, self.notes = make_runner(backend, preset, checkpoint, device, export_dir, precision)
+        self.cfg = self.runner.cfg
         self.frame: Frame | None = None
         self._state = None
         self.reset()
@@ -71,8 +136,9 @@ class Predictor:
         s = self.cfg.input_size
         self._prev = np.zeros((1, 1, s, s), np.float32)
 
-    def click(self, x: float, y: float, positive: bool = True) -> Prediction:
-        """Add a click at column x, row y (original image pixels) and predict with all clicks so far."""
+    def click(self, x: float, y: float, positive: bool = True, threshold: float = 0.5) -> Prediction:
+        """Add a click at column x, row y (original image pixels) and predict with all clicks so far.
+        The mask is probability > threshold (the evaluation protocol uses 0.49)."""
         self._require_image()
         self.frame.check_click(x, y)
         if len(self.clicks) >= self.max_clicks:
@@ -80,7 +146,7 @@ class Predictor:
         self.clicks.append((float(x), float(y), bool(positive)))
         logits_sxs = self._decode_sxs(self.clicks, self._prev)
         self._prev = self._feedback(logits_sxs)
-        return self._prediction(logits_sxs)
+        return self._prediction(logits_sxs, threshold)
 
     def predict(self, clicks: list[tuple[float, float, bool]], prev_mask: np.ndarray | None = None) -> Prediction:
         """Stateless: clicks (x, y, positive) in original pixels, prev_mask an optional [H,W] probability."""
@@ -114,6 +180,6 @@ class Predictor:
         prob[:h, :w] = sigmoid(logits_sxs[:h, :w])
         return prob[None, None]
 
-    def _prediction(self, logits_sxs: np.ndarray) -> Prediction:
+    def _prediction(self, logits_sxs: np.ndarray, threshold: float = 0.5) -> Prediction:
         logits = logits_to_image(logits_sxs, self.frame)
-        return Prediction(logits > 0, logits)
+        return Prediction(logits > np.log(threshold / (1 - threshold)), logits)

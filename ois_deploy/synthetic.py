@@ -1,7 +1,8 @@
 """Deterministic synthetic RGB-D scenes: textured shapes layered in a known depth order.
 
 Used for the bundled demo image and for tests that need images with objects and masks.
-`python -m ois_deploy.synthetic OUT.png --seed 7 --size 480x360` regenerates the demo image.
+The bundled images: `python -m ois_deploy.synthetic demo.png --seed 7 --size 480x360` and
+`python -m ois_deploy.synthetic scene_23.jpg --seed 23 --size 300x420 --objects 5`.
 """
 
 from __future__ import annotations
@@ -73,10 +74,11 @@ def main() -> None:
     parser.add_argument("out")
     parser.add_argument("--seed", type=int, default=7)
     parser.add_argument("--size", default="480x360", help="WIDTHxHEIGHT")
+    parser.add_argument("--objects", type=int, default=4)
     args = parser.parse_args()
     width, height = map(int, args.size.split("x"))
-    scene = make_scene(args.seed, height, width)
-    cv2.imwrite(args.out, cv2.cvtColor(scene.image, cv2.COLOR_RGB2BGR))
+    scene = make_scene(args.seed, height, width, args.objects)
+    cv2.imwrite(args.out, cv2.cvtColor(scene.image, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, 90])
 
 
 if __name__ == "__main__":

@@ -38,6 +38,18 @@ def tiny():
     return model
 
 
+@pytest.fixture(scope="session")
+def tiny_export(tmp_path_factory):
+    """One export of ois-tiny (fp32 + fp16) for the whole run: exporting takes about a minute."""
+    from ois_deploy.exporters.onnx_export import ExportRequest, export_model
+    from ois_deploy.weights import load_model
+
+    out = tmp_path_factory.mktemp("export") / "ois-tiny"
+    model, _ = load_model("ois-tiny")
+    export_model(model, {"format": "random", "path": None, "seed": 0}, ExportRequest(out))
+    return out
+
+
 @pytest.fixture
 def rng():
     return np.random.default_rng(1234)

@@ -110,3 +110,54 @@ def test_predict_bad_input_is_one_line_and_exit_2(args, message, image_file, tmp
     assert "Traceback" not in err
     assert not (tmp_path / "mask.png").exists()  # nothing written half-way
     assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_lint_and_verify_commands(tiny_export, tmp_path, capsys):
+    code, out, err = run(["lint", str(tiny_export)], capsys)
+    assert code == 0 and out.count(": ok") == 4
+    report = tmp_path / "verify.json"
+    code, out, err = run(["verify", str(tiny_export), "--precision", "fp16", "--json", str(report)], capsys)
+    assert code == 0, out + err
+    data = json.loads(report.read_text())
+    assert data["passed"] is True and data["backend"] == "ort"
+    assert {r["output"] for r in data["results"]} >= {"decoder/mask_logits", "session/mask_logits", "encoder/depth"}
+    assert set(data["results"][0]) >= {"precision", "output", "max_abs", "rel_l2", "nonfinite", "mask_iou_mean", "mask_iou_min"}
+    assert "PASSED" in out
+
+
+def test_verify_exits_1_above_tolerance(tiny_export, capsys):
+    code, out, err = run(["verify", str(tiny_export), "--precision", "fp32", "--rel-l2-fp32", "1e-12", "--json", "-"], capsys)
+    assert code == 1
+    data = json.loads(out)  # JSON alone on stdout, the table went to stderr
+    assert data["passed"] is False and data["failures"]
+    assert "FAILED" in err
+
+
+def test_predict_with_the_ort_backend(tiny_export, image_file, tmp_path, capsys):
+    out = tmp_path / "mask.png"
+    code, _, err = run(["predict", "--backend", "ort", "--model", str(tiny_export), "--precision", "fp16",
+                        "--image", str(image_file), "--click", "80,45,+", "--out", str(out)], capsys)
+    assert code == 0, err
+    assert cv2.imread(str(out), cv2.IMREAD_UNCHANGED).shape == (90, 160)
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--attention", "fused", "--opset", "18"], "needs the ONNX Attention op"),
+        (["--precision", "fp8"], "precision must be"),
+        (["--attention", "flash"], "attention must be matmul or fused"),
+        (["--opset", "12"], "opset 12 is not supported"),
+        (["--preset", "ois-nope"], "unknown preset"),
+    ],
+)
+def test_export_bad_input(args, message, tmp_path, capsys):
+    code, _, err = run(["export", "--out", str(tmp_path / "out"), *args], capsys)
+    assert code == 2 and message in err and "Traceback" not in err
+    assert not (tmp_path / "out" / "manifest.json").exists()
+
+
+def test_lint_and_verify_of_a_missing_folder(tmp_path, capsys):
+    for command in (["lint", str(tmp_path / "none")], ["verify", str(tmp_path / "none")]):
+        code, _, err = run(command, capsys)
+        assert code == 2 and "export folder not found" in err

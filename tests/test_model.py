@@ -5,6 +5,7 @@ import math
 import pytest
 import torch
 
+from ois_deploy.exporters.onnx_export import state_shapes
 from ois_deploy.model import OIS, count_parameters, get_preset
 from ois_deploy.model.attention import Attention, masked_bias
 from ois_deploy.model.prompts import click_kinds
@@ -36,6 +37,8 @@ def test_module_output_shapes(preset):
         assert state.pyramid_l2.shape == (1, f, 2 * g, 2 * g)
         assert state.pyramid_l3.shape == (1, f, g, g)
         assert state.depth.shape == (1, 1, s, s)
+        # the export's example inputs and lint's contract use state_shapes: it must not drift
+        assert {k: tuple(v.shape) for k, v in state._asdict().items()} == state_shapes(cfg)
         p, n = 2, 3
         coords = torch.empty(p, n, 2, device="meta")
         kinds = click_kinds(torch.empty(p, n, device="meta"))
@@ -169,3 +172,12 @@ def test_fp16_decode_is_finite(tiny):
         ref = tiny.decode(random_state(tiny), torch.tensor([[[50.0, 60.0]]]), torch.tensor([[1]]), torch.zeros(1, 1, 224, 224))
     assert out.dtype == torch.float32 and torch.isfinite(out).all()
     assert out.shape == ref.shape
+
+
+def test_fp16_copy_keeps_the_fp32_islands(tiny):
+    from ois_deploy.model.precision import islands_dtype_report, to_fp16
+
+    report = islands_dtype_report(to_fp16(tiny))
+    assert report.pop("body") == torch.float16
+    assert set(report.values()) == {torch.float32}, report
+    assert tiny.dtype == torch.float32  # the source model is untouched

@@ -21,7 +21,10 @@ def attend(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, impl: str = "ma
     """q [B,H,Nq,d], k/v [B or 1,H,Nk,d], bias broadcastable to [B,H,Nq,Nk] (float32)."""
     scale = 1.0 / math.sqrt(q.shape[-1])
     if impl == "sdpa":
-        mask = None if bias is None else bias.to(q.dtype)
+        # Broadcasts spelled out as views: ONNX Runtime's Attention op wants K/V at Q's batch
+        # and a mask with Q's sequence length.
+        k, v = k.expand(q.shape[0], -1, -1, -1), v.expand(q.shape[0], -1, -1, -1)
+        mask = None if bias is None else bias.to(q.dtype).expand(q.shape[0], -1, q.shape[2], -1)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
     logits = (q.float() * scale) @ k.float().transpose(-1, -2)
     if bias is not None:

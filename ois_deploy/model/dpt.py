@@ -92,8 +92,16 @@ class DPTHead(nn.Module):
         x = s.refinenet1(x, s1, (out_scale * s1.shape[-2], out_scale * s1.shape[-1]))
         return s.output_conv1(x)
 
+    def output(self, x: Tensor) -> Tensor:
+        """output_conv2 with its last (1-channel) conv in float32: the depth that is min-max
+        normalised next, and the mask logits, are FP32 islands (DESIGN §4)."""
+        convs = self.scratch.output_conv2
+        last = convs[2]
+        x = F.conv2d(convs[:2](x).float(), last.weight.float(), last.bias.float())
+        return convs[3:](x)
+
     def forward(self, maps: list[Tensor], out_size: int) -> Tensor:
         """Depth from the four [B,D,h,w] token maps -> [B,1,out_size,out_size] (ReLU'd disparity)."""
         x = self.fuse(maps[3], self.skips(maps[:3]))
         x = F.interpolate(x, size=(out_size, out_size), mode="bilinear", align_corners=True)
-        return self.scratch.output_conv2(x)
+        return self.output(x)

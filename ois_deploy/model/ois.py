@@ -61,7 +61,12 @@ class OIS(nn.Module):
         self.decoder = OISDecoder(cfg)
         self.register_buffer("pixel_mean", torch.tensor(PIXEL_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("pixel_std", torch.tensor(PIXEL_STD).view(1, 3, 1, 1), persistent=False)
+        # Random init only (loaded weights replace it): a positive disparity bias keeps a random
+        # depth map from being all zeros after its ReLU, and a zero logit bias keeps random
+        # masks from being all empty, so that parity checks on random weights compare something.
+        nn.init.constant_(self.depth_head.scratch.output_conv2[2].bias, 1.0)
         self.init_mask_head_from_depth_head()
+        nn.init.zeros_(self.decoder.mask_head.scratch.output_conv2[2].bias)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -88,7 +93,7 @@ class OIS(nn.Module):
         x = ((image.float() - self.pixel_mean) / self.pixel_std).to(self.dtype)
         grid = cfg.grid
         maps = [t.transpose(1, 2).reshape(t.shape[0], t.shape[2], grid, grid) for t in self.pretrained.intermediate_layers(x)]
-        depth = F.relu(self.depth_head(maps, cfg.input_size)).float()
+        depth = F.relu(self.depth_head(maps, cfg.input_size))
         lo = depth.amin(dim=(1, 2, 3), keepdim=True)
         hi = depth.amax(dim=(1, 2, 3), keepdim=True)
         depth = (depth - lo) / (hi - lo).clamp(min=cfg.depth_eps)  # a constant map becomes zeros
@@ -129,7 +134,7 @@ class OIS(nn.Module):
         head = dec.mask_head
         skips = [state.pyramid_l1, state.pyramid_l2, state.pyramid_l3]
         features = head.fuse(image, skips, out_scale=cfg.decoder.mask_scale // 4)
-        return head.scratch.output_conv2(features).float()
+        return head.output(features)
 
     def forward(self, image: Tensor, point_coords: Tensor, point_labels: Tensor, prev_mask: Tensor) -> Tensor:
         return self.decode(self.encode(image), point_coords, point_labels, prev_mask)

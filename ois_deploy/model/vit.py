@@ -124,7 +124,8 @@ class DinoVisionTransformer(nn.Module):
         x = self.patch_embed(x)
         # Training keeps pos_embed differentiable; inference uses the cached resize.
         pos = self.resized_pos_embed() if self.training else self.pos_embed_grid
-        x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1) + pos.to(x.dtype)
+        x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)
+        x = (x.float() + pos.float()).to(x.dtype)  # FP32 island: position embedding add
         wanted = set(self.cfg.intermediate_layers)
         outputs = []
         for i, block in enumerate(self.blocks[: max(wanted) + 1]):

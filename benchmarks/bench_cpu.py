@@ -1,0 +1,111 @@
+"""CPU latency, side by side in one run: PyTorch eager and ONNX Runtime, FP32 and FP16.
+
+    python benchmarks/bench_cpu.py [--presets ois-tiny ois-s-1024] [--repeats 5]
+
+For each preset: encoder latency and per-click decoder latency (1 and 20 clicks), median ms,
+through the same runner interface the Predictor uses (numpy in, numpy out). Graphs are
+exported to artifacts/bench/<preset> first if missing. Random weights: latency does not depend
+on them. Writes benchmarks/results/cpu_<date>.json with machine, versions and date.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+import numpy as np
+
+from ois_deploy.engines.ort import OrtRunner
+from ois_deploy.exporters.onnx_export import ExportRequest, export_model, read_manifest
+from ois_deploy.model.precision import to_fp16
+from ois_deploy.predictor import TorchRunner
+from ois_deploy.provenance import machine_info, now_utc, tool_versions
+from ois_deploy.weights import load_model
+
+RESULTS = Path(__file__).parent / "results"
+EXPORTS = Path("artifacts/bench")
+
+
+def median_ms(fn, repeats: int) -> float:
+    fn()  # warm-up: allocation, kernel and thread-pool start stay out of the numbers
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - start) * 1000)
+    return statistics.median(times)
+
+
+def ensure_export(preset: str, model) -> Path:
+    out = EXPORTS / preset
+    try:
+        read_manifest(out)
+    except Exception:
+        print(f"exporting {preset} to {out} ...", flush=True)
+        export_model(model, {"format": "random", "path": None, "seed": 0}, ExportRequest(out))
+    return out
+
+
+def bench_runner(runner, size: int, repeats: int, rng) -> dict:
+    image = (rng.random((1, 3, size, size)) * 255).astype(np.float32)
+    state = runner.encode(image)
+    row = {"encoder_ms": median_ms(lambda: runner.encode(image), max(1, repeats // 2))}
+    for clicks in (1, 20):
+        coords = (rng.random((1, clicks, 2)) * (size - 1)).astype(np.float32)
+        labels = (np.arange(clicks) % 3 != 2).astype(np.int32)[None]
+        prev = rng.random((1, 1, size, size)).astype(np.float32)
+        row[f"decoder_ms_{clicks}_clicks"] = median_ms(lambda: runner.decode(state, coords, labels, prev), repeats)
+    return row
+
+
+def bench(preset: str, repeats: int) -> list[dict]:
+    model, _ = load_model(preset)
+    folder = ensure_export(preset, model)
+    size = model.cfg.input_size
+    runners = {
+        ("torch", "fp32"): TorchRunner(model),
+        ("torch", "fp16"): TorchRunner(to_fp16(model)),
+        ("ort", "fp32"): OrtRunner(folder, "fp32", providers="cpu"),
+        ("ort", "fp16"): OrtRunner(folder, "fp16", providers="cpu"),
+    }
+    rows = []
+    for (backend, precision), runner in runners.items():
+        print(f"{preset} {backend} {precision} ...", flush=True)
+        row = {"preset": preset, "backend": backend, "precision": precision}
+        row.update(bench_runner(runner, size, repeats, np.random.default_rng(0)))
+        rows.append(row)
+    torch32 = rows[0]
+    for row in rows:
+        row["decoder_speedup_vs_torch_fp32"] = torch32["decoder_ms_1_clicks"] / row["decoder_ms_1_clicks"]
+        row["encoder_speedup_vs_torch_fp32"] = torch32["encoder_ms"] / row["encoder_ms"]
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--presets", nargs="+", default=["ois-tiny", "ois-s-1024"])
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args()
+    result = {
+        "benchmark": "CPU latency, PyTorch eager vs ONNX Runtime (CPU EP), median ms; random weights",
+        "date": now_utc(),
+        "machine": machine_info(),
+        "versions": tool_versions(),
+        "results": [row for preset in args.presets for row in bench(preset, args.repeats)],
+    }
+    out = args.out or RESULTS / f"cpu_{result['date'][:10]}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    for r in result["results"]:
+        print(f"{r['preset']:11} {r['backend']:5} {r['precision']}  encoder {r['encoder_ms']:9.1f} ms  "
+              f"decoder {r['decoder_ms_1_clicks']:8.1f} ms (1 click) {r['decoder_ms_20_clicks']:8.1f} ms (20)  "
+              f"decoder x{r['decoder_speedup_vs_torch_fp32']:.2f}")
+    print(f"written {out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,209 @@
+"""Latency harness (DESIGN §6): encoder, decoder per click, seconds per click over a simulated
+session, and Segment-Anything-Task (SAT) latency on a 16x16 grid of single positive clicks.
+
+Warm-up runs are excluded; GPU work is synchronised before clocks are read (the runners return
+host arrays, which synchronises ONNX Runtime; torch runners synchronise explicitly).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from .evaluation import Clicker, PRED_THRESHOLD
+from .preprocess import to_input
+from .provenance import machine_info, now_utc, tool_versions
+
+SAT_GRID = 16
+RESULTS_FILE = "bench.jsonl"
+REPORT_START, REPORT_END = "<!-- bench-report:start -->", "<!-- bench-report:end -->"
+
+
+def _sync(runner) -> None:
+    device = getattr(runner, "device", None)
+    if str(device).startswith("cuda") and hasattr(runner, "model"):
+        import torch
+
+        torch.cuda.synchronize()
+
+
+def _ms(fn, runner) -> float:
+    start = time.perf_counter()
+    fn()
+    _sync(runner)
+    return (time.perf_counter() - start) * 1000
+
+
+def session_target(height: int, width: int) -> np.ndarray:
+    """The object the simulated user segments in `bench`: a centred ellipse (any image works)."""
+    target = np.zeros((height, width), np.uint8)
+    cv2.ellipse(target, (width // 2, height // 2), (max(1, width // 4), max(1, height // 3)), 0, 0, 360, 1, -1)
+    return target.astype(bool)
+
+
+def sat_clicks(frame) -> np.ndarray:
+    """[256, 1, 2] single positive clicks at the centres of a 16x16 grid, in the SxS frame."""
+    xs = (np.arange(SAT_GRID) + 0.5) * frame.width / SAT_GRID
+    ys = (np.arange(SAT_GRID) + 0.5) * frame.height / SAT_GRID
+    grid = np.stack(np.meshgrid(xs, ys), -1).reshape(-1, 1, 2)
+    return frame.to_input(grid)
+
+
+def run_bench(predictor, image: np.ndarray, clicks: int = 20, repeats: int = 5, sat: bool = True, sat_chunk: int = 256,
+              progress=None) -> dict:
+    runner, cfg = predictor.runner, predictor.cfg
+    size = cfg.input_size
+    step = progress or (lambda text: None)
+    tensor, frame = to_input(image, size)
+
+    step("encoder")
+    runner.encode(tensor)
+    encoder = [_ms(lambda: runner.encode(tensor), runner) for _ in range(repeats)]
+
+    step(f"{clicks}-click sessions")
+    decode_times: list[float] = []
+    inner = runner.decode
+
+    def timed_decode(*args):
+        start = time.perf_counter()
+        out = inner(*args)
+        _sync(runner)
+        decode_times.append((time.perf_counter() - start) * 1000)
+        return out
+
+    target = session_target(*image.shape[:2])
+
+    def session():
+        predictor.set_image(image)
+        clicker, pred = Clicker(target), np.zeros(target.shape, bool)
+        for _ in range(clicks):
+            c = clicker.next_click(pred)
+            pred = predictor.click(c.x, c.y, c.positive, threshold=PRED_THRESHOLD).mask
+
+    session()  # warm-up
+    runner.decode = timed_decode
+    try:
+        spc = [_ms(session, runner) / clicks for _ in range(max(1, repeats // 2))]
+    finally:
+        runner.decode = inner
+    result = {
+        "encoder_ms": float(np.median(encoder)),
+        "decoder_ms": {"p50": float(np.percentile(decode_times, 50)), "p90": float(np.percentile(decode_times, 90))},
+        "spc_ms": float(np.median(spc)),
+        "clicks": clicks,
+        "repeats": repeats,
+    }
+    if sat:
+        coords = sat_clicks(frame)
+        labels = np.ones((len(coords), 1), np.int32)
+        prev = np.zeros((1, 1, size, size), np.float32)
+
+        def sat_batched():
+            state = runner.encode(tensor)
+            for i in range(0, len(coords), sat_chunk):
+                n = len(coords[i : i + sat_chunk])
+                runner.decode(state, coords[i : i + n], labels[i : i + n], np.repeat(prev, n, axis=0))
+
+        def sat_sequential():
+            state = runner.encode(tensor)
+            for i in range(len(coords)):
+                runner.decode(state, coords[i : i + 1], labels[i : i + 1], prev)
+
+        step(f"SAT batched (chunks of {sat_chunk})")
+        sat_batched()
+        result["sat_batched_ms"] = _ms(sat_batched, runner)
+        step("SAT sequential (256 decoder calls)")
+        result["sat_sequential_ms"] = _ms(sat_sequential, runner)
+        result["sat_chunk"] = sat_chunk
+        result["sat_batched_speedup"] = result["sat_sequential_ms"] / result["sat_batched_ms"]
+    return result
+
+
+def bench_record(predictor, backend: str, precision: str, result: dict) -> dict:
+    runner = predictor.runner
+    device = getattr(runner, "providers", None) or str(getattr(runner, "device", "cpu"))
+    machine = machine_info()
+    return {
+        "backend": backend,
+        "precision": precision,
+        "preset": predictor.cfg.name,
+        "device": machine.get("gpu") if "cuda" in str(device).lower() else machine["cpu"],
+        "runtime_device": device if isinstance(device, str) else ",".join(device),
+        "machine": machine,
+        "versions": tool_versions(),
+        "date": now_utc(),
+        **result,
+    }
+
+
+def append_result(record: dict, results_dir: Path) -> Path:
+    results_dir.mkdir(parents=True, exist_ok=True)
+    path = results_dir / RESULTS_FILE
+    with open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+    return path
+
+
+def load_results(results_dir: Path) -> list[dict]:
+    path = results_dir / RESULTS_FILE
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def report_table(records: list[dict]) -> str:
+    """Markdown table of the newest record per (preset, backend, precision, device)."""
+    latest: dict[tuple, dict] = {}
+    for r in records:
+        latest[(r["preset"], r["backend"], r["precision"], r["device"])] = r
+    fmt = lambda v: "-" if v is None else f"{v:,.1f}"  # noqa: E731
+    lines = [
+        "| preset | backend | precision | device | encoder ms | decoder ms p50 / p90 | SPC ms | SAT batched ms | SAT sequential ms | date |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for (preset, backend, precision, device), r in sorted(latest.items()):
+        lines.append(
+            f"| `{preset}` | {backend} | {precision} | {device} | {fmt(r['encoder_ms'])} | "
+            f"{fmt(r['decoder_ms']['p50'])} / {fmt(r['decoder_ms']['p90'])} | {fmt(r['spc_ms'])} | "
+            f"{fmt(r.get('sat_batched_ms'))} | {fmt(r.get('sat_sequential_ms'))} | {r['date'][:10]} |"
+        )
+    return "\n".join(lines)
+
+
+def report_chart(records: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    latest = {(r["preset"], r["backend"], r["precision"], r["device"]): r for r in records}
+    labels = [f"{p}\n{b} {q}" for p, b, q, _ in latest]
+    fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(labels)), 4))
+    x = np.arange(len(labels))
+    ax.bar(x - 0.2, [r["decoder_ms"]["p50"] for r in latest.values()], 0.4, label="decoder p50 (ms)")
+    ax.bar(x + 0.2, [r["spc_ms"] for r in latest.values()], 0.4, label="SPC (ms)")
+    ax.set_xticks(x, labels, fontsize=7)
+    ax.set_yscale("log")
+    ax.set_ylabel("ms (log)")
+    ax.legend()
+    ax.set_title("ois-deploy latency")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def update_readme(readme: Path, table: str) -> bool:
+    """Replace the text between the report markers of the README, if it has them."""
+    if not readme.is_file():
+        return False
+    text = readme.read_text()
+    if REPORT_START not in text or REPORT_END not in text:
+        return False
+    head, rest = text.split(REPORT_START, 1)
+    _, tail = rest.split(REPORT_END, 1)
+    readme.write_text(f"{head}{REPORT_START}\n{table}\n{REPORT_END}{tail}")
+    return True

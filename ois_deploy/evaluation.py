@@ -1,0 +1,119 @@
+"""Interactive evaluation (DESIGN §6, the SegNext/RITM protocol), backend-independent.
+
+Next click: FN = gt & ~pred, FP = ~gt & pred; L2 distance transform of each, padded by 1;
+already clicked pixels excluded; positive at the FN maximum when it exceeds the FP maximum,
+else negative at the FP maximum. The first click (empty prediction) is the interior-most point
+of the object. Prediction = probability > 0.49, and the probability is fed back as prev_mask.
+Every object gets all its clicks (no early stop), so NoC and mIoU@k come from one run.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import cv2
+import numpy as np
+
+PRED_THRESHOLD = 0.49
+IOU_THRESHOLDS = (0.85, 0.90, 0.95)
+
+
+@dataclass
+class Click:
+    x: int  # column, original image pixels
+    y: int  # row
+    positive: bool
+
+
+class Clicker:
+    """Simulated user for one object."""
+
+    def __init__(self, gt: np.ndarray):
+        self.gt = gt.astype(bool)
+        self.not_clicked = np.ones_like(self.gt)
+
+    def next_click(self, pred: np.ndarray) -> Click:
+        pred = pred.astype(bool)
+        fn = distance_to_border(self.gt & ~pred) * self.not_clicked
+        fp = distance_to_border(~self.gt & pred) * self.not_clicked
+        positive = fn.max() > fp.max()
+        dist = fn if positive else fp
+        y, x = np.unravel_index(int(np.argmax(dist)), dist.shape)  # first maximum, row-major
+        self.not_clicked[y, x] = False
+        return Click(int(x), int(y), bool(positive))
+
+
+def distance_to_border(region: np.ndarray) -> np.ndarray:
+    """L2 distance of each region pixel to the nearest non-region pixel, the image border
+    counting as outside (the padding by 1)."""
+    padded = np.pad(region.astype(np.uint8), 1)
+    return cv2.distanceTransform(padded, cv2.DIST_L2, cv2.DIST_MASK_PRECISE)[1:-1, 1:-1]
+
+
+def iou(pred: np.ndarray, gt: np.ndarray) -> float:
+    pred, gt = pred.astype(bool), gt.astype(bool)
+    union = (pred | gt).sum()
+    return 1.0 if union == 0 else float((pred & gt).sum() / union)
+
+
+@dataclass
+class ObjectResult:
+    name: str
+    clicks: list[Click] = field(default_factory=list)
+    ious: list[float] = field(default_factory=list)
+    decode_seconds: list[float] = field(default_factory=list)
+    encode_seconds: float = 0.0
+
+    def to_json(self) -> dict:
+        return {
+            "name": self.name,
+            "clicks": [{"x": c.x, "y": c.y, "positive": c.positive, "iou": round(i, 6)} for c, i in zip(self.clicks, self.ious)],
+        }
+
+
+def run_object(predictor, image: np.ndarray, gt: np.ndarray, name: str, max_clicks: int = 20) -> ObjectResult:
+    """One simulated session: `predictor` is an ois_deploy.Predictor (any backend)."""
+    result = ObjectResult(name)
+    start = time.perf_counter()
+    predictor.set_image(image)
+    result.encode_seconds = time.perf_counter() - start
+    clicker = Clicker(gt)
+    pred = np.zeros(gt.shape, bool)
+    for _ in range(max_clicks):
+        click = clicker.next_click(pred)
+        start = time.perf_counter()
+        prediction = predictor.click(click.x, click.y, click.positive, threshold=PRED_THRESHOLD)
+        result.decode_seconds.append(time.perf_counter() - start)
+        pred = prediction.mask
+        result.clicks.append(click)
+        result.ious.append(iou(pred, gt))
+    return result
+
+
+def noc(ious: list[float], threshold: float, max_clicks: int) -> int:
+    """Clicks needed to reach IoU >= threshold; max_clicks if never."""
+    for k, value in enumerate(ious[:max_clicks], start=1):
+        if value >= threshold:
+            return k
+    return max_clicks
+
+
+def summarise(results: list[ObjectResult], max_clicks: int = 20) -> dict:
+    """NoC@85/90/95, NoF@85/90/95, mIoU@k (k = 1..max_clicks) and seconds per click."""
+    if not results:
+        return {}
+    summary = {}
+    for t in IOU_THRESHOLDS:
+        nocs = [noc(r.ious, t, max_clicks) for r in results]
+        key = f"{round(t * 100)}"
+        summary[f"NoC@{key}"] = float(np.mean(nocs))
+        summary[f"NoF@{key}"] = int(sum(n >= max_clicks for n in nocs))  # as RITM/SegNext count it
+    curves = np.array([r.ious[:max_clicks] for r in results])
+    summary["mIoU@k"] = [float(v) for v in curves.mean(axis=0)]
+    # SPC: wall time per click with the encoder amortised over the clicks of its image.
+    total = sum(r.encode_seconds + sum(r.decode_seconds) for r in results)
+    clicks = sum(len(r.decode_seconds) for r in results)
+    summary["spc_ms"] = 1000 * total / clicks
+    summary["decoder_ms"] = 1000 * sum(sum(r.decode_seconds) for r in results) / clicks
+    return summary

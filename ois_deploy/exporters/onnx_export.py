@@ -1,0 +1,284 @@
+"""Split ONNX export: an image+depth encoder graph (once per image) and a click decoder graph
+(once per click), FP32 and FP16, with the contracts of DESIGN §3.
+
+Uses the torch.onnx dynamo exporter. Example sizes are >= 2 and distinct (B=2, P=3, N=5):
+an example size of 1 can be silently specialised into the graph.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import logging
+import os
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .. import __version__
+from ..errors import UserError
+from ..model import OIS, ImageState
+from ..model.attention import set_attention_impl
+from ..model.precision import to_fp16
+from ..provenance import now_utc, sha256_file, tool_versions
+
+ENCODER_INPUTS = ("image",)
+ENCODER_OUTPUTS = ImageState._fields
+DECODER_INPUTS = ENCODER_OUTPUTS + ("point_coords", "point_labels", "prev_mask")
+DECODER_OUTPUTS = ("mask_logits",)
+PRECISIONS = ("fp32", "fp16")
+MAX_BATCH = 16
+MAX_PROMPTS = 256  # a 16x16 Segment-Anything-Task grid in one decoder call
+TWO_GB = 2 * 1024**3
+NORMALISATION = "RGB 0..255 in; ImageNet mean/std applied inside the encoder"
+
+
+def graph_file(role: str, precision: str) -> str:
+    return f"{role}.onnx" if precision == "fp32" else f"{role}.{precision}.onnx"
+
+
+class EncoderGraph(nn.Module):
+    def __init__(self, model: OIS):
+        super().__init__()
+        self.model = model
+
+    def forward(self, image):
+        return tuple(self.model.encode(image))
+
+
+class DecoderGraph(nn.Module):
+    def __init__(self, model: OIS):
+        super().__init__()
+        self.model = model
+
+    def forward(self, image_embed, pyramid_l1, pyramid_l2, pyramid_l3, depth, point_coords, point_labels, prev_mask):
+        state = ImageState(image_embed, pyramid_l1, pyramid_l2, pyramid_l3, depth)
+        return self.model.decode(state, point_coords, point_labels, prev_mask)
+
+
+def state_shapes(cfg) -> dict[str, tuple[int, ...]]:
+    """Shapes of one image's encoder outputs (batch 1), the decoder's image-state inputs."""
+    g, s = cfg.grid, cfg.input_size
+    f = cfg.depth_head.features
+    return {
+        "image_embed": (1, cfg.decoder.width, g, g),
+        "pyramid_l1": (1, f, 4 * g, 4 * g),
+        "pyramid_l2": (1, f, 2 * g, 2 * g),
+        "pyramid_l3": (1, f, g, g),
+        "depth": (1, 1, s, s),
+    }
+
+
+def example_inputs(variant: OIS) -> tuple[tuple, tuple]:
+    """(encoder args, decoder args) with B=2, P=3, N=5; the decoder's image state has batch 1.
+    Tracing needs shapes and dtypes only, so nothing is encoded here (float16 is slow on CPUs)."""
+    cfg = variant.cfg
+    s = cfg.input_size
+    g = torch.Generator().manual_seed(0)
+    image = torch.rand(2, 3, s, s, generator=g) * 255
+    state = [
+        torch.rand(shape, generator=g).to(torch.float32 if name == "depth" else variant.dtype)
+        for name, shape in state_shapes(cfg).items()
+    ]
+    p, n = 3, 5
+    coords = torch.rand(p, n, 2, generator=g) * (s - 1)
+    labels = torch.tensor([[1, 0, 1, -1, -1]] * p, dtype=torch.int32)
+    prev = torch.rand(p, 1, s, s, generator=g)
+    return (image,), (*state, coords, labels, prev)
+
+
+@contextlib.contextmanager
+def _quiet_exporter():
+    """The torch.onnx exporter warns at length about things that do not concern these graphs."""
+    torch_logger = logging.getLogger("torch")
+    previous = torch_logger.level
+    torch_logger.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        torch_logger.setLevel(previous)
+
+
+def _export(module: nn.Module, args: tuple, names_in, names_out, dynamic, opset: int):
+    from torch.export import Dim
+
+    dims = {name: Dim(name, min=lo, max=hi) for name, (lo, hi) in dynamic["dims"].items()}
+    shapes = {k: ({axis: dims[d] for axis, d in v.items()} if v else None) for k, v in dynamic["inputs"].items()}
+    try:
+        with _quiet_exporter():
+            program = torch.onnx.export(
+                module,
+                args,
+                dynamo=True,
+                opset_version=opset,
+                input_names=list(names_in),
+                output_names=list(names_out),
+                dynamic_shapes=shapes,
+                optimize=True,
+                verbose=False,
+            )
+    except Exception as e:  # the exporter's own errors are long; keep the first line
+        raise UserError(f"ONNX export failed: {str(e).strip().splitlines()[0]}") from e
+    return program.model_proto
+
+
+def _simplify(proto):
+    import onnxslim
+
+    return onnxslim.slim(proto)
+
+
+def _set_metadata(proto, facts: dict) -> None:
+    del proto.metadata_props[:]
+    for key, value in facts.items():
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = key, str(value)
+
+
+def _save(proto, path: Path) -> None:
+    import onnx
+
+    tmp = path.with_name(f".{path.name}.tmp")
+    external = proto.ByteSize() > TWO_GB - 64 * 1024**2
+    onnx.save_model(
+        proto,
+        str(tmp),
+        save_as_external_data=external,
+        all_tensors_to_one_file=True,
+        location=f"{path.name}.data",
+    )
+    os.replace(tmp, path)
+
+
+def state_dict_hash(model: OIS) -> str:
+    """Identity of the weights a graph was exported from (float32 bytes, sorted keys)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for key, tensor in sorted(model.state_dict().items()):
+        h.update(key.encode())
+        h.update(tensor.detach().float().contiguous().cpu().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+@dataclass
+class ExportRequest:
+    out_dir: Path
+    precisions: tuple[str, ...] = PRECISIONS
+    opset: int = 18
+    attention: str = "matmul"  # matmul: MatMul-Add-Softmax-MatMul; fused: ONNX Attention (opset 23)
+
+    def __post_init__(self):
+        if self.attention not in ("matmul", "fused"):
+            raise UserError(f"attention must be matmul or fused, not {self.attention!r}")
+        if self.attention == "fused" and self.opset < 23:
+            raise UserError("--attention fused needs the ONNX Attention op: use --opset 23 or above")
+        if not 17 <= self.opset <= 23:
+            raise UserError(f"opset {self.opset} is not supported: use 17 to 23")
+        if self.out_dir.exists() and not self.out_dir.is_dir():
+            raise UserError(f"{self.out_dir} exists and is not a folder")
+
+
+def export_model(model: OIS, weights: dict, request: ExportRequest, progress=None) -> dict:
+    """Export the graphs of `model` into request.out_dir and write manifest.json. Returns the manifest.
+
+    weights: how the model's weights came about (path, format, sha256), recorded in the manifest.
+    """
+    out = request.out_dir
+    out.mkdir(parents=True, exist_ok=True)
+    cfg = model.cfg
+    model = copy.deepcopy(model).float().eval()
+    set_attention_impl(model, "sdpa" if request.attention == "fused" else "matmul")
+    model_hash = state_dict_hash(model)
+    dynamic = {
+        "encoder": {"dims": {"B": (1, MAX_BATCH)}, "inputs": {"image": {0: "B"}}},
+        "decoder": {
+            "dims": {"P": (1, MAX_PROMPTS), "N": (1, cfg.decoder.max_clicks)},
+            "inputs": {
+                **{name: None for name in ENCODER_OUTPUTS},
+                "point_coords": {0: "P", 1: "N"},
+                "point_labels": {0: "P", 1: "N"},
+                "prev_mask": {0: "P"},
+            },
+        },
+    }
+    graphs = {}
+    step = progress or (lambda text: None)
+    for precision in request.precisions:
+        variant = model if precision == "fp32" else to_fp16(model)
+        enc_args, dec_args = example_inputs(variant)
+        for role, module, args, names_in, names_out in (
+            ("encoder", EncoderGraph(variant).eval(), enc_args, ENCODER_INPUTS, ENCODER_OUTPUTS),
+            ("decoder", DecoderGraph(variant).eval(), dec_args, DECODER_INPUTS, DECODER_OUTPUTS),
+        ):
+            name = graph_file(role, precision)
+            step(f"export {name}")
+            with torch.no_grad():
+                proto = _export(module, args, names_in, names_out, dynamic[role], request.opset)
+            step(f"simplify {name}")
+            proto = _simplify(proto)
+            _set_metadata(
+                proto,
+                {
+                    "ois.role": role,
+                    "ois.preset": cfg.name,
+                    "ois.input_size": cfg.input_size,
+                    "ois.patch_size": cfg.encoder.patch_size,
+                    "ois.mask_size": cfg.mask_size,
+                    "ois.normalisation": NORMALISATION,
+                    "ois.max_clicks": cfg.decoder.max_clicks,
+                    "ois.max_prompts": MAX_PROMPTS,
+                    "ois.precision": precision,
+                    "ois.attention": request.attention,
+                    "ois.model_hash": model_hash,
+                    "ois.exporter_version": __version__,
+                    "ois.opset": request.opset,
+                },
+            )
+            _save(proto, out / name)
+            graphs[name] = {"role": role, "precision": precision, "sha256": sha256_file(out / name)}
+    manifest = {
+        "format": "ois-deploy-export/1",
+        "preset": cfg.name,
+        "input_size": cfg.input_size,
+        "mask_size": cfg.mask_size,
+        "opset": request.opset,
+        "attention": request.attention,
+        "precisions": list(request.precisions),
+        "model_hash": model_hash,
+        "weights": weights,
+        "graphs": graphs,
+        "dynamic_axes": {"B": [1, MAX_BATCH], "P": [1, MAX_PROMPTS], "N": [1, cfg.decoder.max_clicks]},
+        "config": cfg.to_dict(),
+        "versions": tool_versions(),
+        "date": now_utc(),
+    }
+    write_manifest(out, manifest)
+    return manifest
+
+
+def write_manifest(out_dir: Path, manifest: dict) -> None:
+    tmp = out_dir / ".manifest.json.tmp"
+    tmp.write_text(json.dumps(manifest, indent=2) + "\n")
+    os.replace(tmp, out_dir / "manifest.json")
+
+
+def read_manifest(out_dir: str | os.PathLike) -> dict:
+    path = Path(out_dir) / "manifest.json"
+    if not Path(out_dir).is_dir():
+        raise UserError(f"export folder not found: {out_dir}")
+    if not path.is_file():
+        raise UserError(f"no manifest.json in {out_dir}: not an ois-deploy export folder")
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise UserError(f"cannot read {path}: {e}") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != "ois-deploy-export/1":
+        raise UserError(f"{path} is not an ois-deploy export manifest")
+    return manifest

@@ -1,0 +1,182 @@
+"""CI parity: ois-tiny exported in both precisions, linted, and verified with ONNX Runtime CPU
+against PyTorch FP32; broken export folders give clean errors."""
+
+import json
+import shutil
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper
+
+from ois_deploy.errors import UserError
+from ois_deploy.exporters.lint import lint_export, node_problems
+from ois_deploy.exporters.onnx_export import read_manifest
+from ois_deploy.parity import TOLERANCES, verify
+
+
+@pytest.fixture
+def export_copy(tiny_export, tmp_path):
+    dst = tmp_path / "copy"
+    shutil.copytree(tiny_export, dst)
+    return dst
+
+
+def test_export_writes_graphs_manifest_and_metadata(tiny_export):
+    names = {p.name for p in tiny_export.iterdir()}
+    assert {"encoder.onnx", "decoder.onnx", "encoder.fp16.onnx", "decoder.fp16.onnx", "manifest.json"} <= names
+    manifest = read_manifest(tiny_export)
+    assert manifest["preset"] == "ois-tiny" and manifest["input_size"] == 224 and manifest["opset"] == 18
+    assert set(manifest["graphs"]) == {"encoder.onnx", "decoder.onnx", "encoder.fp16.onnx", "decoder.fp16.onnx"}
+    assert {"torch", "onnx"} <= set(manifest["versions"])
+    meta = {p.key: p.value for p in onnx.load(str(tiny_export / "decoder.fp16.onnx")).metadata_props}
+    assert meta["ois.preset"] == "ois-tiny" and meta["ois.precision"] == "fp16" and meta["ois.role"] == "decoder"
+    assert meta["ois.model_hash"] == manifest["model_hash"] and meta["ois.max_clicks"] == "24"
+
+
+def test_graph_contracts_and_lint(tiny_export):
+    reports = lint_export(tiny_export)
+    assert [r.graph for r in reports] == ["encoder.onnx", "decoder.onnx", "encoder.fp16.onnx", "decoder.fp16.onnx"]
+    assert all(r.ok for r in reports), [r.problems for r in reports]
+    decoder = onnx.load(str(tiny_export / "decoder.onnx"))
+    dims = {i.name: [d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim] for i in decoder.graph.input}
+    assert dims["point_coords"] == ["P", "N", 2] and dims["prev_mask"] == ["P", 1, 224, 224]
+    assert dims["image_embed"] == [1, 64, 16, 16]
+    ops = {n.op_type for n in decoder.graph.node}
+    assert not ops & {"OneHot", "NonZero", "Loop", "If", "Tile"}
+    assert {"MatMul", "Softmax", "LayerNormalization"} <= ops
+
+
+def test_ort_parity_within_tolerances(tiny_export):
+    result = verify(tiny_export)
+    assert result["passed"], result["failures"]
+    rows = {(r["precision"], r["output"]): r for r in result["results"]}
+    assert rows[("fp32", "decoder/mask_logits")]["rel_l2"] < 1e-4
+    assert rows[("fp32", "encoder/depth")]["rel_l2"] < 1e-4
+    fp16 = rows[("fp16", "session/mask_logits")]
+    assert fp16["rel_l2"] < 1e-2 and fp16["nonfinite"] == 0 and fp16["mask_iou_mean"] >= 0.98
+    assert all(r["nonfinite"] == 0 for r in result["results"])
+
+
+def test_verify_fails_above_tolerance(tiny_export):
+    result = verify(tiny_export, precisions=("fp16",), tolerances={"fp16": {"rel_l2": 1e-9}})
+    assert not result["passed"] and any("rel_l2" in f for f in result["failures"])
+    assert TOLERANCES["fp16"]["rel_l2"] == 1e-2  # overrides do not leak into the defaults
+
+
+def test_ort_predictor_matches_torch(tiny_export, rng):
+    from ois_deploy import Predictor
+
+    image = rng.integers(0, 256, (130, 200, 3), dtype=np.uint8)
+    torch_p, ort_p = Predictor("ois-tiny"), Predictor(backend="ort", export_dir=tiny_export, device="cpu")
+    for p in (torch_p, ort_p):
+        p.set_image(image)
+    for x, y, positive in [(100, 60, True), (20, 20, False), (150, 100, True)]:
+        a, b = torch_p.click(x, y, positive), ort_p.click(x, y, positive)
+        np.testing.assert_allclose(b.logits, a.logits, atol=1e-4)
+    ort16 = Predictor(backend="ort", export_dir=tiny_export, precision="fp16")
+    ort16.set_image(image)
+    assert np.isfinite(ort16.click(100, 60).logits).all()
+
+
+def test_corrupted_graph_is_refused(export_copy):
+    path = export_copy / "decoder.onnx"
+    path.write_bytes(path.read_bytes()[:1000])
+    with pytest.raises(UserError, match="does not match its manifest"):
+        verify(export_copy)
+    manifest = json.loads((export_copy / "manifest.json").read_text())
+    from ois_deploy.provenance import sha256_file
+
+    manifest["graphs"]["decoder.onnx"]["sha256"] = sha256_file(path)  # even with a matching hash
+    (export_copy / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(UserError, match="cannot load"):
+        verify(export_copy)
+
+
+def test_graph_from_another_preset_is_refused(export_copy):
+    from ois_deploy.engines.ort import OrtRunner
+    from ois_deploy.provenance import sha256_file
+
+    path = export_copy / "encoder.onnx"
+    graph = onnx.load(str(path))
+    for prop in graph.metadata_props:
+        if prop.key == "ois.preset":
+            prop.value = "ois-s-1024"
+    onnx.save(graph, str(path))
+    with pytest.raises(UserError, match="does not match its manifest"):
+        OrtRunner(export_copy)
+    manifest = json.loads((export_copy / "manifest.json").read_text())
+    manifest["graphs"]["encoder.onnx"]["sha256"] = sha256_file(path)
+    (export_copy / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(UserError, match="ois.preset='ois-s-1024'.*mixed exports"):
+        OrtRunner(export_copy)
+
+
+def test_missing_files_are_refused(export_copy, tmp_path):
+    (export_copy / "decoder.fp16.onnx").unlink()
+    with pytest.raises(UserError, match="graph missing"):
+        lint_export(export_copy)
+    (export_copy / "manifest.json").unlink()
+    with pytest.raises(UserError, match="no manifest.json"):
+        verify(export_copy)
+    with pytest.raises(UserError, match="export folder not found"):
+        verify(tmp_path / "nowhere")
+
+
+def test_reference_with_other_weights_is_refused(export_copy):
+    manifest = json.loads((export_copy / "manifest.json").read_text())
+    manifest["model_hash"] = "0" * 16
+    (export_copy / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(UserError, match="weights differ"):
+        verify(export_copy)
+
+
+def _graph(nodes, inputs, outputs, initializers=()):
+    graph = helper.make_graph(nodes, "g", inputs, outputs, list(initializers))
+    return onnx.shape_inference.infer_shapes(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]))
+
+
+def test_lint_flags_forbidden_and_value_dependent_patterns():
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [4])
+    idx = helper.make_tensor_value_info("idx", TensorProto.INT64, [2])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, None)
+    model = _graph(
+        [
+            helper.make_node("NonZero", ["x"], ["nz"], name="find"),
+            helper.make_node("Cast", ["x"], ["shape"], to=TensorProto.INT64, name="to_shape"),
+            helper.make_node("Reshape", ["x", "shape"], ["r"], name="reshape_by_value"),
+            helper.make_node("Shape", ["x"], ["s"], name="shape_of"),
+            helper.make_node("Reshape", ["x", "s"], ["r2"], name="reshape_by_shape"),
+            helper.make_node("Hardmax", ["r2"], ["y"], name="odd_op"),
+        ],
+        [x, idx],
+        [y],
+        [helper.make_tensor("minf", TensorProto.FLOAT, [1], [float("-inf")])],
+    )
+    problems = node_problems(model, "fp32")
+    text = "\n".join(problems)
+    assert "find (NonZero): forbidden op" in text
+    assert "reshape_by_value (Reshape): shape input 'shape' is computed from input values" in text
+    assert "reshape_by_shape" not in text  # shapes of inputs are fine, their values are not
+    assert "odd_op (Hardmax): op not in TensorRT" in text
+    assert "initializer minf holds inf" in text
+
+
+def test_lint_flags_fp16_layernorm_and_softmax():
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT16, [2, 4])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT16, None)
+    z = helper.make_tensor_value_info("z", TensorProto.FLOAT, None)
+    w = helper.make_tensor("w", TensorProto.FLOAT16, [4], np.ones(4, np.float16).tobytes(), raw=True)
+    model = _graph(
+        [
+            helper.make_node("LayerNormalization", ["x", "w"], ["y"], name="ln16"),
+            helper.make_node("Cast", ["x"], ["x32"], to=TensorProto.FLOAT),
+            helper.make_node("Softmax", ["x32"], ["z"], name="softmax32"),
+        ],
+        [x],
+        [y, z],
+        [w],
+    )
+    problems = node_problems(model, "fp16")
+    assert len(problems) == 1 and "ln16 (LayerNormalization): input is float16" in problems[0]
+    assert node_problems(model, "fp32") == []
