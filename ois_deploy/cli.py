@@ -149,7 +149,7 @@ def progress_steps(console: Console):
     """A spinner with elapsed time for long, step-wise work; returns (context, step callback)."""
     from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
-    bar = Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=console, transient=False)
+    bar = Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=console, transient=True)
     state = {"task": None}
 
     def step(text: str) -> None:
@@ -215,6 +215,32 @@ def export(
     if not print_lint(console, reports):
         raise UserError(f"exported graphs in {out} failed lint (listed above)")
     console.print(f"exported {', '.join(manifest['graphs'])} and manifest.json to {out}")
+
+
+@app.command()
+def build(
+    folder: str = typer.Argument(..., help="Export folder (ois-deploy export --out DIR)."),
+    precision: str = typer.Option("fp16", "--precision", help="Which graphs to build from: fp16 or fp32."),
+    max_clicks: Optional[int] = typer.Option(None, "--max-clicks", help="Interactive profile: N up to this (default: the preset's)."),
+    max_prompts: int = typer.Option(256, "--max-prompts", help="SAT profile: P up to this."),
+    timing_cache: Optional[str] = typer.Option(None, "--timing-cache", help="Timing cache file, reused and updated."),
+    workspace: Optional[float] = typer.Option(None, "--workspace", help="Builder workspace limit, GiB."),
+    opt_level: Optional[int] = typer.Option(None, "--opt-level", help="Builder optimisation level 0-5."),
+    rebuild: bool = typer.Option(False, "--rebuild", help="Build even if the recorded engines fit this machine."),
+):
+    """Build TensorRT engines (strongly typed) from the exported graphs; record them in the manifest."""
+    from .engines.tensorrt import build_engines
+
+    if precision not in ("fp16", "fp32"):
+        raise UserError(f"precision must be fp16 or fp32, not {precision!r}")
+    console = console_for(None, stderr=True)
+    bar, step, finish = progress_steps(console)
+    with bar:
+        manifest = build_engines(folder, precision, max_clicks, max_prompts, timing_cache, workspace, opt_level, rebuild,
+                                 progress=step)
+        finish()
+    e = manifest["engines"]
+    console.print(f"engines in {folder}: {', '.join(e['files'])} ({e['precision']}, TensorRT {e['tensorrt']}, {e['gpu']})")
 
 
 @app.command()
@@ -394,13 +420,25 @@ def bench(
     clicks: int = typer.Option(20, "--clicks", min=1, max=24),
     repeats: int = typer.Option(5, "--repeats", min=1),
     sat: bool = typer.Option(True, "--sat/--no-sat", help="Also time the 16x16 Segment-Anything-Task."),
-    sat_chunk: int = typer.Option(256, "--sat-chunk", min=1, max=256, help="Prompt sets per decoder call in batched SAT."),
+    sat_chunk: Optional[int] = typer.Option(None, "--sat-chunk", min=1, max=256,
+                                            help="Prompt sets per decoder call in batched SAT (default 256 on a GPU, 32 on a CPU)."),
     results_dir: str = typer.Option("benchmarks/results", "--results-dir", help="Where results are appended."),
     report: bool = typer.Option(False, "--report", help="Render the performance table and chart from the results."),
+    readme: Optional[str] = typer.Option(None, "--readme", help="With --report: also write the table into this README's report block."),
     json: Optional[str] = JsonOpt,
 ):
     """Encoder and per-click decoder latency, seconds per click, and SAT latency (batched, sequential)."""
-    from .bench import append_result, bench_record, load_results, report_chart, report_table, run_bench, update_readme
+    from .bench import (
+        REPORT_END,
+        REPORT_START,
+        append_result,
+        bench_record,
+        load_results,
+        report_chart,
+        report_table,
+        run_bench,
+        update_readme,
+    )
     from .predictor import predictor_for
     from .preprocess import read_image
 
@@ -413,9 +451,11 @@ def bench(
         table = report_table(records)
         report_chart(records, results / "report.png")
         (results / "report.md").write_text(table + "\n")
-        updated = update_readme(Path("README.md"), table)
+        updated = bool(readme) and update_readme(Path(readme), table)
+        if readme and not updated:
+            raise UserError(f"{readme} has no report block ({REPORT_START} ... {REPORT_END})")
         out.print(table)
-        print(f"wrote {results / 'report.md'}, {results / 'report.png'}" + (", README.md" if updated else ""), file=sys.stderr)
+        print(f"wrote {results / 'report.md'}, {results / 'report.png'}" + (f", {readme}" if updated else ""), file=sys.stderr)
         return
     if model is None:
         raise UserError("give a MODEL (preset name or export folder), or --report")

@@ -209,6 +209,30 @@ def compare_graphs(model, runner, precision: str, rng: np.random.Generator, imag
     return list(metrics.values())
 
 
+def compare_runner_graphs(model, runner, precision: str, rng: np.random.Generator, images: int = 2) -> list[Metric]:
+    """Part (a) for backends that are not ONNX Runtime sessions (TensorRT, torch-cuda), through
+    the runner interface: encoder outputs, then the decoder on the backend's own image state."""
+    s = model.cfg.input_size
+    metrics = {name: Metric(precision, f"encoder/{name}") for name in ENCODER_OUTPUTS}
+    metrics["mask_logits"] = Metric(precision, "decoder/mask_logits")
+    for i in range(images):
+        image = (rng.random((1, 3, s, s)) * 255).astype(np.float32)
+        with torch.inference_mode():
+            ref_state = model.encode(torch.from_numpy(image))
+        state = runner.encode(image)
+        got = runner.state_to_numpy(state)
+        for name, ref in ref_state._asdict().items():
+            metrics[name].add(got[name], ref.numpy())
+        if i == 0:
+            ref_np = {k: v.numpy() for k, v in ref_state._asdict().items()}
+            for feed in random_feeds(model.cfg, rng, ref_np, np.float32):
+                clicks = (feed["point_coords"], feed["point_labels"], feed["prev_mask"])
+                with torch.inference_mode():
+                    ref = model.decode(ref_state, *(torch.from_numpy(c) for c in clicks)).numpy()
+                metrics["mask_logits"].add(runner.decode(state, *clicks), ref, masks=True)
+    return list(metrics.values())
+
+
 def bundled_images() -> list[Path]:
     return sorted(ASSETS.glob("*.png")) + sorted(ASSETS.glob("*.jpg"))
 
@@ -275,12 +299,11 @@ def verify(
     progress=None,
 ) -> dict:
     """Compare a backend's graphs with the PyTorch FP32 model. Returns the JSON result."""
-    from .engines.ort import OrtRunner
-    from .predictor import TorchRunner
+    from .predictor import TorchRunner, make_runner
 
-    if backend != "ort":
-        raise UserError(f"verify supports backend ort for now, not {backend!r}")
     manifest = read_manifest(export_dir)
+    if backend == "trt" and manifest.get("engines"):
+        precisions = (manifest["engines"]["precision"],)  # engines exist for one precision
     precisions = precisions or tuple(manifest["precisions"])
     image_paths = list_images(images)
     step = progress or (lambda text: None)
@@ -290,11 +313,12 @@ def verify(
     rows, failures = [], []
     for precision in precisions:
         tol = {**TOLERANCES[precision], **((tolerances or {}).get(precision, {}))}
-        runner = OrtRunner(export_dir, precision)
+        runner, _ = make_runner(backend, export_dir=export_dir, precision=precision)
         rng = np.random.default_rng(seed)
         try:
             step(f"{precision}: graphs on random inputs")
-            metrics = compare_graphs(model, runner, precision, rng)
+            compare = compare_graphs if hasattr(runner, "sessions") else compare_runner_graphs
+            metrics = compare(model, runner, precision, rng)
             step(f"{precision}: click sessions on {len(image_paths)} images")
             metrics.append(compare_sessions(reference, runner, precision, image_paths, rng))
         except UserError:
@@ -308,7 +332,7 @@ def verify(
         "passed": not failures,
         "backend": backend,
         "preset": manifest["preset"],
-        "providers": runner.providers,
+        "providers": getattr(runner, "providers", [runner.name]),
         "results": rows,
         "failures": failures,
         "tolerances": {p: {**TOLERANCES[p], **((tolerances or {}).get(p, {}))} for p in precisions},

@@ -16,7 +16,8 @@ from .errors import UserError
 from .preprocess import Frame, as_rgb, logits_to_image, logits_to_input_frame, sigmoid, to_input
 from .weights import describe_weights, load_model
 
-BACKENDS = ("torch", "torch-cuda", "ort")
+BACKENDS = ("torch", "torch-cuda", "ort", "ort-cuda", "ort-trt", "trt")
+ORT_PROVIDERS = {"ort": None, "ort-cuda": "cuda", "ort-trt": "tensorrt"}
 
 
 class Prediction(NamedTuple):
@@ -74,15 +75,19 @@ def make_runner(backend: str, preset=None, checkpoint=None, device=None, export_
 
             model = to_fp16(model)
         return TorchRunner(model, device or "cpu"), notes
-    if backend == "ort":
+    if backend in ORT_PROVIDERS or backend == "trt":
+        if export_dir is None:
+            raise UserError(f"backend {backend} runs exported graphs: give the export folder (ois-deploy export --out DIR)")
+    if backend in ORT_PROVIDERS:
         from .engines.ort import OrtRunner
 
-        if export_dir is None:
-            raise UserError("backend ort runs exported graphs: give the export folder (ois-deploy export --out DIR)")
-        runner = OrtRunner(export_dir, precision, providers=device or "auto")
+        runner = OrtRunner(export_dir, precision, providers=ORT_PROVIDERS[backend] or device or "auto")
         return runner, runner.weights_notes()
     if backend == "trt":
-        raise UserError("backend trt needs TensorRT engines (ois-deploy build), which this version does not have yet")
+        from .engines.tensorrt import TrtRunner
+
+        runner = TrtRunner(export_dir)
+        return runner, runner.weights_notes()
     raise UserError(f"unknown backend {backend!r}; available: {', '.join(BACKENDS)}")
 
 
@@ -94,8 +99,8 @@ def predictor_for(model: str, backend: str | None = None, checkpoint=None, preci
     if not is_export and Path(model).exists() and Path(model).is_dir():
         raise UserError(f"{model} is a folder without manifest.json: not an export folder")
     backend = backend or ("ort" if is_export else "torch")
-    if backend == "ort" and not is_export:
-        raise UserError(f"backend ort needs an export folder, and {model!r} is not one (ois-deploy export --out DIR)")
+    if backend not in ("torch", "torch-cuda") and not is_export:
+        raise UserError(f"backend {backend} needs an export folder, and {model!r} is not one (ois-deploy export --out DIR)")
     if is_export:
         return Predictor(None, checkpoint, backend, device, export_dir=model, precision=precision)
     return Predictor(model, checkpoint, backend, device, precision=precision)

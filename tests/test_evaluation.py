@@ -162,9 +162,13 @@ def test_bench_writes_the_documented_fields(tmp_path, capsys):
     assert record["encoder_ms"] > 0 and record["sat_sequential_ms"] > 0
     saved = [json.loads(line) for line in (tmp_path / "bench.jsonl").read_text().splitlines()]
     assert saved[-1]["spc_ms"] == record["spc_ms"]
-    code, out, err = run(["bench", "--report", "--results-dir", str(tmp_path)], capsys)
+    readme = tmp_path / "README.md"
+    readme.write_text("# x\n<!-- bench-report:start -->\nold\n<!-- bench-report:end -->\ntail\n")
+    code, out, err = run(["bench", "--report", "--results-dir", str(tmp_path), "--readme", str(readme)], capsys)
     assert code == 0 and "| `ois-tiny` | torch | fp32 |" in out
     assert (tmp_path / "report.png").is_file()
+    text = readme.read_text()
+    assert "old" not in text and "| `ois-tiny` | torch | fp32 |" in text and text.endswith("tail\n")
 
 
 def test_eval_and_bench_bad_input(tmp_path, capsys):
@@ -172,7 +176,7 @@ def test_eval_and_bench_bad_input(tmp_path, capsys):
         (["eval", "ois-tiny", "--dataset", str(tmp_path / "none")], "dataset folder not found"),
         (["eval", "ois-tiny", "--backend", "ort", "--dataset", str(make_davis(tmp_path / "d", 1))], "needs an export folder"),
         (["bench", "ois-tiny", "--backend", "torch-cuda"], "needs a CUDA GPU"),
-        (["bench", "ois-tiny", "--backend", "trt"], "needs TensorRT engines"),
+        (["bench", "ois-tiny", "--backend", "trt"], "backend trt needs an export folder"),
         (["bench", "--report", "--results-dir", str(tmp_path / "empty")], "no benchmark results"),
     ]:
         code, _, err = run(argv, capsys)
