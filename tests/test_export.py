@@ -12,6 +12,7 @@ from onnx import TensorProto, helper
 from ois_deploy.errors import UserError
 from ois_deploy.exporters.lint import lint_export, node_problems
 from ois_deploy.exporters.onnx_export import read_manifest
+from ois_deploy.weights import load_model
 from ois_deploy.parity import TOLERANCES, verify
 
 
@@ -180,3 +181,43 @@ def test_lint_flags_fp16_layernorm_and_softmax():
     problems = node_problems(model, "fp16")
     assert len(problems) == 1 and "ln16 (LayerNormalization): input is float16" in problems[0]
     assert node_problems(model, "fp32") == []
+
+
+def test_export_from_a_checkpoint_records_and_checks_its_weights(tmp_path, tiny):
+    """verify finds the reference weights through the manifest, and refuses other weights."""
+    import torch
+
+    from ois_deploy.exporters.onnx_export import ExportRequest, export_model
+    from ois_deploy.provenance import sha256_file
+    from ois_deploy.weights import save_checkpoint
+
+    import copy
+
+    ckpt, other = tmp_path / "trained.safetensors", tmp_path / "other.safetensors"
+    trained = copy.deepcopy(tiny)  # the session's model stays as it is
+    with torch.no_grad():
+        trained.decoder.order_sigma.add_(0.5)
+        save_checkpoint(trained, ckpt)
+        trained.decoder.neck.bias.add_(0.1)
+        save_checkpoint(trained, other)
+    model, report = load_model(None, ckpt)
+    weights = {"format": report.format, "path": str(ckpt), "seed": None, "sha256": sha256_file(ckpt)}
+    out = tmp_path / "export"
+    manifest = export_model(model, weights, ExportRequest(out, precisions=("fp32",)))
+    assert manifest["weights"]["sha256"] == sha256_file(ckpt) and manifest["precisions"] == ["fp32"]
+    result = verify(out)
+    assert result["passed"], result["failures"]
+    with pytest.raises(UserError, match="weights differ"):
+        verify(out, checkpoint=str(other))
+
+
+def test_verify_on_a_folder_of_images(tiny_export, tmp_path):
+    import cv2
+
+    images = tmp_path / "imgs"
+    images.mkdir()
+    cv2.imwrite(str(images / "a.png"), np.random.default_rng(3).integers(0, 256, (60, 90, 3), dtype=np.uint8))
+    result = verify(tiny_export, precisions=("fp32",), images=images)
+    assert result["passed"] and result["images"] == [str(images / "a.png")]
+    with pytest.raises(UserError, match="no images"):
+        verify(tiny_export, images=tmp_path)
