@@ -23,7 +23,7 @@ from ois_deploy.exporters.onnx_export import ExportRequest, export_model, read_m
 from ois_deploy.model.precision import to_fp16
 from ois_deploy.predictor import TorchRunner
 from ois_deploy.provenance import machine_info, now_utc, tool_versions
-from ois_deploy.weights import load_model
+from ois_deploy.weights import load_model, weights_provenance
 
 RESULTS = Path(__file__).parent / "results"
 EXPORTS = Path("artifacts/bench")
@@ -42,13 +42,13 @@ def median_ms(fn, repeats: int) -> float:
     return statistics.median(times)
 
 
-def ensure_export(preset: str, model) -> Path:
+def ensure_export(preset: str, model, report) -> Path:
     out = EXPORTS / preset
     try:
         read_manifest(out)
     except Exception:
         print(f"exporting {preset} to {out} ...", flush=True)
-        export_model(model, {"format": "random", "path": None, "seed": 0}, ExportRequest(out))
+        export_model(model, weights_provenance(report), ExportRequest(out))
     return out
 
 
@@ -65,8 +65,8 @@ def bench_runner(runner, size: int, repeats: int, rng) -> dict:
 
 
 def bench(preset: str, repeats: int) -> list[dict]:
-    model, _ = load_model(preset)
-    folder = ensure_export(preset, model)
+    model, report = load_model(preset)
+    folder = ensure_export(preset, model, report)
     size = model.cfg.input_size
     runners = {
         ("torch", "fp32"): TorchRunner(model),

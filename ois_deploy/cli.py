@@ -195,16 +195,14 @@ def export(
     """Export the encoder and decoder graphs (FP32 and/or FP16), then lint them."""
     from .exporters.lint import lint_export
     from .exporters.onnx_export import ExportRequest, export_model
-    from .provenance import sha256_file
-    from .weights import RANDOM_SEED
+    from .weights import weights_provenance
 
     target = Path(out)
     request = ExportRequest(target, parse_precisions(precision), opset or (23 if attention == "fused" else 18), attention)
     precisions = request.precisions
     model, report = load_model(preset, checkpoint)
     print_notes(report)
-    weights = {"format": report.format, "path": report.path, "seed": RANDOM_SEED if report.format == "random" else None,
-               "sha256": sha256_file(checkpoint) if checkpoint else None}
+    weights = weights_provenance(report)
     console = console_for(None, stderr=True)
     bar, step, finish = progress_steps(console)
     with bar:
@@ -346,7 +344,7 @@ def evaluate(
     predictor = predictor_for(model, backend, checkpoint, precision, device)
     for note in predictor.notes:
         print(note, file=sys.stderr)
-    backend_name = backend or ("ort" if predictor.runner.__class__.__name__ == "OrtRunner" else "torch")
+    backend_name = predictor.backend
     err = console_for(None, stderr=True)
     results = run_eval(predictor, samples, max_clicks, err, backend_name)
     summary = summarise(results, max_clicks)
@@ -463,7 +461,7 @@ def bench(
     predictor = predictor_for(model, backend, checkpoint, precision, device)
     for note in predictor.notes:
         print(note, file=sys.stderr)
-    backend_name = backend or ("ort" if predictor.runner.__class__.__name__ == "OrtRunner" else "torch")
+    backend_name = predictor.backend
     bar, step, finish = progress_steps(console_for(None, stderr=True))
     with bar:
         result = run_bench(predictor, rgb, clicks, repeats, sat, sat_chunk, progress=step)

@@ -27,7 +27,7 @@ from .exporters.onnx_export import (
     read_manifest,
     state_dict_hash,
 )
-from .preprocess import logits_to_input_frame, read_image, sigmoid, to_input
+from .preprocess import read_image, sigmoid
 from .weights import load_model
 
 # Relative L2 error and mask IoU thresholds per precision (DESIGN §5); overridable.
@@ -247,22 +247,13 @@ def session_clicks(rng: np.random.Generator, height: int, width: int, count: int
 
 
 def run_session(runner, image: np.ndarray, clicks) -> list[np.ndarray]:
-    """Logits [S',S'] after each click, feeding back the runner's own previous mask."""
-    size = runner.cfg.input_size
-    tensor, frame = to_input(image, size)
-    state = runner.encode(tensor)
-    prev = np.zeros((1, 1, size, size), np.float32)
-    h, w = frame.resized
-    out = []
-    for i in range(1, len(clicks) + 1):
-        coords = frame.to_input(np.array([[x, y] for x, y, _ in clicks[:i]], np.float32))[None]
-        labels = np.array([[label for _, _, label in clicks[:i]]], np.int32)
-        logits = runner.decode(state, coords, labels, prev)
-        out.append(logits)
-        prob = sigmoid(logits_to_input_frame(logits[0, 0], size))
-        prev = np.zeros_like(prev)
-        prev[0, 0, :h, :w] = prob[:h, :w]
-    return out
+    """Logits at the image's size after each click, through the Predictor (which feeds back
+    the runner's own previous mask), one [1,H,W] array per click."""
+    from .predictor import Predictor
+
+    predictor = Predictor.from_runner(runner, runner.name)
+    predictor.set_image(image)
+    return [predictor.click(x, y, bool(label)).logits[None] for x, y, label in clicks]
 
 
 def compare_sessions(reference, runner, precision: str, images: list[Path], rng) -> Metric:

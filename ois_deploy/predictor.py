@@ -119,8 +119,18 @@ class Predictor:
         """backend torch: the PyTorch model of preset/checkpoint, device cpu (default) or cuda;
         torch-cuda: the same on the GPU. backend ort: the graphs of export_dir, device = ONNX
         Runtime providers auto (default), cpu, cuda or tensorrt. precision fp32 or fp16."""
-        self.runner, self.notes = make_runner(backend, preset, checkpoint, device, export_dir, precision)
-        self.cfg = self.runner.cfg
+        self._attach(backend, *make_runner(backend, preset, checkpoint, device, export_dir, precision))
+
+    @classmethod
+    def from_runner(cls, runner, backend: str) -> "Predictor":
+        """A Predictor around a runner that already exists (verify shares runners)."""
+        predictor = cls.__new__(cls)
+        predictor._attach(backend, runner, [])
+        return predictor
+
+    def _attach(self, backend: str, runner, notes: list[str]) -> None:
+        self.backend, self.runner, self.notes = backend, runner, notes
+        self.cfg = runner.cfg
         self.frame: Frame | None = None
         self._state = None
         self.reset()

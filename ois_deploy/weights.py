@@ -202,6 +202,18 @@ def save_checkpoint(model: OIS, path: str | os.PathLike) -> None:
         raise
 
 
+def weights_provenance(report: WeightsReport) -> dict:
+    """How a model's weights came about, as an export manifest records it."""
+    from .provenance import sha256_file
+
+    return {
+        "format": report.format,
+        "path": report.path,
+        "seed": RANDOM_SEED if report.format == "random" else None,
+        "sha256": sha256_file(report.path) if report.path else None,
+    }
+
+
 def describe_weights(report: WeightsReport) -> list[str]:
     """Human notes printed by every command: random weights and non-commercial licences."""
     notes = []

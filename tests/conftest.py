@@ -42,11 +42,11 @@ def tiny():
 def tiny_export(tmp_path_factory):
     """One export of ois-tiny (fp32 + fp16) for the whole run: exporting takes about a minute."""
     from ois_deploy.exporters.onnx_export import ExportRequest, export_model
-    from ois_deploy.weights import load_model
+    from ois_deploy.weights import load_model, weights_provenance
 
     out = tmp_path_factory.mktemp("export") / "ois-tiny"
-    model, _ = load_model("ois-tiny")
-    export_model(model, {"format": "random", "path": None, "seed": 0}, ExportRequest(out))
+    model, report = load_model("ois-tiny")
+    export_model(model, weights_provenance(report), ExportRequest(out))
     return out
 
 

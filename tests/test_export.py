@@ -189,7 +189,7 @@ def test_export_from_a_checkpoint_records_and_checks_its_weights(tmp_path, tiny)
 
     from ois_deploy.exporters.onnx_export import ExportRequest, export_model
     from ois_deploy.provenance import sha256_file
-    from ois_deploy.weights import save_checkpoint
+    from ois_deploy.weights import save_checkpoint, weights_provenance
 
     import copy
 
@@ -201,9 +201,8 @@ def test_export_from_a_checkpoint_records_and_checks_its_weights(tmp_path, tiny)
         trained.decoder.neck.bias.add_(0.1)
         save_checkpoint(trained, other)
     model, report = load_model(None, ckpt)
-    weights = {"format": report.format, "path": str(ckpt), "seed": None, "sha256": sha256_file(ckpt)}
     out = tmp_path / "export"
-    manifest = export_model(model, weights, ExportRequest(out, precisions=("fp32",)))
+    manifest = export_model(model, weights_provenance(report), ExportRequest(out, precisions=("fp32",)))
     assert manifest["weights"]["sha256"] == sha256_file(ckpt) and manifest["precisions"] == ["fp32"]
     result = verify(out)
     assert result["passed"], result["failures"]

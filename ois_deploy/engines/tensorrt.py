@@ -9,13 +9,13 @@ and only when an engine is built or run.
 
 from __future__ import annotations
 
-import os
 import time
 from pathlib import Path
 
 import numpy as np
 
 from ..errors import UserError
+from ..io import atomic_write_bytes
 from ..exporters.onnx_export import (
     DECODER_INPUTS,
     ENCODER_OUTPUTS,
@@ -194,9 +194,7 @@ def build_engines(
             raise UserError(f"TensorRT could not build {path.name}: {str(e).strip().splitlines()[0]}") from None
         seconds[role] = round(time.perf_counter() - start, 1)
         target = export_dir / ENGINE_FILES[role]
-        tmp = target.with_name(f".{target.name}.tmp")
-        tmp.write_bytes(bytes(data))
-        os.replace(tmp, target)
+        atomic_write_bytes(target, bytes(data))
         files[target.name] = sha256_file(target)
     manifest["engines"] = {
         **runtime,

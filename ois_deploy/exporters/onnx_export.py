@@ -21,6 +21,7 @@ from torch import nn
 
 from .. import __version__
 from ..errors import UserError
+from ..io import atomic_write_bytes
 from ..model import OIS, ImageState
 from ..model.attention import set_attention_impl
 from ..model.precision import to_fp16
@@ -264,9 +265,7 @@ def export_model(model: OIS, weights: dict, request: ExportRequest, progress=Non
 
 
 def write_manifest(out_dir: Path, manifest: dict) -> None:
-    tmp = out_dir / ".manifest.json.tmp"
-    tmp.write_text(json.dumps(manifest, indent=2) + "\n")
-    os.replace(tmp, out_dir / "manifest.json")
+    atomic_write_bytes(out_dir / "manifest.json", (json.dumps(manifest, indent=2) + "\n").encode())
 
 
 def read_manifest(out_dir: str | os.PathLike) -> dict:
