@@ -17,14 +17,18 @@ $(VENV)/.installed: pyproject.toml
 
 install: $(VENV)/.installed
 
-# The main job: export ois-s-1024 (random weights unless CHECKPOINT=path is given: it says so),
-# lint the graphs, verify them with ONNX Runtime against PyTorch, and segment the bundled image.
+# The main job, on the embedded default: ois-tiny with its bundled trained weights. Export the
+# graphs, lint them, verify them with ONNX Runtime against PyTorch, and segment the bundled image
+# with the FP16 graphs: one positive click on the front red ellipse. Another model:
+# make demo PRESET=ois-s-1024 CHECKPOINT=depth_anything_v2_vits.pth
+PRESET ?= ois-tiny
+DEMO_CLICKS ?= --click 122,188,+
 demo: install
 	mkdir -p artifacts
-	$(VENV)/bin/ois-deploy export --preset ois-s-1024 $(if $(CHECKPOINT),--checkpoint $(CHECKPOINT)) --out artifacts/ois-s-1024
-	$(VENV)/bin/ois-deploy verify artifacts/ois-s-1024 $(if $(CHECKPOINT),--checkpoint $(CHECKPOINT)) --json artifacts/verify-ois-s-1024.json
-	$(VENV)/bin/ois-deploy predict --backend ort --model artifacts/ois-s-1024 --precision fp16 --image $(DEMO_IMAGE) \
-		--click 262,280,+ --click 150,100,- --out artifacts/demo_mask.png --overlay artifacts/demo_overlay.png
+	$(VENV)/bin/ois-deploy export --preset $(PRESET) $(if $(CHECKPOINT),--checkpoint $(CHECKPOINT)) --out artifacts/$(PRESET)
+	$(VENV)/bin/ois-deploy verify artifacts/$(PRESET) $(if $(CHECKPOINT),--checkpoint $(CHECKPOINT)) --json artifacts/verify-$(PRESET).json
+	$(VENV)/bin/ois-deploy predict --backend ort --model artifacts/$(PRESET) --precision fp16 --image $(DEMO_IMAGE) \
+		$(DEMO_CLICKS) --out artifacts/demo_mask.png --overlay artifacts/demo_overlay.png
 
 test: install
 	$(PY) -m pytest -q

@@ -16,8 +16,8 @@ from . import __version__
 from .errors import UserError
 from .io import atomic_write_bytes, encode_image, write_json
 from .model import count_parameters
-from .model.presets import PRESETS
-from .weights import CheckpointMismatch, load_model, print_notes
+from .model.presets import PRESETS, get_preset
+from .weights import CheckpointMismatch, load_model, print_notes, resolve_checkpoint
 
 app = typer.Typer(
     add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, help="Deploy OIS interactive segmentation."
@@ -26,7 +26,10 @@ app = typer.Typer(
 PAPER_PARAMS = {"ois-b-1024": 107_880_000, "ois-b-2048": 107_880_000}
 
 PresetOpt = typer.Option(None, "--preset", "-p", help=f"One of: {', '.join(PRESETS)}.")
-CheckpointOpt = typer.Option(None, "--checkpoint", "-c", help="Weights: ois-deploy or Depth Anything V2 file.")
+CheckpointOpt = typer.Option(
+    None, "--checkpoint", "-c",
+    help="Weights: ois-deploy or Depth Anything V2 file, or 'random' (default: the preset's bundled weights, if any).",
+)
 JsonOpt = typer.Option(None, "--json", help="Write results as JSON to PATH; '-' for stdout.")
 
 
@@ -43,7 +46,8 @@ def info(preset: Optional[str] = PresetOpt, checkpoint: Optional[str] = Checkpoi
     out = console_for(json)
     try:
         # Without weights, the meta device gives shapes and counts without allocating memory.
-        model, report = load_model(preset, checkpoint, device="cpu" if checkpoint else "meta")
+        needs_data = resolve_checkpoint(preset, checkpoint) is not None
+        model, report = load_model(preset, checkpoint, device="cpu" if needs_data else "meta")
     except CheckpointMismatch as e:
         if json:
             write_json({"weights": e.report.to_dict()}, json)
@@ -330,18 +334,22 @@ def evaluate(
     save_clicks: Optional[str] = typer.Option(None, "--save-clicks", help="Write the clicks and IoUs as JSON lines."),
     plot: Optional[str] = typer.Option(None, "--plot", help="Write the mIoU-vs-clicks curve as PNG."),
     compare_backend: Optional[str] = typer.Option(None, "--compare-backend", help="Also run this backend; report task-level parity."),
+    compare_precision: str = typer.Option("fp32", "--compare-precision", help="Precision of the --compare-backend run (the reference: fp32)."),
+    order_attention: Optional[str] = typer.Option(None, "--order-attention",
+                                                  help="Override the model's order-aware attention: bias, mask or off (ablation; torch backends)."),
 ):
     """NoC@85/90/95, NoF, mIoU@k and seconds per click with simulated clicks (SegNext protocol)."""
     from .datasets import load_dataset
     from .evaluation import summarise
     from .predictor import predictor_for
+    from .provenance import machine_info, now_utc, tool_versions
 
     layout, samples = load_dataset(dataset)
     samples = samples[:limit] if limit else samples
     for path in (json, save_clicks, plot):  # fail before the long run, not after it
         if path and path != "-" and not Path(path).parent.is_dir():
             raise UserError(f"output folder does not exist: {Path(path).parent}")
-    predictor = predictor_for(model, backend, checkpoint, precision, device)
+    predictor = predictor_for(model, backend, checkpoint, precision, device, order_attention)
     for note in predictor.notes:
         print(note, file=sys.stderr)
     backend_name = predictor.backend
@@ -349,15 +357,18 @@ def evaluate(
     results = run_eval(predictor, samples, max_clicks, err, backend_name)
     summary = summarise(results, max_clicks)
     report = {"summary": summary, "backend": backend_name, "precision": precision, "model": model,
-              "dataset": str(dataset), "layout": layout, "objects": len(results)}
+              "checkpoint": checkpoint, "order_attention": predictor.cfg.decoder.order_attention,
+              "dataset": str(dataset), "layout": layout, "objects": len(results),
+              "machine": machine_info(), "versions": tool_versions(), "date": now_utc()}
 
     if compare_backend:
-        other = predictor_for(model, compare_backend, checkpoint, precision, device)
+        other = predictor_for(model, compare_backend, checkpoint, compare_precision, device, order_attention)
         others = run_eval(other, samples, max_clicks, err, compare_backend)
         same = [[(c.x, c.y, c.positive) for c in a.clicks] == [(c.x, c.y, c.positive) for c in b.clicks]
                 for a, b in zip(results, others)]
         report["compare"] = {
             "backend": compare_backend,
+            "precision": compare_precision,
             "identical_click_sequences": int(sum(same)),
             "objects": len(same),
             "max_iou_difference": float(max(abs(x - y) for a, b in zip(results, others) for x, y in zip(a.ious, b.ious))),
@@ -375,7 +386,7 @@ def evaluate(
     out.print(table)
     if "compare" in report:
         c = report["compare"]
-        out.print(f"task parity vs {c['backend']}: {c['identical_click_sequences']}/{c['objects']} identical click "
+        out.print(f"task parity vs {c['backend']} {c['precision']}: {c['identical_click_sequences']}/{c['objects']} identical click "
                   f"sequences, max per-click IoU difference {c['max_iou_difference']:.4f}, NoC@90 {c['NoC@90']}")
     if save_clicks:
         atomic_write_bytes(save_clicks, "".join(jsonlib.dumps(r.to_json()) + "\n" for r in results).encode())
@@ -474,6 +485,77 @@ def bench(
     print(f"appended to {path}", file=sys.stderr)
     if json:
         write_json(record, json)
+
+
+@app.command()
+def train(
+    out: str = typer.Option(..., "--out", "-o", help="Checkpoint to write (ois-deploy safetensors)."),
+    steps: int = typer.Option(..., "--steps", min=1, help="Optimiser steps (one batch of fresh scenes each)."),
+    preset: str = typer.Option("ois-tiny", "--preset", "-p", help="Model to train from scratch (ois-tiny fits a CPU)."),
+    seed: int = typer.Option(0, "--seed", help="Seeds the init and every generated scene and click."),
+    batch_size: int = typer.Option(8, "--batch-size", min=1),
+    lr: float = typer.Option(5e-4, "--lr", help="Peak learning rate (AdamW, warm-up then cosine)."),
+    order_attention: str = typer.Option("bias", "--order-attention", help="bias (OIS) or off (trains the ablation)."),
+    log: Optional[str] = typer.Option(None, "--log", help="Loss log, JSON lines (default: OUT + .log.jsonl)."),
+):
+    """Train OIS on generated depth-ordered scenes (RITM/SegNext iterative protocol, mask and
+    depth losses); writes the checkpoint and a loss log."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    from .model.presets import ORDER_ATTENTION_MODES
+    from .training import TrainSettings
+    from .training import train as run_training
+
+    get_preset(preset)
+    if order_attention not in ORDER_ATTENTION_MODES:
+        raise UserError(f"--order-attention must be one of {', '.join(ORDER_ATTENTION_MODES)}")
+    settings = TrainSettings(steps=steps, seed=seed, batch_size=batch_size, lr=lr, order_attention=order_attention)
+    log_path = log or out + ".log.jsonl"
+    console = console_for(None, stderr=True)
+    bar = Progress(TextColumn("train"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[stats]}"),
+                   TimeElapsedColumn(), TimeRemainingColumn(), console=console)
+    task = bar.add_task("train", total=steps, stats="")
+    recent: list[dict] = []
+
+    def progress(step: int, record: dict) -> None:
+        recent.append(record)
+        del recent[:-50]  # running means over the last 50 steps: single batches are noisy
+        mean = lambda k: sum(r[k] for r in recent) / len(recent)  # noqa: E731
+        bar.update(task, advance=1, stats=f"loss {mean('loss'):.3f} iou {mean('iou'):.3f}")
+
+    with bar:
+        summary = run_training(preset, settings, out, log_path, progress)
+    console.print(f"wrote {out} and {log_path} ({summary['seconds']:.0f} s, {steps} steps, seed {seed})")
+
+
+@app.command()
+def scenes(
+    out: str = typer.Option(..., "--out", "-o", help="New folder for the dataset (DAVIS layout: img/ + gt/)."),
+    count: int = typer.Option(100, "--count", min=1, help="Scenes to generate (one sample per visible object)."),
+    seed: int = typer.Option(0, "--seed", help="Held-out stream seed: never seen in training."),
+):
+    """Write held-out generated scenes as an evaluation set in the DAVIS layout."""
+    import shutil
+    import tempfile
+
+    from .synthetic import write_davis
+
+    target = Path(out)
+    if target.exists():
+        raise UserError(f"{target} already exists: give a new folder")
+    if not target.parent.is_dir():
+        raise UserError(f"output folder does not exist: {target.parent}")
+    staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}."))  # nothing half-written
+    try:
+        console = console_for(None, stderr=True)
+        bar, task = object_progress(console, count, "scenes")
+        with bar:
+            written = write_davis(staging, count, seed, progress=lambda: bar.advance(task))
+        staging.rename(target)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    console.print(f"wrote {written} objects from {count} scenes to {target}")
 
 
 @app.command()

@@ -28,7 +28,7 @@ from .exporters.onnx_export import (
     state_dict_hash,
 )
 from .preprocess import read_image, sigmoid
-from .weights import load_model
+from .weights import RANDOM_WEIGHTS, load_model
 
 # Relative L2 error and mask IoU thresholds per precision (DESIGN §5); overridable.
 TOLERANCES = {
@@ -135,6 +135,8 @@ def reference_model(manifest: dict, checkpoint: str | None):
     """The PyTorch FP32 model the graphs were exported from; refuses one that is not."""
     weights = manifest.get("weights", {})
     if weights.get("format") == "random":
+        model, _ = load_model(manifest["preset"], RANDOM_WEIGHTS)
+    elif weights.get("bundled") and not checkpoint:  # this install's copy; the hash below checks it
         model, _ = load_model(manifest["preset"])
     else:
         path = checkpoint or weights.get("path")

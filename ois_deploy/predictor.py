@@ -6,6 +6,7 @@ small interface, so the host-side logic here is shared by all of them.
 
 from __future__ import annotations
 
+import sys
 from typing import NamedTuple
 
 import cv2
@@ -25,38 +26,98 @@ class Prediction(NamedTuple):
     logits: np.ndarray  # float32 [H,W]
 
 
+class CudaGraphDecoder:
+    """The P = 1 decoder call replayed from CUDA graphs, one per click count N, captured on first
+    use: a small decoder's time per click is mostly kernel-launch overhead, which replay removes.
+    Graphs read static buffers: the image state is copied in once per image, clicks per call."""
+
+    def __init__(self, model):
+        self.model = model
+        self.state = None  # static copy of the current image state
+        self.graphs: dict[int, tuple] = {}  # N -> (graph, static inputs, static output)
+
+    def set_state(self, state) -> None:
+        if self.state is None:
+            self.state = type(state)(*(t.clone() for t in state))
+        else:
+            for static, new in zip(self.state, state):
+                static.copy_(new)
+
+    def decode(self, coords, labels, prev):
+        n = coords.shape[1]
+        if n not in self.graphs:
+            self.graphs[n] = self._capture(coords, labels, prev)
+        graph, inputs, out = self.graphs[n]
+        for static, new in zip(inputs, (coords, labels, prev)):
+            static.copy_(new)
+        graph.replay()
+        return out
+
+    def _capture(self, coords, labels, prev):
+        inputs = (coords.clone(), labels.clone(), prev.clone())
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(2):  # warm-up outside the graph: lazy initialisation and autotuning
+                self.model.decode(self.state, *inputs)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = self.model.decode(self.state, *inputs)
+        return graph, inputs, out
+
+
 class TorchRunner:
-    """The PyTorch reference model; the image state stays on the device between clicks."""
+    """The PyTorch reference model; the image state stays on the device between clicks. On a GPU
+    the per-click (P = 1) decoder call runs from CUDA graphs unless cuda_graphs=False."""
 
     name = "torch"
 
-    def __init__(self, model, device: str = "cpu"):
+    def __init__(self, model, device: str = "cpu", cuda_graphs: bool | None = None):
         if device.startswith("cuda") and not torch.cuda.is_available():
             raise UserError("device cuda requested but PyTorch sees no CUDA GPU")
         self.device = torch.device(device)
         self.model = model.to(self.device).eval()
         self.cfg = model.cfg
+        use_graphs = self.device.type == "cuda" if cuda_graphs is None else cuda_graphs
+        self.graphs = CudaGraphDecoder(self.model) if use_graphs else None
+        self._graph_state = None  # the encode() result the graphs hold a copy of
 
     @torch.inference_mode()
     def encode(self, image: np.ndarray):
-        return self.model.encode(torch.from_numpy(image).to(self.device))
+        state = self.model.encode(torch.from_numpy(image).to(self.device))
+        if self.graphs is not None:
+            self.graphs.set_state(state)
+            self._graph_state = state
+        return state
 
     @torch.inference_mode()
     def decode(self, state, coords: np.ndarray, labels: np.ndarray, prev_mask: np.ndarray) -> np.ndarray:
         t = lambda a: torch.from_numpy(np.ascontiguousarray(a)).to(self.device)  # noqa: E731
-        return self.model.decode(state, t(coords), t(labels), t(prev_mask)).float().cpu().numpy()
+        inputs = (t(coords), t(labels), t(prev_mask))
+        if self.graphs is not None and state is self._graph_state and coords.shape[0] == 1:
+            try:
+                return self.graphs.decode(*inputs).float().cpu().numpy()
+            except RuntimeError as e:  # capture unsupported here: stay correct, run eagerly
+                print(f"note: CUDA graphs off ({str(e).splitlines()[0]})", file=sys.stderr)
+                self.graphs = None
+        return self.model.decode(state, *inputs).float().cpu().numpy()
 
     def state_to_numpy(self, state) -> dict[str, np.ndarray]:
         return {k: v.float().cpu().numpy() for k, v in state._asdict().items()}
 
 
-def make_runner(backend: str, preset=None, checkpoint=None, device=None, export_dir=None, precision="fp32"):
+def make_runner(backend: str, preset=None, checkpoint=None, device=None, export_dir=None, precision="fp32",
+                order_attention=None):
     """(runner, human notes about the weights) for a backend name.
 
     torch / torch-cuda run the PyTorch model of preset/checkpoint, or the reference model of an
-    export folder; ort runs the graphs of an export folder."""
+    export folder; ort runs the graphs of an export folder. order_attention (bias, mask, off)
+    overrides the model's mode, for the PyTorch backends only (ablations)."""
     if precision not in ("fp32", "fp16"):
         raise UserError(f"precision must be fp32 or fp16, not {precision!r}")
+    if order_attention is not None and backend not in ("torch", "torch-cuda"):
+        raise UserError("an order-attention override applies to the torch backends only (graphs fix it at export)")
     if backend in ("torch", "torch-cuda"):
         if backend == "torch-cuda":
             if not torch.cuda.is_available():
@@ -70,6 +131,12 @@ def make_runner(backend: str, preset=None, checkpoint=None, device=None, export_
         else:
             model, report = load_model(preset, checkpoint)
             notes = describe_weights(report)
+        if order_attention is not None:
+            try:
+                model.set_order_attention(order_attention)
+            except ValueError as e:
+                raise UserError(str(e)) from None
+            notes.append(f"order-aware attention: {order_attention}")
         if precision == "fp16":
             from .model.precision import to_fp16
 
@@ -91,7 +158,8 @@ def make_runner(backend: str, preset=None, checkpoint=None, device=None, export_
     raise UserError(f"unknown backend {backend!r}; available: {', '.join(BACKENDS)}")
 
 
-def predictor_for(model: str, backend: str | None = None, checkpoint=None, precision="fp32", device=None):
+def predictor_for(model: str, backend: str | None = None, checkpoint=None, precision="fp32", device=None,
+                  order_attention=None):
     """A Predictor for a MODEL argument: a preset name, or an export folder (manifest.json)."""
     from pathlib import Path
 
@@ -102,8 +170,9 @@ def predictor_for(model: str, backend: str | None = None, checkpoint=None, preci
     if backend not in ("torch", "torch-cuda") and not is_export:
         raise UserError(f"backend {backend} needs an export folder, and {model!r} is not one (ois-deploy export --out DIR)")
     if is_export:
-        return Predictor(None, checkpoint, backend, device, export_dir=model, precision=precision)
-    return Predictor(model, checkpoint, backend, device, precision=precision)
+        return Predictor(None, checkpoint, backend, device, export_dir=model, precision=precision,
+                         order_attention=order_attention)
+    return Predictor(model, checkpoint, backend, device, precision=precision, order_attention=order_attention)
 
 
 class Predictor:
@@ -115,11 +184,14 @@ class Predictor:
         device: str | None = None,
         export_dir=None,
         precision: str = "fp32",
+        order_attention: str | None = None,
     ):
         """backend torch: the PyTorch model of preset/checkpoint, device cpu (default) or cuda;
         torch-cuda: the same on the GPU. backend ort: the graphs of export_dir, device = ONNX
-        Runtime providers auto (default), cpu, cuda or tensorrt. precision fp32 or fp16."""
-        self._attach(backend, *make_runner(backend, preset, checkpoint, device, export_dir, precision))
+        Runtime providers auto (default), cpu, cuda or tensorrt. precision fp32 or fp16.
+        order_attention: override of the model's order-attention mode (torch backends)."""
+        runner, notes = make_runner(backend, preset, checkpoint, device, export_dir, precision, order_attention)
+        self._attach(backend, runner, notes)
 
     @classmethod
     def from_runner(cls, runner, backend: str) -> "Predictor":

@@ -24,6 +24,9 @@ from .model.presets import DEFAULT_PRESET_FOR_VARIANT
 
 FORMAT_TAG = "ois-deploy/1"
 RANDOM_SEED = 0
+RANDOM_WEIGHTS = "random"  # the checkpoint value that asks for random init even where defaults exist
+# Weights shipped in the package, used when no checkpoint is given (how they were made: README).
+BUNDLED_CHECKPOINTS = {"ois-tiny": Path(__file__).parent / "assets" / "ois-tiny.safetensors"}
 DAV2_PREFIXES = ("pretrained.", "depth_head.")
 DAV2_EMBED_DIMS = {384: "vits", 768: "vitb", 1024: "vitl"}
 DAV2_LICENCES = {
@@ -43,6 +46,7 @@ class WeightsReport:
     wrong_shape: list[str] = field(default_factory=list)
     decoder: str = "loaded"  # or how the decoder was initialised when the file lacks it
     licence: str | None = None
+    bundled: bool = False  # the preset's default weights, shipped in the package
 
     @property
     def ok(self) -> bool:
@@ -157,19 +161,32 @@ def _resolve_config(preset: str | None, loaded: LoadedFile | None) -> OISConfig:
     return get_preset(preset or "ois-tiny")
 
 
+def resolve_checkpoint(preset: str | None, checkpoint: str | os.PathLike | None) -> Path | None:
+    """The file to load: the one given; else the preset's bundled weights if it has some;
+    None for random init (no file, or checkpoint "random")."""
+    if checkpoint is not None:
+        return None if str(checkpoint) == RANDOM_WEIGHTS else Path(checkpoint)
+    bundled = BUNDLED_CHECKPOINTS.get(preset or "ois-tiny")
+    return bundled if bundled is not None and bundled.is_file() else None
+
+
 def load_model(
     preset: str | None = None, checkpoint: str | os.PathLike | None = None, device: str = "cpu"
 ) -> tuple[OIS, WeightsReport]:
-    """Build a model (eval mode) from a preset and/or checkpoint. Raises UserError on bad input,
-    CheckpointMismatch (with the report) when keys or shapes do not fit."""
-    loaded = read_checkpoint(checkpoint) if checkpoint is not None else None
+    """Build a model (eval mode) from a preset and/or checkpoint; without a checkpoint, the
+    preset's bundled weights (ois-tiny) or random init; checkpoint "random" forces random init.
+    Raises UserError on bad input, CheckpointMismatch (with the report) when keys or shapes do
+    not fit."""
+    path = resolve_checkpoint(preset, checkpoint)
+    bundled = checkpoint is None and path is not None
+    loaded = read_checkpoint(path) if path is not None else None
     cfg = _resolve_config(preset, loaded)
     meta = "meta" if str(device) == "meta" else "cpu"
     model = _new_model(cfg, meta)
     if loaded is None:
         report = WeightsReport(None, "random", decoder=f"random init (seed {RANDOM_SEED})")
     else:
-        report = WeightsReport(str(checkpoint), loaded.format)
+        report = WeightsReport(str(path), loaded.format, bundled=bundled)
         expected = model.state_dict()
         if loaded.variant is not None:  # DAv2 fills encoder + depth head only
             expected = {k: v for k, v in expected.items() if k.startswith(DAV2_PREFIXES)}
@@ -185,13 +202,16 @@ def load_model(
     return model.to(device).eval(), report
 
 
-def save_checkpoint(model: OIS, path: str | os.PathLike) -> None:
-    """Our default format: safetensors with the config in the metadata. Written atomically."""
+def save_checkpoint(model: OIS, path: str | os.PathLike, training: dict | None = None) -> None:
+    """Our default format: safetensors with the config (and how it was trained, if given) in
+    the metadata. Written atomically."""
     from safetensors.torch import save_file
 
     path = Path(path)
     state = {k: v.detach().float().contiguous().cpu() for k, v in model.state_dict().items()}
     meta = {"format": FORMAT_TAG, "ois_config": json.dumps(model.cfg.to_dict())}
+    if training is not None:
+        meta["training"] = json.dumps(training)
     fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
     os.close(fd)
     try:
@@ -209,6 +229,7 @@ def weights_provenance(report: WeightsReport) -> dict:
     return {
         "format": report.format,
         "path": report.path,
+        "bundled": report.bundled,
         "seed": RANDOM_SEED if report.format == "random" else None,
         "sha256": sha256_file(report.path) if report.path else None,
     }
@@ -220,7 +241,8 @@ def describe_weights(report: WeightsReport) -> list[str]:
     if report.format == "random":
         notes.append(f"weights: none given, random init (seed {RANDOM_SEED}): outputs are meaningless")
     else:
-        notes.append(f"weights: {report.path} ({report.format}, {report.loaded_keys} keys)")
+        kind = "bundled default, " if report.bundled else ""
+        notes.append(f"weights: {report.path} ({kind}{report.format}, {report.loaded_keys} keys)")
     if report.licence:
         notes.append(f"note: these Depth Anything V2 weights are licensed {report.licence}")
     if report.format.startswith("dav2-"):

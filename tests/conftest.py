@@ -31,7 +31,7 @@ def synthetic_dav2_state_dict(variant: str, seed: int = 0) -> dict[str, torch.Te
 
 @pytest.fixture(scope="session")
 def tiny():
-    """The ois-tiny reference model (random init, seed 0), eval mode."""
+    """The ois-tiny reference model with its bundled trained weights, eval mode."""
     from ois_deploy.weights import load_model
 
     model, _ = load_model("ois-tiny")
@@ -40,7 +40,8 @@ def tiny():
 
 @pytest.fixture(scope="session")
 def tiny_export(tmp_path_factory):
-    """One export of ois-tiny (fp32 + fp16) for the whole run: exporting takes about a minute."""
+    """One export of ois-tiny (bundled weights; fp32 + fp16) for the whole run: exporting takes
+    about a minute."""
     from ois_deploy.exporters.onnx_export import ExportRequest, export_model
     from ois_deploy.weights import load_model, weights_provenance
 

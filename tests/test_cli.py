@@ -70,7 +70,7 @@ def test_predict_writes_mask_and_overlay(image_file, tmp_path, capsys):
     mask = cv2.imread(str(out), cv2.IMREAD_UNCHANGED)
     assert mask.shape == (90, 160) and set(np.unique(mask)) <= {0, 255}
     assert cv2.imread(str(overlay)).shape == (90, 160, 3)
-    assert "random init" in err
+    assert "bundled default" in err
 
 
 @pytest.mark.parametrize(

@@ -9,14 +9,9 @@ import sys
 import pytest
 
 from ois_deploy.cli import main
-from ois_deploy.engines.tensorrt import (
-    INTERACTIVE,
-    SAT,
-    check_engines,
-    decoder_profiles,
-    engine_mismatches,
-    select_profile,
-)
+from ois_deploy.engines.ort import session_providers, tensorrt_provider_options
+from ois_deploy.engines.profiles import INTERACTIVE, SAT, decoder_profiles, select_profile, union_profile
+from ois_deploy.engines.tensorrt import check_engines, engine_mismatches
 from ois_deploy.errors import UserError
 from ois_deploy.model import get_preset
 
@@ -50,6 +45,21 @@ def test_decoder_profiles():
         decoder_profiles(cfg, max_clicks=25, max_prompts=16)
     with pytest.raises(UserError, match="max-prompts"):
         decoder_profiles(cfg, max_clicks=4, max_prompts=300)
+
+
+def test_ort_tensorrt_provider_gets_caches_and_one_profile_covering_both(tmp_path):
+    cfg = get_preset("ois-tiny")
+    union = union_profile(decoder_profiles(cfg, max_clicks=24, max_prompts=256))
+    assert union["point_coords"] == ((1, 1, 2), (1, 8, 2), (256, 24, 2))  # interactive optimum
+    options = tensorrt_provider_options(cfg, tmp_path, "decoder")
+    assert options["trt_engine_cache_path"] == options["trt_timing_cache_path"] == str(tmp_path / "ort-trt-cache")
+    assert options["trt_profile_min_shapes"] == "point_coords:1x1x2,point_labels:1x1,prev_mask:1x1x224x224"
+    assert options["trt_profile_max_shapes"] == "point_coords:256x24x2,point_labels:256x24,prev_mask:256x1x224x224"
+    assert "image_embed" not in options["trt_profile_opt_shapes"]  # static inputs get no profile
+    assert tensorrt_provider_options(cfg, tmp_path, "encoder")["trt_profile_max_shapes"] == "image:1x3x224x224"
+    providers = session_providers(["TensorrtExecutionProvider", "CUDAExecutionProvider"], cfg, tmp_path, "decoder")
+    assert providers[0][0] == "TensorrtExecutionProvider" and providers[0][1] == options
+    assert providers[1] == "CUDAExecutionProvider"
 
 
 def test_profile_selection():
@@ -124,6 +134,29 @@ def test_torch_cuda_parity(tiny_export, precision):
 
     result = verify(tiny_export, backend="torch-cuda", precisions=(precision,))
     assert result["passed"], result["failures"]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not has_cuda(), reason="needs a CUDA GPU")
+def test_cuda_graph_decoder_matches_eager(tiny, rng):
+    import copy
+
+    import numpy as np
+
+    from ois_deploy.predictor import TorchRunner
+
+    graphs, eager = TorchRunner(copy.deepcopy(tiny), "cuda"), TorchRunner(copy.deepcopy(tiny), "cuda", cuda_graphs=False)
+    assert graphs.graphs is not None and eager.graphs is None
+    for _ in range(2):  # a second image reuses the captured graphs with the new state copied in
+        image = rng.uniform(0, 255, (1, 3, 224, 224)).astype(np.float32)
+        a, b = graphs.encode(image), eager.encode(image)
+        for n in (1, 3, 1):
+            coords = rng.uniform(0, 223, (1, n, 2)).astype(np.float32)
+            labels = np.ones((1, n), np.int32)
+            prev = rng.uniform(0, 1, (1, 1, 224, 224)).astype(np.float32)
+            np.testing.assert_allclose(graphs.decode(a, coords, labels, prev), eager.decode(b, coords, labels, prev),
+                                       atol=1e-4, rtol=1e-4)
+    assert sorted(graphs.graphs.graphs) == [1, 3]
 
 
 @pytest.mark.tensorrt

@@ -146,6 +146,7 @@ def test_eval_task_parity_ort_against_torch(tiny_export, tmp_path, capsys):
                           "--dataset", str(data), "--max-clicks", "4", "--json", "-"], capsys)
     assert code == 0, err
     compare = json.loads(out)["compare"]
+    assert compare["precision"] == "fp32"  # the reference, whatever the backend under test runs
     assert compare["identical_click_sequences"] == compare["objects"] == 2
     assert compare["max_iou_difference"] < 1e-3
 
@@ -178,6 +179,7 @@ def test_eval_and_bench_bad_input(tmp_path, capsys):
         (["bench", "ois-tiny", "--backend", "torch-cuda"], "needs a CUDA GPU"),
         (["bench", "ois-tiny", "--backend", "trt"], "backend trt needs an export folder"),
         (["bench", "--report", "--results-dir", str(tmp_path / "empty")], "no benchmark results"),
+        (["eval", "ois-tiny", "--order-attention", "sideways", "--dataset", str(tmp_path / "d")], "order_attention must be one of"),
     ]:
         code, _, err = run(argv, capsys)
         assert code == 2 and message in err, err

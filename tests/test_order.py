@@ -48,6 +48,8 @@ def test_order_bias_modes():
     torch.testing.assert_close(bias, torch.tensor([[[0.0, -0.4, -2.0]]]))
     hard = order_bias(rows, kinds, "mask", torch.tensor(0.5), 0.5, -1e4)
     assert hard.tolist() == [[[0.0, 0.0, -1e4]]]
+    off = order_bias(rows, kinds, "off", torch.tensor(0.5), 0.5, -1e4)
+    assert off.tolist() == [[[0.0, 0.0, 0.0]]]
 
 
 def test_constant_depth_gives_zero_maps_without_nan():

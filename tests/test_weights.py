@@ -144,8 +144,8 @@ def test_missing_checkpoint(tmp_path):
 
 
 def test_random_init_is_seeded():
-    a, report = load_model("ois-tiny")
-    b, _ = load_model("ois-tiny")
+    a, report = load_model("ois-tiny", "random")
+    b, _ = load_model("ois-tiny", "random")
     assert report.format == "random"
     for (k, x), y in zip(a.state_dict().items(), b.state_dict().values()):
         assert torch.equal(x, y), k

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import UserError
-from ..exporters.onnx_export import DECODER_OUTPUTS, ENCODER_OUTPUTS, graph_file, read_manifest
+from ..exporters.onnx_export import DECODER_OUTPUTS, ENCODER_OUTPUTS, graph_file, read_manifest, state_shapes
 from ..model import OISConfig
 from ..provenance import sha256_file
 
@@ -49,6 +49,48 @@ def choose_providers(kind: str = "auto") -> list[str]:
             "install onnxruntime-gpu, without onnxruntime, on a CUDA machine"
         )
     return [p for p in PROVIDER_CHOICES[kind] if p in available]
+
+
+TRT_CACHE_DIR = "ort-trt-cache"
+
+
+def shapes_option(shapes: dict[str, tuple[int, ...]]) -> str:
+    """ONNX Runtime's profile-shape syntax: name:AxBxC,name2:..."""
+    return ",".join(f"{name}:{'x'.join(map(str, dims))}" for name, dims in shapes.items())
+
+
+def tensorrt_provider_options(cfg: OISConfig, export_dir: Path, role: str, max_prompts: int = 256) -> dict[str, str]:
+    """Options of ONNX Runtime's TensorRT provider for one graph: engine and timing caches in
+    DIR/ort-trt-cache (ONNX Runtime rebuilds a cached engine when graph or profile changes),
+    and explicit profiles for the dynamic inputs, so that engines are built once, not per new
+    shape. Precision comes from the graph (fp16 graphs with FP32 islands), as in `build`."""
+    from .profiles import decoder_profiles, encoder_profile, union_profile
+
+    if role == "encoder":
+        profile = encoder_profile(cfg)
+    else:
+        profile = union_profile(decoder_profiles(cfg, cfg.decoder.max_clicks, max_prompts))
+    state = state_shapes(cfg)  # the image state is static (batch 1); everything else has dynamic axes
+    dynamic = {name: p for name, p in profile.items() if name not in state}
+    cache = str(export_dir / TRT_CACHE_DIR)
+    return {
+        "trt_engine_cache_enable": "True",
+        "trt_engine_cache_path": cache,
+        "trt_timing_cache_enable": "True",
+        "trt_timing_cache_path": cache,
+        "trt_fp16_enable": "False",
+        "trt_profile_min_shapes": shapes_option({n: p[0] for n, p in dynamic.items()}),
+        "trt_profile_opt_shapes": shapes_option({n: p[1] for n, p in dynamic.items()}),
+        "trt_profile_max_shapes": shapes_option({n: p[2] for n, p in dynamic.items()}),
+    }
+
+
+def session_providers(providers: list[str], cfg: OISConfig, export_dir: Path, role: str) -> list:
+    """The provider list of one session, with the TensorRT provider's options attached."""
+    return [
+        (name, tensorrt_provider_options(cfg, export_dir, role)) if name == "TensorrtExecutionProvider" else name
+        for name in providers
+    ]
 
 
 def check_graph(path: Path, manifest: dict) -> None:
@@ -86,11 +128,14 @@ class OrtRunner:
         options.intra_op_num_threads = threads
         options.log_severity_level = 3
         self.sessions = {}
+        if "TensorrtExecutionProvider" in self.providers:
+            (self.export_dir / TRT_CACHE_DIR).mkdir(exist_ok=True)
         for role in ("encoder", "decoder"):
             path = self.export_dir / graph_file(role, precision)
             check_graph(path, self.manifest)
+            providers = session_providers(self.providers, self.cfg, self.export_dir, role)
             try:
-                self.sessions[role] = ort.InferenceSession(str(path), options, providers=self.providers)
+                self.sessions[role] = ort.InferenceSession(str(path), options, providers=providers)
             except Exception as e:
                 raise UserError(f"cannot load {path}: {str(e).strip().splitlines()[0]}") from None
             check_metadata(path, self.sessions[role].get_modelmeta().custom_metadata_map, self.manifest, role, precision)

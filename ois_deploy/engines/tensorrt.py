@@ -16,20 +16,13 @@ import numpy as np
 
 from ..errors import UserError
 from ..io import atomic_write_bytes
-from ..exporters.onnx_export import (
-    DECODER_INPUTS,
-    ENCODER_OUTPUTS,
-    graph_file,
-    read_manifest,
-    state_shapes,
-    write_manifest,
-)
+from ..exporters.onnx_export import ENCODER_OUTPUTS, graph_file, read_manifest, write_manifest
 from ..model import OISConfig
 from ..provenance import now_utc, sha256_file
 from .ort import check_graph
+from .profiles import INTERACTIVE, SAT, decoder_profiles, encoder_profile, select_profile  # noqa: F401
 
 ENGINE_FILES = {"encoder": "encoder.plan", "decoder": "decoder.plan"}
-INTERACTIVE, SAT = 0, 1  # decoder profile indices
 INSTALL_HINT = "on a CUDA machine: pip install tensorrt polygraphy (TensorRT comes from NVIDIA's package index)"
 
 
@@ -49,52 +42,6 @@ def require_cuda():
     if not torch.cuda.is_available():
         raise UserError("the TensorRT backend needs a CUDA GPU; none is visible here")
     return torch
-
-
-Shape = tuple[int, ...]
-
-
-def encoder_profile(cfg: OISConfig) -> dict[str, tuple[Shape, Shape, Shape]]:
-    s = cfg.input_size
-    one = (1, 3, s, s)
-    return {"image": (one, one, one)}
-
-
-def decoder_profiles(cfg: OISConfig, max_clicks: int, max_prompts: int) -> list[dict[str, tuple[Shape, Shape, Shape]]]:
-    """[interactive, SAT]: (min, opt, max) shape per decoder input."""
-    if not 1 <= max_clicks <= cfg.decoder.max_clicks:
-        raise UserError(f"--max-clicks must be 1..{cfg.decoder.max_clicks}")
-    if not 1 <= max_prompts <= 256:
-        raise UserError("--max-prompts must be 1..256")
-    s = cfg.input_size
-    fixed = {name: (shape, shape, shape) for name, shape in state_shapes(cfg).items()}
-    opt_clicks = min(8, max_clicks)
-    interactive = {
-        **fixed,
-        "point_coords": ((1, 1, 2), (1, opt_clicks, 2), (1, max_clicks, 2)),
-        "point_labels": ((1, 1), (1, opt_clicks), (1, max_clicks)),
-        "prev_mask": ((1, 1, s, s),) * 3,
-    }
-    sat = {
-        **fixed,
-        "point_coords": ((1, 1, 2), (max_prompts, 1, 2), (max_prompts, 1, 2)),
-        "point_labels": ((1, 1), (max_prompts, 1), (max_prompts, 1)),
-        "prev_mask": ((1, 1, s, s), (max_prompts, 1, s, s), (max_prompts, 1, s, s)),
-    }
-    assert set(interactive) == set(DECODER_INPUTS)
-    return [interactive, sat]
-
-
-def select_profile(prompts: int, clicks: int, max_clicks: int, max_prompts: int) -> int:
-    """Which decoder profile serves a call of P prompt sets with N clicks each."""
-    if prompts == 1 and clicks <= max_clicks:
-        return INTERACTIVE
-    if clicks == 1 and prompts <= max_prompts:
-        return SAT
-    raise UserError(
-        f"no engine profile for {prompts} prompt sets of {clicks} clicks: the engines serve P=1 with N<={max_clicks}, "
-        f"or P<={max_prompts} with N=1 (ois-deploy build --max-clicks/--max-prompts)"
-    )
 
 
 def runtime_info() -> dict:

@@ -8,6 +8,7 @@ The forward is split the way it is deployed:
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import NamedTuple
 
@@ -72,6 +73,13 @@ class OIS(nn.Module):
     def dtype(self) -> torch.dtype:
         return self.decoder.neck.weight.dtype
 
+    def set_order_attention(self, mode: str) -> "OIS":
+        """Switch the order-aware attention (bias, mask, off) in place: "off" on a model trained
+        with it is the inference-time ablation. The cfg is read at every decode."""
+        decoder = dataclasses.replace(self.cfg.decoder, order_attention=mode)  # validates mode
+        self.cfg = dataclasses.replace(self.cfg, decoder=decoder)
+        return self
+
     @torch.no_grad()
     def init_mask_head_from_depth_head(self) -> None:
         """The paper initialises its decoders from DAv2: copy every depth-head tensor whose
@@ -101,7 +109,8 @@ class OIS(nn.Module):
         return ImageState(self.decoder.neck(maps[3]), *skips, depth)
 
     def decode(self, state: ImageState, point_coords: Tensor, point_labels: Tensor, prev_mask: Tensor) -> Tensor:
-        """state of batch 1; point_coords [P,N,2] (x, y in the SxS frame); point_labels [P,N]
+        """state of batch 1 (one image shared by the P prompt sets; training may give batch P,
+        one image per prompt set); point_coords [P,N,2] (x, y in the SxS frame); point_labels [P,N]
         (1, 0, -1 padding); prev_mask [P,1,S,S] probability -> mask logits [P,1,S',S'] float32."""
         cfg, dec = self.cfg, self.decoder
         dtype, patch, grid = self.dtype, cfg.encoder.patch_size, cfg.grid

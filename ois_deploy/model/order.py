@@ -16,18 +16,20 @@ from .prompts import ClickKinds
 
 
 def sample_click_depth(depth: Tensor, coords: Tensor) -> Tensor:
-    """Depth [1,1,S,S] at the pixels nearest to coords [P,N,2] -> [P,N] (a Gather, no grid_sample)."""
+    """Depth [1 or P,1,S,S] at the pixels nearest to coords [P,N,2] -> [P,N] (a Gather, no
+    grid_sample). Deployment shares one image (batch 1); training gives one image per prompt set."""
     s = depth.shape[-1]
     xy = torch.floor(coords + 0.5).clamp(0, s - 1).long()
-    return depth.reshape(-1)[xy[..., 1] * s + xy[..., 0]]
+    index = xy[..., 1] * s + xy[..., 0]
+    if depth.shape[0] == 1:
+        return depth.reshape(-1)[index]
+    return depth.flatten(1).gather(1, index)
 
 
 def order_maps(depth: Tensor, coords: Tensor, kinds: ClickKinds, patch: int, eps: float):
-    """Returns (O+ [P,1,L], O- [P,N,L]) at the token grid (L = h*w) from normalised depth [1,1,S,S].
-
-    O- is computed for every click; rows of non-negative clicks are simply not used.
-    """
-    d_tokens = F.avg_pool2d(depth.float(), patch).flatten(1).unsqueeze(0)  # [1,1,L]
+    """Returns (O+ [P,1,L], O- [P,N,L]) at the token grid (L = h*w) from normalised depth
+    [1 or P,1,S,S]. O- is computed for every click; rows of non-negative clicks are not used."""
+    d_tokens = F.avg_pool2d(depth.float(), patch).flatten(2)  # [1 or P,1,L]
     d_click = sample_click_depth(depth.float(), coords)  # [P,N]
     n_pos = kinds.pos.sum(dim=-1, keepdim=True).clamp(min=1.0)
     d_pos = (d_click * kinds.pos).sum(dim=-1, keepdim=True) / n_pos  # [P,1]
@@ -45,10 +47,12 @@ def order_rows(o_pos: Tensor, o_neg: Tensor, kinds: ClickKinds) -> Tensor:
 
 
 def order_bias(rows: Tensor, kinds: ClickKinds, mode: str, sigma: Tensor, threshold: float, mask_value: float):
-    """Additive attention bias [P,N,L] of the order-aware block.
-    bias: -O/sigma (the default); mask: tokens with O above threshold masked (ablation)."""
+    """Additive attention bias [P,N,L] of the order-aware block. bias: -O/sigma (the default);
+    mask: tokens with O above threshold masked; off: no order guidance (the paper's ablation)."""
     if mode == "bias":
         return -rows / sigma
+    if mode == "off":
+        return torch.zeros_like(rows)
     return masked_bias((rows <= threshold).float(), mask_value)
 
 

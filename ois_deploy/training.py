@@ -1,0 +1,274 @@
+"""Training OIS on generated scenes, with the iterative protocol of RITM and SegNext.
+
+Each step draws a batch of fresh scenes (`synthetic.make_scene`, seeded by [1, seed, step, i],
+so training never sees a held-out scene), picks one object per scene and:
+1. places random initial clicks: 1-3 positives inside the object, 0-2 negatives near it;
+2. adds 0-3 simulated clicks without gradient, each at the largest error of the current
+   prediction (the evaluation clicker), feeding the predicted probability back as prev_mask;
+3. predicts once more with gradient; the loss is binary cross-entropy plus Dice on the mask
+   (see mask_loss for why not the normalised focal loss) plus a scale-and-shift-invariant L1
+   loss of the depth against the generated depth.
+The whole model is trained: ois-tiny has no pretrained Depth Anything V2 to start from.
+The depth fed to the order maps is detached, so only the depth loss shapes the depth head.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import platform
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .errors import UserError
+from .evaluation import PRED_THRESHOLD, Clicker
+from .model import OIS, get_preset
+from .preprocess import to_input
+from .synthetic import make_scene
+
+TRAIN_STREAM = 1  # first seed word of training scenes (held-out scenes use synthetic.HELDOUT_STREAM)
+MIN_OBJECT_AREA = 0.005  # objects smaller than this fraction of the image are not chosen
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    steps: int
+    seed: int = 0
+    batch_size: int = 8
+    lr: float = 5e-4
+    weight_decay: float = 0.05
+    warmup_steps: int = 150
+    max_extra_clicks: int = 3
+    depth_weight: float = 1.0
+    order_attention: str = "bias"  # "off" trains the paper's ablation
+    scene_sizes: tuple[int, int] = (224, 400)  # longest side of generated scenes, before resizing to S
+
+
+@dataclass
+class Batch:
+    images: Tensor  # [B,3,S,S] 0..255, padded like inference input
+    masks: Tensor  # [B,1,S,S] {0,1} target object
+    depth: Tensor  # [B,1,S,S] generated inverse depth
+    valid: Tensor  # [B,1,S,S] 1 inside the image, 0 in the padding
+
+
+def _resize_to_frame(array: np.ndarray, frame_hw: tuple[int, int], size: int) -> np.ndarray:
+    h, w = frame_hw
+    interp = cv2.INTER_AREA if max(array.shape) > size else cv2.INTER_LINEAR
+    out = np.zeros((size, size), np.float32)
+    out[:h, :w] = cv2.resize(array.astype(np.float32), (w, h), interpolation=interp)
+    return out
+
+
+def make_batch(settings: TrainSettings, step: int, size: int) -> Batch:
+    images, masks, depths, valids = [], [], [], []
+    for i in range(settings.batch_size):
+        rng = np.random.default_rng([TRAIN_STREAM, settings.seed, step, i])
+        long_side = int(rng.integers(settings.scene_sizes[0], settings.scene_sizes[1] + 1))
+        short_side = int(long_side * rng.uniform(0.6, 1.0))
+        h, w = (long_side, short_side) if rng.uniform() < 0.5 else (short_side, long_side)
+        scene = make_scene(int(rng.integers(2**62)), h, w, int(rng.integers(3, 7)))
+        areas = np.array([m.mean() for m in scene.masks])
+        candidates = np.flatnonzero(areas >= MIN_OBJECT_AREA)
+        target = int(rng.choice(candidates)) if len(candidates) else int(areas.argmax())
+        image, frame = to_input(scene.image, size)
+        hw = frame.resized
+        images.append(image[0])
+        masks.append(_resize_to_frame(scene.masks[target], hw, size) > 0.5)
+        depths.append(_resize_to_frame(scene.depth, hw, size))
+        valid = np.zeros((size, size), np.float32)
+        valid[: hw[0], : hw[1]] = 1
+        valids.append(valid)
+    as_tensor = lambda arrays: torch.from_numpy(np.stack(arrays).astype(np.float32))  # noqa: E731
+    return Batch(as_tensor(images), as_tensor(masks)[:, None], as_tensor(depths)[:, None], as_tensor(valids)[:, None])
+
+
+def _sample_pixel(rng: np.random.Generator, weights: np.ndarray) -> tuple[int, int] | None:
+    flat = weights.ravel().astype(np.float64)
+    if flat.sum() <= 0:
+        return None
+    index = int(rng.choice(flat.size, p=flat / flat.sum()))
+    return index % weights.shape[1], index // weights.shape[1]  # (x, y)
+
+
+def initial_clicks(rng: np.random.Generator, mask: np.ndarray, valid: np.ndarray) -> list[tuple[int, int, int]]:
+    """Random first clicks for one object, (x, y, label): positives weighted to the interior
+    (half of the time the first one is the interior-most point, as the evaluation clicker
+    places it), negatives in a band around the object."""
+    inside = cv2.distanceTransform(np.pad(mask.astype(np.uint8), 1), cv2.DIST_L2, 5)[1:-1, 1:-1]
+    clicks = []
+    if rng.uniform() < 0.5:
+        y, x = np.unravel_index(int(inside.argmax()), inside.shape)
+        clicks.append((int(x), int(y), 1))
+    for _ in range(int(rng.choice([1, 2, 3], p=[0.6, 0.25, 0.15])) - len(clicks)):
+        xy = _sample_pixel(rng, inside)
+        if xy:
+            clicks.append((*xy, 1))
+    if not clicks and mask.any():  # an object too thin for the distance weights
+        ys, xs = np.nonzero(mask)
+        k = int(rng.integers(len(ys)))
+        clicks.append((int(xs[k]), int(ys[k]), 1))
+    if not clicks:  # the object vanished when resized: a negative click, the answer is empty
+        clicks.append((mask.shape[1] // 2, mask.shape[0] // 2, 0))
+    radius = max(3, int(0.1 * mask.shape[0]))
+    band = cv2.dilate(mask.astype(np.uint8), cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * radius + 1,) * 2))
+    band = (band > 0) & ~mask & (valid > 0)
+    for _ in range(int(rng.choice([0, 1, 2], p=[0.5, 0.3, 0.2]))):
+        xy = _sample_pixel(rng, band)
+        if xy:
+            clicks.append((*xy, 0))
+    return clicks
+
+
+def pack_clicks(clicks: list[list[tuple[int, int, int]]]) -> tuple[Tensor, Tensor]:
+    """Per-sample click lists -> coords [B,N,2] float32, labels [B,N] (-1 pads short lists)."""
+    n = max(len(c) for c in clicks)
+    coords = torch.zeros(len(clicks), n, 2)
+    labels = torch.full((len(clicks), n), -1, dtype=torch.int32)
+    for b, sample in enumerate(clicks):
+        for j, (x, y, label) in enumerate(sample):
+            coords[b, j] = torch.tensor([x, y], dtype=torch.float32)
+            labels[b, j] = label
+    return coords, labels
+
+
+def logits_at_input(logits: Tensor, size: int) -> Tensor:
+    """Mask logits [B,1,S',S'] -> [B,1,S,S], bilinear like the host side (cv2, half-pixel centres)."""
+    return F.interpolate(logits, size=(size, size), mode="bilinear", align_corners=False)
+
+
+def mask_loss(logits: Tensor, target: Tensor, valid: Tensor) -> Tensor:
+    """Binary cross-entropy plus soft Dice, over the image (not the padding).
+
+    Not RITM's normalised focal loss: trained from scratch, NFL alone (and NFL + Dice, and
+    NFL + BCE + Dice) left every mask empty for the first 100 steps of our pilots while BCE + Dice
+    learned (README, "Training the bundled ois-tiny weights")."""
+    n = valid.sum(dim=(1, 2, 3)).clamp(min=1)
+    bce = (F.binary_cross_entropy_with_logits(logits, target, reduction="none") * valid).sum(dim=(1, 2, 3)) / n
+    prob = torch.sigmoid(logits) * valid
+    dice = 1 - (2 * (prob * target).sum(dim=(1, 2, 3)) + 1) / (prob.sum(dim=(1, 2, 3)) + target.sum(dim=(1, 2, 3)) + 1)
+    return (bce + dice).mean()
+
+
+def ssi_depth_loss(pred: Tensor, target: Tensor, valid: Tensor) -> Tensor:
+    """Scale-and-shift-invariant L1 (MiDaS): align pred to target by least squares per image
+    over the valid pixels, then mean absolute error. Relative depth has no absolute scale."""
+    b = pred.shape[0]
+    p, t, m = pred.reshape(b, -1), target.reshape(b, -1), valid.reshape(b, -1)
+    n = m.sum(1).clamp(min=1)
+    p_mean, t_mean = (p * m).sum(1) / n, (t * m).sum(1) / n
+    pc, tc = (p - p_mean[:, None]) * m, (t - t_mean[:, None]) * m
+    scale = (pc * tc).sum(1) / (pc * pc).sum(1).clamp(min=1e-6)
+    aligned = scale[:, None] * pc + t_mean[:, None]
+    return ((aligned - t).abs() * m).sum(1).div(n).mean()
+
+
+def mask_iou(logits: Tensor, target: Tensor, valid: Tensor) -> float:
+    pred = (logits > 0).float() * valid
+    inter = (pred * target).sum(dim=(1, 2, 3))
+    union = ((pred + target) > 0).float().sum(dim=(1, 2, 3)).clamp(min=1)
+    return float((inter / union).mean())
+
+
+def learning_rate(settings: TrainSettings, step: int) -> float:
+    """Linear warm-up, then cosine decay to 1% of the peak."""
+    if step < settings.warmup_steps:
+        return settings.lr * (step + 1) / settings.warmup_steps
+    t = (step - settings.warmup_steps) / max(1, settings.steps - settings.warmup_steps)
+    return settings.lr * (0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * t)))
+
+
+def train_step(model: OIS, optimizer, settings: TrainSettings, step: int) -> dict:
+    size = model.cfg.input_size
+    batch = make_batch(settings, step, size)
+    rng = np.random.default_rng([TRAIN_STREAM, settings.seed, step, settings.batch_size])
+    masks_np, valid_np = batch.masks[:, 0].numpy() > 0.5, batch.valid[:, 0].numpy()
+    clicks = [initial_clicks(rng, m, v) for m, v in zip(masks_np, valid_np)]
+
+    state = model.encode(batch.images)
+    decode_state = state._replace(depth=state.depth.detach())
+    prev = torch.zeros_like(batch.masks)
+    extra = int(rng.integers(0, settings.max_extra_clicks + 1))
+    if extra:
+        clickers = [Clicker(m) for m in masks_np]
+        with torch.no_grad():
+            for _ in range(extra):
+                coords, labels = pack_clicks(clicks)
+                prob = torch.sigmoid(logits_at_input(model.decode(decode_state, coords, labels, prev), size)) * batch.valid
+                pred = (prob[:, 0] > PRED_THRESHOLD).numpy()
+                for b, clicker in enumerate(clickers):
+                    c = clicker.next_click(pred[b])
+                    clicks[b].append((c.x, c.y, int(c.positive)))
+                prev = prob
+    coords, labels = pack_clicks(clicks)
+    logits = logits_at_input(model.decode(decode_state, coords, labels, prev), size)
+    seg_loss = mask_loss(logits, batch.masks, batch.valid)
+    depth_loss = ssi_depth_loss(state.depth, batch.depth, batch.valid)
+    loss = seg_loss + settings.depth_weight * depth_loss
+
+    lr = learning_rate(settings, step)
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    optimizer.step()
+    return {
+        "step": step + 1,
+        "loss": float(loss.detach()),
+        "mask_loss": float(seg_loss.detach()),
+        "depth_ssi": float(depth_loss.detach()),
+        "iou": mask_iou(logits.detach(), batch.masks, batch.valid),
+        "clicks": int(labels.ge(0).sum(1).float().mean()),
+        "lr": lr,
+        "grad_norm": float(grad_norm),
+    }
+
+
+def build_model(preset: str, settings: TrainSettings) -> OIS:
+    """A freshly initialised model (seeded), with the order-attention mode to train."""
+    torch.manual_seed(settings.seed)
+    return OIS(get_preset(preset)).set_order_attention(settings.order_attention)
+
+
+def train(preset: str, settings: TrainSettings, out: str | Path, log_path: str | Path, progress=None) -> dict:
+    """Train and write the checkpoint (ours, safetensors) and a JSON-lines loss log.
+    `progress(step, record)` is called after every step. Returns the training record."""
+    from .weights import save_checkpoint
+
+    out, log_path = Path(out), Path(log_path)
+    for path in (out, log_path):
+        if not path.parent.is_dir():
+            raise UserError(f"output folder does not exist: {path.parent}")
+    if settings.steps < 1:
+        raise UserError("--steps must be at least 1")
+    torch.manual_seed(settings.seed)
+    model = build_model(preset, settings).train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
+    start = time.perf_counter()
+    tmp_log = log_path.with_name(log_path.name + ".tmp")
+    with open(tmp_log, "w", buffering=1) as log:  # line-buffered: the log can be followed live
+        for step in range(settings.steps):
+            record = train_step(model, optimizer, settings, step)
+            record["seconds"] = round(time.perf_counter() - start, 2)
+            log.write(json.dumps(record) + "\n")
+            if progress:
+                progress(step, record)
+    model.eval()
+    summary = {
+        "preset": preset,
+        "settings": asdict(settings),
+        "seconds": round(time.perf_counter() - start, 1),
+        "torch": torch.__version__,
+        "machine": f"{platform.machine()} {platform.processor() or ''} ({torch.get_num_threads()} threads)".strip(),
+    }
+    save_checkpoint(model, out, training=summary)
+    tmp_log.replace(log_path)
+    return summary
