@@ -249,7 +249,6 @@ def train(preset: str, settings: TrainSettings, out: str | Path, log_path: str |
             raise UserError(f"output folder does not exist: {path.parent}")
     if settings.steps < 1:
         raise UserError("--steps must be at least 1")
-    torch.manual_seed(settings.seed)
     model = build_model(preset, settings).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
     start = time.perf_counter()
