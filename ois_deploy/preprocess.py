@@ -73,15 +73,20 @@ def read_image(path: str | Path) -> np.ndarray:
     return as_rgb(data)
 
 
+def fit_to_frame(array: np.ndarray, frame: Frame) -> np.ndarray:
+    """HxW or HxWxC array of the original image -> float32 [S,S(,C)]: resized like the image
+    (area when shrinking), padded bottom/right with zeros."""
+    h, w = frame.resized
+    interp = cv2.INTER_AREA if frame.scale < 1 else cv2.INTER_LINEAR
+    canvas = np.zeros((frame.size, frame.size, *array.shape[2:]), np.float32)
+    canvas[:h, :w] = cv2.resize(array, (w, h), interpolation=interp)
+    return canvas
+
+
 def to_input(image: np.ndarray, size: int) -> tuple[np.ndarray, Frame]:
     """RGB uint8 HxWx3 -> float32 [1,3,S,S] in 0..255, padded bottom/right with zeros."""
     frame = Frame(image.shape[0], image.shape[1], size)
-    h, w = frame.resized
-    interp = cv2.INTER_AREA if frame.scale < 1 else cv2.INTER_LINEAR
-    resized = cv2.resize(image, (w, h), interpolation=interp)
-    canvas = np.zeros((size, size, 3), np.float32)
-    canvas[:h, :w] = resized
-    return canvas.transpose(2, 0, 1)[None].copy(), frame
+    return fit_to_frame(image, frame).transpose(2, 0, 1)[None].copy(), frame
 
 
 def logits_to_input_frame(logits: np.ndarray, size: int) -> np.ndarray:

@@ -28,6 +28,7 @@ SHAPES = ("ellipse", "box", "star", "crescent", "ring", "perforated", "curve", "
 SAME_DEPTH_PROBABILITY = 0.35  # an object placed at almost its neighbour's depth
 SAME_LOOK_PROBABILITY = 0.35  # an object given another object's texture
 HELDOUT_STREAM = 2  # first seed word of held-out evaluation scenes (training uses 1)
+HELDOUT_SIZES = (240, 480)  # longest side of held-out scenes, pixels
 
 
 @dataclass
@@ -152,6 +153,14 @@ def make_scene(seed: int | Sequence[int], height: int = 360, width: int = 480, o
     return Scene(np.clip(image, 0, 255).astype(np.uint8), depth, masks, kinds, [float(v) for v in levels], used_looks)
 
 
+def random_size(rng: np.random.Generator, long_sides: tuple[int, int]) -> tuple[int, int]:
+    """(height, width) of a scene: longest side in long_sides (inclusive), aspect 0.6-1,
+    portrait or landscape."""
+    long_side = int(rng.integers(long_sides[0], long_sides[1] + 1))
+    short_side = int(long_side * rng.uniform(0.6, 1.0))
+    return (long_side, short_side) if rng.uniform() < 0.5 else (short_side, long_side)
+
+
 def write_davis(out: str | Path, count: int, seed: int = 0, min_area: float = 0.01, progress=None) -> int:
     """Held-out scenes in the DAVIS layout: img/NAME.jpg + gt/NAME.png, one pair per visible
     object covering at least min_area of its image. Returns the number of objects written."""
@@ -161,8 +170,7 @@ def write_davis(out: str | Path, count: int, seed: int = 0, min_area: float = 0.
     written = 0
     for index in range(count):
         rng = np.random.default_rng([HELDOUT_STREAM, seed, index])
-        long_side, aspect = int(rng.integers(240, 481)), rng.uniform(0.6, 1.0)
-        h, w = (long_side, int(long_side * aspect)) if rng.uniform() < 0.5 else (int(long_side * aspect), long_side)
+        h, w = random_size(rng, HELDOUT_SIZES)
         scene = make_scene([HELDOUT_STREAM, seed, index], h, w, int(rng.integers(3, 7)))
         bgr = cv2.cvtColor(scene.image, cv2.COLOR_RGB2BGR)
         for k, mask in enumerate(scene.masks):

@@ -30,8 +30,8 @@ from torch import Tensor
 from .errors import UserError
 from .evaluation import PRED_THRESHOLD, Clicker
 from .model import OIS, get_preset
-from .preprocess import to_input
-from .synthetic import make_scene
+from .preprocess import fit_to_frame, to_input
+from .synthetic import make_scene, random_size
 
 TRAIN_STREAM = 1  # first seed word of training scenes (held-out scenes use synthetic.HELDOUT_STREAM)
 MIN_OBJECT_AREA = 0.005  # objects smaller than this fraction of the image are not chosen
@@ -59,32 +59,21 @@ class Batch:
     valid: Tensor  # [B,1,S,S] 1 inside the image, 0 in the padding
 
 
-def _resize_to_frame(array: np.ndarray, frame_hw: tuple[int, int], size: int) -> np.ndarray:
-    h, w = frame_hw
-    interp = cv2.INTER_AREA if max(array.shape) > size else cv2.INTER_LINEAR
-    out = np.zeros((size, size), np.float32)
-    out[:h, :w] = cv2.resize(array.astype(np.float32), (w, h), interpolation=interp)
-    return out
-
-
 def make_batch(settings: TrainSettings, step: int, size: int) -> Batch:
     images, masks, depths, valids = [], [], [], []
     for i in range(settings.batch_size):
         rng = np.random.default_rng([TRAIN_STREAM, settings.seed, step, i])
-        long_side = int(rng.integers(settings.scene_sizes[0], settings.scene_sizes[1] + 1))
-        short_side = int(long_side * rng.uniform(0.6, 1.0))
-        h, w = (long_side, short_side) if rng.uniform() < 0.5 else (short_side, long_side)
+        h, w = random_size(rng, settings.scene_sizes)
         scene = make_scene(int(rng.integers(2**62)), h, w, int(rng.integers(3, 7)))
         areas = np.array([m.mean() for m in scene.masks])
         candidates = np.flatnonzero(areas >= MIN_OBJECT_AREA)
         target = int(rng.choice(candidates)) if len(candidates) else int(areas.argmax())
         image, frame = to_input(scene.image, size)
-        hw = frame.resized
         images.append(image[0])
-        masks.append(_resize_to_frame(scene.masks[target], hw, size) > 0.5)
-        depths.append(_resize_to_frame(scene.depth, hw, size))
+        masks.append(fit_to_frame(scene.masks[target].astype(np.float32), frame) > 0.5)
+        depths.append(fit_to_frame(scene.depth, frame))
         valid = np.zeros((size, size), np.float32)
-        valid[: hw[0], : hw[1]] = 1
+        valid[: frame.resized[0], : frame.resized[1]] = 1
         valids.append(valid)
     as_tensor = lambda arrays: torch.from_numpy(np.stack(arrays).astype(np.float32))  # noqa: E731
     return Batch(as_tensor(images), as_tensor(masks)[:, None], as_tensor(depths)[:, None], as_tensor(valids)[:, None])

@@ -17,6 +17,7 @@ from ..errors import UserError
 from ..exporters.onnx_export import DECODER_OUTPUTS, ENCODER_OUTPUTS, graph_file, read_manifest, state_shapes
 from ..model import OISConfig
 from ..provenance import sha256_file
+from .profiles import decoder_profiles, encoder_profile, union_profile
 
 PROVIDER_CHOICES = {
     "cpu": ["CPUExecutionProvider"],
@@ -64,8 +65,6 @@ def tensorrt_provider_options(cfg: OISConfig, export_dir: Path, role: str, max_p
     DIR/ort-trt-cache (ONNX Runtime rebuilds a cached engine when graph or profile changes),
     and explicit profiles for the dynamic inputs, so that engines are built once, not per new
     shape. Precision comes from the graph (fp16 graphs with FP32 islands), as in `build`."""
-    from .profiles import decoder_profiles, encoder_profile, union_profile
-
     if role == "encoder":
         profile = encoder_profile(cfg)
     else:

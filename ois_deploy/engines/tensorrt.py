@@ -20,7 +20,7 @@ from ..exporters.onnx_export import ENCODER_OUTPUTS, graph_file, read_manifest, 
 from ..model import OISConfig
 from ..provenance import now_utc, sha256_file
 from .ort import check_graph
-from .profiles import INTERACTIVE, SAT, decoder_profiles, encoder_profile, select_profile  # noqa: F401
+from .profiles import INTERACTIVE, decoder_profiles, encoder_profile, select_profile
 
 ENGINE_FILES = {"encoder": "encoder.plan", "decoder": "decoder.plan"}
 INSTALL_HINT = "on a CUDA machine: pip install tensorrt polygraphy (TensorRT comes from NVIDIA's package index)"
