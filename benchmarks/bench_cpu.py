@@ -4,8 +4,8 @@
 
 For each preset: encoder latency and per-click decoder latency (1 and 20 clicks), median ms,
 through the same runner interface the Predictor uses (numpy in, numpy out). Graphs are
-exported to artifacts/bench/<preset> first if missing. Random weights: latency does not depend
-on them. Writes benchmarks/results/cpu_<date>.json with machine, versions and date.
+exported to artifacts/bench/<preset> first if missing. Each preset's default weights (bundled
+for ois-tiny, random init otherwise; each row names them): latency does not depend on them. Writes benchmarks/results/cpu_<date>.json with machine, versions and date.
 """
 
 from __future__ import annotations
@@ -81,7 +81,8 @@ def bench(preset: str, repeats: int) -> list[dict]:
                             "skipped": "float16 is emulated by PyTorch on this CPU"})
             continue
         print(f"{preset} {backend} {precision} ...", flush=True)
-        row = {"preset": preset, "backend": backend, "precision": precision}
+        row = {"preset": preset, "backend": backend, "precision": precision,
+               "weights": "bundled" if report.bundled else report.format}
         row.update(bench_runner(runner, size, repeats, np.random.default_rng(0)))
         rows.append(row)
     torch32 = rows[0]
@@ -98,7 +99,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     result = {
-        "benchmark": "CPU latency, PyTorch eager vs ONNX Runtime (CPU EP), median ms; random weights",
+        "benchmark": "CPU latency, PyTorch eager vs ONNX Runtime (CPU EP), median ms",
         "date": now_utc(),
         "machine": machine_info(),
         "versions": tool_versions(),

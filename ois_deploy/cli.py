@@ -493,7 +493,8 @@ def train(
     steps: int = typer.Option(..., "--steps", min=1, help="Optimiser steps (one batch of fresh scenes each)."),
     preset: str = typer.Option("ois-tiny", "--preset", "-p", help="Model to train from scratch (ois-tiny fits a CPU)."),
     seed: int = typer.Option(0, "--seed", help="Seeds the init and every generated scene and click."),
-    batch_size: int = typer.Option(8, "--batch-size", min=1),
+    batch_size: int = typer.Option(4, "--batch-size", min=1, help="Scenes per step."),
+    objects_per_scene: int = typer.Option(4, "--objects-per-scene", min=1, help="Objects prompted per scene (one encoder pass)."),
     lr: float = typer.Option(5e-4, "--lr", help="Peak learning rate (AdamW, warm-up then cosine)."),
     order_attention: str = typer.Option("bias", "--order-attention", help="bias (OIS) or off (trains the ablation)."),
     log: Optional[str] = typer.Option(None, "--log", help="Loss log, JSON lines (default: OUT + .log.jsonl)."),
@@ -509,7 +510,10 @@ def train(
     get_preset(preset)
     if order_attention not in ORDER_ATTENTION_MODES:
         raise UserError(f"--order-attention must be one of {', '.join(ORDER_ATTENTION_MODES)}")
-    settings = TrainSettings(steps=steps, seed=seed, batch_size=batch_size, lr=lr, order_attention=order_attention)
+    settings = TrainSettings(
+        steps=steps, seed=seed, batch_size=batch_size, objects_per_scene=objects_per_scene, lr=lr,
+        order_attention=order_attention,
+    )
     log_path = log or out + ".log.jsonl"
     console = console_for(None, stderr=True)
     bar = Progress(TextColumn("train"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[stats]}"),
@@ -536,8 +540,8 @@ def scenes(
 ):
     """Write held-out generated scenes as an evaluation set in the DAVIS layout."""
     import shutil
-    import tempfile
 
+    from .io import staging_dir_beside
     from .synthetic import write_davis
 
     target = Path(out)
@@ -545,7 +549,7 @@ def scenes(
         raise UserError(f"{target} already exists: give a new folder")
     if not target.parent.is_dir():
         raise UserError(f"output folder does not exist: {target.parent}")
-    staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}."))  # nothing half-written
+    staging = staging_dir_beside(target)  # nothing half-written
     try:
         console = console_for(None, stderr=True)
         bar, task = object_progress(console, count, "scenes")

@@ -14,11 +14,33 @@ import numpy as np
 from .errors import UserError
 
 
+def usual_permissions(path: str | Path) -> None:
+    """Give a temp file or folder, about to be renamed onto an output, the mode a plain open() or
+    mkdir() would: mkstemp and mkdtemp (and safetensors) make them private (0600, 0700)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(path, (0o777 if os.path.isdir(path) else 0o666) & ~mask)
+
+
+def temp_file_beside(path: Path) -> tuple[int, str]:
+    """A temp file in path's folder, to be renamed onto path."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    usual_permissions(tmp)
+    return fd, tmp
+
+
+def staging_dir_beside(path: Path) -> Path:
+    """A temp folder in path's folder, to be renamed onto path."""
+    staging = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}."))
+    usual_permissions(staging)
+    return staging
+
+
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     path = Path(path)
     if not path.parent.is_dir():
         raise UserError(f"output folder does not exist: {path.parent}")
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = temp_file_beside(path)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)

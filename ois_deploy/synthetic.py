@@ -161,6 +161,13 @@ def random_size(rng: np.random.Generator, long_sides: tuple[int, int]) -> tuple[
     return (long_side, short_side) if rng.uniform() < 0.5 else (short_side, long_side)
 
 
+def heldout_scene(seed: int, index: int) -> Scene:
+    """Scene `index` of the held-out set with this seed (file names scene{index:04d}_obj{k})."""
+    rng = np.random.default_rng([HELDOUT_STREAM, seed, index])
+    h, w = random_size(rng, HELDOUT_SIZES)
+    return make_scene([HELDOUT_STREAM, seed, index], h, w, int(rng.integers(3, 7)))
+
+
 def write_davis(out: str | Path, count: int, seed: int = 0, min_area: float = 0.01, progress=None) -> int:
     """Held-out scenes in the DAVIS layout: img/NAME.jpg + gt/NAME.png, one pair per visible
     object covering at least min_area of its image. Returns the number of objects written."""
@@ -169,9 +176,7 @@ def write_davis(out: str | Path, count: int, seed: int = 0, min_area: float = 0.
     (out / "gt").mkdir(parents=True, exist_ok=True)
     written = 0
     for index in range(count):
-        rng = np.random.default_rng([HELDOUT_STREAM, seed, index])
-        h, w = random_size(rng, HELDOUT_SIZES)
-        scene = make_scene([HELDOUT_STREAM, seed, index], h, w, int(rng.integers(3, 7)))
+        scene = heldout_scene(seed, index)
         bgr = cv2.cvtColor(scene.image, cv2.COLOR_RGB2BGR)
         for k, mask in enumerate(scene.masks):
             if mask.mean() < min_area:

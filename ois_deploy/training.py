@@ -1,7 +1,8 @@
 """Training OIS on generated scenes, with the iterative protocol of RITM and SegNext.
 
 Each step draws a batch of fresh scenes (`synthetic.make_scene`, seeded by [1, seed, step, i],
-so training never sees a held-out scene), picks one object per scene and:
+so training never sees a held-out scene), picks several objects per scene (their sessions share
+one encoder pass: more mask supervision per second of CPU) and, for each:
 1. places random initial clicks: 1-3 positives inside the object, 0-2 negatives near it;
 2. adds 0-3 simulated clicks without gradient, each at the largest error of the current
    prediction (the evaluation clicker), feeding the predicted probability back as prev_mask;
@@ -28,7 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .errors import UserError
-from .evaluation import PRED_THRESHOLD, Clicker
+from .evaluation import PRED_THRESHOLD, Clicker, distance_to_border
 from .model import OIS, get_preset
 from .preprocess import fit_to_frame, to_input
 from .synthetic import make_scene, random_size
@@ -41,7 +42,8 @@ MIN_OBJECT_AREA = 0.005  # objects smaller than this fraction of the image are n
 class TrainSettings:
     steps: int
     seed: int = 0
-    batch_size: int = 8
+    batch_size: int = 4  # scenes per step
+    objects_per_scene: int = 4  # prompt sets per scene: one encoder pass feeds several decodes
     lr: float = 5e-4
     weight_decay: float = 0.05
     warmup_steps: int = 150
@@ -54,7 +56,7 @@ class TrainSettings:
 @dataclass
 class Batch:
     images: Tensor  # [B,3,S,S] 0..255, padded like inference input
-    masks: Tensor  # [B,1,S,S] {0,1} target object
+    masks: Tensor  # [B*K,1,S,S] {0,1} target objects, K per scene, scene-major
     depth: Tensor  # [B,1,S,S] generated inverse depth
     valid: Tensor  # [B,1,S,S] 1 inside the image, 0 in the padding
 
@@ -67,10 +69,13 @@ def make_batch(settings: TrainSettings, step: int, size: int) -> Batch:
         scene = make_scene(int(rng.integers(2**62)), h, w, int(rng.integers(3, 7)))
         areas = np.array([m.mean() for m in scene.masks])
         candidates = np.flatnonzero(areas >= MIN_OBJECT_AREA)
-        target = int(rng.choice(candidates)) if len(candidates) else int(areas.argmax())
+        if not len(candidates):
+            candidates = np.array([areas.argmax()])
+        k = settings.objects_per_scene
+        targets = rng.choice(candidates, size=k, replace=len(candidates) < k)
         image, frame = to_input(scene.image, size)
         images.append(image[0])
-        masks.append(fit_to_frame(scene.masks[target].astype(np.float32), frame) > 0.5)
+        masks += [fit_to_frame(scene.masks[t].astype(np.float32), frame) > 0.5 for t in targets]
         depths.append(fit_to_frame(scene.depth, frame))
         valid = np.zeros((size, size), np.float32)
         valid[: frame.resized[0], : frame.resized[1]] = 1
@@ -91,7 +96,7 @@ def initial_clicks(rng: np.random.Generator, mask: np.ndarray, valid: np.ndarray
     """Random first clicks for one object, (x, y, label): positives weighted to the interior
     (half of the time the first one is the interior-most point, as the evaluation clicker
     places it), negatives in a band around the object."""
-    inside = cv2.distanceTransform(np.pad(mask.astype(np.uint8), 1), cv2.DIST_L2, 5)[1:-1, 1:-1]
+    inside = distance_to_border(mask)
     clicks = []
     if rng.uniform() < 0.5:
         y, x = np.unravel_index(int(inside.argmax()), inside.shape)
@@ -178,11 +183,15 @@ def train_step(model: OIS, optimizer, settings: TrainSettings, step: int) -> dic
     size = model.cfg.input_size
     batch = make_batch(settings, step, size)
     rng = np.random.default_rng([TRAIN_STREAM, settings.seed, step, settings.batch_size])
-    masks_np, valid_np = batch.masks[:, 0].numpy() > 0.5, batch.valid[:, 0].numpy()
+    k = settings.objects_per_scene
+    valid = batch.valid.repeat_interleave(k, dim=0)
+    masks_np, valid_np = batch.masks[:, 0].numpy() > 0.5, valid[:, 0].numpy()
     clicks = [initial_clicks(rng, m, v) for m, v in zip(masks_np, valid_np)]
 
     state = model.encode(batch.images)
-    decode_state = state._replace(depth=state.depth.detach())
+    # one image state per prompt set (decode takes a state of batch P)
+    decode_state = type(state)(*(t.repeat_interleave(k, dim=0) for t in state))
+    decode_state = decode_state._replace(depth=decode_state.depth.detach())
     prev = torch.zeros_like(batch.masks)
     extra = int(rng.integers(0, settings.max_extra_clicks + 1))
     if extra:
@@ -190,7 +199,7 @@ def train_step(model: OIS, optimizer, settings: TrainSettings, step: int) -> dic
         with torch.no_grad():
             for _ in range(extra):
                 coords, labels = pack_clicks(clicks)
-                prob = torch.sigmoid(logits_at_input(model.decode(decode_state, coords, labels, prev), size)) * batch.valid
+                prob = torch.sigmoid(logits_at_input(model.decode(decode_state, coords, labels, prev), size)) * valid
                 pred = (prob[:, 0] > PRED_THRESHOLD).numpy()
                 for b, clicker in enumerate(clickers):
                     c = clicker.next_click(pred[b])
@@ -198,7 +207,7 @@ def train_step(model: OIS, optimizer, settings: TrainSettings, step: int) -> dic
                 prev = prob
     coords, labels = pack_clicks(clicks)
     logits = logits_at_input(model.decode(decode_state, coords, labels, prev), size)
-    seg_loss = mask_loss(logits, batch.masks, batch.valid)
+    seg_loss = mask_loss(logits, batch.masks, valid)
     depth_loss = ssi_depth_loss(state.depth, batch.depth, batch.valid)
     loss = seg_loss + settings.depth_weight * depth_loss
 
@@ -214,7 +223,7 @@ def train_step(model: OIS, optimizer, settings: TrainSettings, step: int) -> dic
         "loss": float(loss.detach()),
         "mask_loss": float(seg_loss.detach()),
         "depth_ssi": float(depth_loss.detach()),
-        "iou": mask_iou(logits.detach(), batch.masks, batch.valid),
+        "iou": mask_iou(logits.detach(), batch.masks, valid),
         "clicks": int(labels.ge(0).sum(1).float().mean()),
         "lr": lr,
         "grad_norm": float(grad_norm),

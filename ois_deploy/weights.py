@@ -12,13 +12,13 @@ from __future__ import annotations
 import json
 import os
 import sys
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 
 from .errors import UserError
+from .io import temp_file_beside, usual_permissions
 from .model import OIS, OISConfig, get_preset
 from .model.presets import DEFAULT_PRESET_FOR_VARIANT
 
@@ -212,10 +212,11 @@ def save_checkpoint(model: OIS, path: str | os.PathLike, training: dict | None =
     meta = {"format": FORMAT_TAG, "ois_config": json.dumps(model.cfg.to_dict())}
     if training is not None:
         meta["training"] = json.dumps(training)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+    fd, tmp = temp_file_beside(path)
     os.close(fd)
     try:
         save_file(state, tmp, metadata=meta)
+        usual_permissions(tmp)  # safetensors writes its file private
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

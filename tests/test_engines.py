@@ -15,6 +15,9 @@ from ois_deploy.engines.tensorrt import check_engines, engine_mismatches
 from ois_deploy.errors import UserError
 from ois_deploy.model import get_preset
 
+TINY = get_preset("ois-tiny")
+S, G = TINY.input_size, TINY.grid  # ois-tiny's input side and token grid
+
 HAS_TRT = importlib.util.find_spec("tensorrt") is not None
 
 
@@ -35,10 +38,10 @@ def test_decoder_profiles():
     cfg = get_preset("ois-tiny")
     interactive, sat = decoder_profiles(cfg, max_clicks=24, max_prompts=256)
     assert interactive["point_coords"] == ((1, 1, 2), (1, 8, 2), (1, 24, 2))
-    assert interactive["prev_mask"] == ((1, 1, 224, 224),) * 3
+    assert interactive["prev_mask"] == ((1, 1, S, S),) * 3
     assert sat["point_labels"] == ((1, 1), (256, 1), (256, 1))
-    assert sat["prev_mask"][2] == (256, 1, 224, 224)
-    assert interactive["image_embed"] == ((1, 64, 16, 16),) * 3  # image state fixed at batch 1
+    assert sat["prev_mask"][2] == (256, 1, S, S)
+    assert interactive["image_embed"] == ((1, 64, G, G),) * 3  # image state fixed at batch 1
     small = decoder_profiles(cfg, max_clicks=4, max_prompts=16)[0]
     assert small["point_labels"] == ((1, 1), (1, 4), (1, 4))
     with pytest.raises(UserError, match="max-clicks"):
@@ -53,10 +56,10 @@ def test_ort_tensorrt_provider_gets_caches_and_one_profile_covering_both(tmp_pat
     assert union["point_coords"] == ((1, 1, 2), (1, 8, 2), (256, 24, 2))  # interactive optimum
     options = tensorrt_provider_options(cfg, tmp_path, "decoder")
     assert options["trt_engine_cache_path"] == options["trt_timing_cache_path"] == str(tmp_path / "ort-trt-cache")
-    assert options["trt_profile_min_shapes"] == "point_coords:1x1x2,point_labels:1x1,prev_mask:1x1x224x224"
-    assert options["trt_profile_max_shapes"] == "point_coords:256x24x2,point_labels:256x24,prev_mask:256x1x224x224"
+    assert options["trt_profile_min_shapes"] == f"point_coords:1x1x2,point_labels:1x1,prev_mask:1x1x{S}x{S}"
+    assert options["trt_profile_max_shapes"] == f"point_coords:256x24x2,point_labels:256x24,prev_mask:256x1x{S}x{S}"
     assert "image_embed" not in options["trt_profile_opt_shapes"]  # static inputs get no profile
-    assert tensorrt_provider_options(cfg, tmp_path, "encoder")["trt_profile_max_shapes"] == "image:1x3x224x224"
+    assert tensorrt_provider_options(cfg, tmp_path, "encoder")["trt_profile_max_shapes"] == f"image:1x3x{S}x{S}"
     providers = session_providers(["TensorrtExecutionProvider", "CUDAExecutionProvider"], cfg, tmp_path, "decoder")
     assert providers[0][0] == "TensorrtExecutionProvider" and providers[0][1] == options
     assert providers[1] == "CUDAExecutionProvider"
@@ -148,12 +151,12 @@ def test_cuda_graph_decoder_matches_eager(tiny, rng):
     graphs, eager = TorchRunner(copy.deepcopy(tiny), "cuda"), TorchRunner(copy.deepcopy(tiny), "cuda", cuda_graphs=False)
     assert graphs.graphs is not None and eager.graphs is None
     for _ in range(2):  # a second image reuses the captured graphs with the new state copied in
-        image = rng.uniform(0, 255, (1, 3, 224, 224)).astype(np.float32)
+        image = rng.uniform(0, 255, (1, 3, S, S)).astype(np.float32)
         a, b = graphs.encode(image), eager.encode(image)
         for n in (1, 3, 1):
-            coords = rng.uniform(0, 223, (1, n, 2)).astype(np.float32)
+            coords = rng.uniform(0, S - 1, (1, n, 2)).astype(np.float32)
             labels = np.ones((1, n), np.int32)
-            prev = rng.uniform(0, 1, (1, 1, 224, 224)).astype(np.float32)
+            prev = rng.uniform(0, 1, (1, 1, S, S)).astype(np.float32)
             np.testing.assert_allclose(graphs.decode(a, coords, labels, prev), eager.decode(b, coords, labels, prev),
                                        atol=1e-4, rtol=1e-4)
     assert sorted(graphs.graphs.graphs) == [1, 3]

@@ -12,6 +12,7 @@ from onnx import TensorProto, helper
 from ois_deploy.errors import UserError
 from ois_deploy.exporters.lint import lint_export, node_problems
 from ois_deploy.exporters.onnx_export import read_manifest
+from ois_deploy.model import get_preset
 from ois_deploy.weights import load_model
 from ois_deploy.parity import TOLERANCES, verify
 
@@ -27,7 +28,7 @@ def test_export_writes_graphs_manifest_and_metadata(tiny_export):
     names = {p.name for p in tiny_export.iterdir()}
     assert {"encoder.onnx", "decoder.onnx", "encoder.fp16.onnx", "decoder.fp16.onnx", "manifest.json"} <= names
     manifest = read_manifest(tiny_export)
-    assert manifest["preset"] == "ois-tiny" and manifest["input_size"] == 224 and manifest["opset"] == 18
+    assert manifest["preset"] == "ois-tiny" and manifest["input_size"] == get_preset("ois-tiny").input_size and manifest["opset"] == 18
     assert set(manifest["graphs"]) == {"encoder.onnx", "decoder.onnx", "encoder.fp16.onnx", "decoder.fp16.onnx"}
     assert {"torch", "onnx"} <= set(manifest["versions"])
     meta = {p.key: p.value for p in onnx.load(str(tiny_export / "decoder.fp16.onnx")).metadata_props}
@@ -41,8 +42,9 @@ def test_graph_contracts_and_lint(tiny_export):
     assert all(r.ok for r in reports), [r.problems for r in reports]
     decoder = onnx.load(str(tiny_export / "decoder.onnx"))
     dims = {i.name: [d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim] for i in decoder.graph.input}
-    assert dims["point_coords"] == ["P", "N", 2] and dims["prev_mask"] == ["P", 1, 224, 224]
-    assert dims["image_embed"] == [1, 64, 16, 16]
+    cfg = get_preset("ois-tiny")
+    assert dims["point_coords"] == ["P", "N", 2] and dims["prev_mask"] == ["P", 1, cfg.input_size, cfg.input_size]
+    assert dims["image_embed"] == [1, cfg.decoder.width, cfg.grid, cfg.grid]
     ops = {n.op_type for n in decoder.graph.node}
     assert not ops & {"OneHot", "NonZero", "Loop", "If", "Tile"}
     assert {"MatMul", "Softmax", "LayerNormalization"} <= ops

@@ -13,6 +13,8 @@ from ois_deploy.weights import load_model
 
 from conftest import dav2_key_shapes
 
+S = get_preset("ois-tiny").input_size  # ois-tiny's square input side
+
 
 def build_meta(preset: str) -> OIS:
     with torch.device("meta"):
@@ -90,7 +92,7 @@ def test_padding_clicks_change_nothing(tiny):
         state = random_state(tiny)
         coords = torch.tensor([[[100.0, 120.0], [30.0, 40.0]]])
         labels = torch.tensor([[1, 0]])
-        prev = torch.rand(1, 1, 224, 224)
+        prev = torch.rand(1, 1, S, S)
         base = tiny.decode(state, coords, labels, prev)
         padded = tiny.decode(
             state,
@@ -107,7 +109,7 @@ def test_prompt_sets_share_one_image_state(tiny):
         state = random_state(tiny)
         coords = torch.tensor([[[100.0, 120.0], [30.0, 40.0]], [[10.0, 12.0], [200.0, 40.0]], [[60.0, 60.0], [0, 0]]])
         labels = torch.tensor([[1, 0], [1, 1], [1, -1]])
-        prev = torch.rand(3, 1, 224, 224)
+        prev = torch.rand(3, 1, S, S)
         together = tiny.decode(state, coords, labels, prev)
         alone = torch.cat([tiny.decode(state, coords[i : i + 1], labels[i : i + 1], prev[i : i + 1]) for i in range(3)])
     assert state.image_embed.shape[0] == 1
@@ -118,10 +120,10 @@ def test_clicks_and_previous_mask_change_the_output(tiny):
     with torch.no_grad():
         state = random_state(tiny)
         coords = torch.tensor([[[100.0, 120.0]]])
-        a = tiny.decode(state, coords, torch.tensor([[1]]), torch.zeros(1, 1, 224, 224))
-        b = tiny.decode(state, coords, torch.tensor([[0]]), torch.zeros(1, 1, 224, 224))
-        c = tiny.decode(state, coords, torch.tensor([[1]]), torch.ones(1, 1, 224, 224))
-        d = tiny.decode(state, torch.tensor([[[10.0, 20.0]]]), torch.tensor([[1]]), torch.zeros(1, 1, 224, 224))
+        a = tiny.decode(state, coords, torch.tensor([[1]]), torch.zeros(1, 1, S, S))
+        b = tiny.decode(state, coords, torch.tensor([[0]]), torch.zeros(1, 1, S, S))
+        c = tiny.decode(state, coords, torch.tensor([[1]]), torch.ones(1, 1, S, S))
+        d = tiny.decode(state, torch.tensor([[[10.0, 20.0]]]), torch.tensor([[1]]), torch.zeros(1, 1, S, S))
     for other in (b, c, d):
         assert (a - other).abs().max() > 1e-4
 
@@ -167,9 +169,9 @@ def test_fp16_decode_is_finite(tiny):
     model, _ = load_model("ois-tiny")
     model = model.half()
     with torch.no_grad():
-        state = model.encode(torch.rand(1, 3, 224, 224) * 255)
-        out = model.decode(state, torch.tensor([[[50.0, 60.0], [0.0, 0.0]]]), torch.tensor([[1, -1]]), torch.zeros(1, 1, 224, 224))
-        ref = tiny.decode(random_state(tiny), torch.tensor([[[50.0, 60.0]]]), torch.tensor([[1]]), torch.zeros(1, 1, 224, 224))
+        state = model.encode(torch.rand(1, 3, S, S) * 255)
+        out = model.decode(state, torch.tensor([[[50.0, 60.0], [0.0, 0.0]]]), torch.tensor([[1, -1]]), torch.zeros(1, 1, S, S))
+        ref = tiny.decode(random_state(tiny), torch.tensor([[[50.0, 60.0]]]), torch.tensor([[1]]), torch.zeros(1, 1, S, S))
     assert out.dtype == torch.float32 and torch.isfinite(out).all()
     assert out.shape == ref.shape
 

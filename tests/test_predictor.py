@@ -5,7 +5,10 @@ import pytest
 import torch
 
 from ois_deploy import Predictor, UserError
+from ois_deploy.model import get_preset
 from ois_deploy.preprocess import Frame, sigmoid, to_input
+
+S = get_preset("ois-tiny").input_size  # ois-tiny's square input side
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +47,7 @@ def test_frame_geometry():
 
 def test_previous_mask_is_fed_back(predictor, rng):
     """The second click's decode sees sigmoid(first logits) in the input frame, zero in the padding."""
-    image = rng.integers(0, 256, (150, 224, 3), dtype=np.uint8)
+    image = rng.integers(0, 256, (150, S, 3), dtype=np.uint8)  # already S wide: not resized
     predictor.set_image(image)
     predictor.click(100, 70, True)
     prev = predictor._prev.copy()
@@ -52,7 +55,7 @@ def test_previous_mask_is_fed_back(predictor, rng):
 
     model = predictor.runner.model
     with torch.no_grad():
-        state = model.encode(torch.from_numpy(to_input(image, 224)[0]))
+        state = model.encode(torch.from_numpy(to_input(image, S)[0]))
         coords = torch.from_numpy(predictor.frame.to_input(np.array([[100, 70], [20, 30]], np.float32))[None])
         expected = model.decode(state, coords, torch.tensor([[1, 0]]), torch.from_numpy(prev))
         without = model.decode(state, coords, torch.tensor([[1, 0]]), torch.zeros_like(torch.from_numpy(prev)))
@@ -62,9 +65,9 @@ def test_previous_mask_is_fed_back(predictor, rng):
     assert not np.allclose(second.logits, got)  # feedback made a difference
     import cv2
 
-    lo = cv2.resize(expected[0, 0].numpy(), (224, 224), interpolation=cv2.INTER_LINEAR)[:150]
+    lo = cv2.resize(expected[0, 0].numpy(), (S, S), interpolation=cv2.INTER_LINEAR)[:150]
     np.testing.assert_allclose(second.logits, lo, atol=1e-4)
-    lo_without = cv2.resize(without[0, 0].numpy(), (224, 224), interpolation=cv2.INTER_LINEAR)[:150]
+    lo_without = cv2.resize(without[0, 0].numpy(), (S, S), interpolation=cv2.INTER_LINEAR)[:150]
     np.testing.assert_allclose(got, lo_without, atol=1e-4)
 
 

@@ -1,5 +1,8 @@
 """The scene generator: determinism, depth order, shape kinds, held-out DAVIS sets."""
 
+import os
+import stat
+
 import numpy as np
 import pytest
 
@@ -58,9 +61,14 @@ def test_every_shape_kind_draws_something(kind):
 
 def test_scenes_command_writes_a_davis_set(tmp_path, capsys):
     out = tmp_path / "heldout"
-    with pytest.raises(SystemExit) as e:
-        main(["scenes", "--out", str(out), "--count", "4", "--seed", "1"])
+    old_umask = os.umask(0o022)
+    try:
+        with pytest.raises(SystemExit) as e:
+            main(["scenes", "--out", str(out), "--count", "4", "--seed", "1"])
+    finally:
+        os.umask(old_umask)
     assert e.value.code == 0
+    assert stat.S_IMODE(out.stat().st_mode) == 0o755  # not the staging folder's private 0700
     layout, samples = load_dataset(out)
     assert layout == "davis" and len(samples) >= 4
     image, mask = samples[0].load()

@@ -49,13 +49,14 @@ def heldout(tmp_path_factory):
 
 
 def test_trained_weights_segment_unseen_scenes(heldout):
-    """Floors with a margin under what the bundled weights reach on these 16 objects; random
-    weights reach 0.075 at both 1 and 5 clicks, so a broken checkpoint, loader or decoder fails."""
+    """Floors with a margin under what the bundled weights reach on these 16 objects (0.72 after
+    1 click, 0.87 after 5); random weights reach 0.075 at both, so a broken checkpoint, loader or
+    decoder fails."""
     predictor = Predictor("ois-tiny")
     results = [run_object(predictor, *sample.load(), sample.name, max_clicks=5) for sample in heldout]
     assert len(results) == 16
-    assert np.mean([r.ious[0] for r in results]) > 0.4
-    assert np.mean([r.ious[4] for r in results]) > 0.6
+    assert np.mean([r.ious[0] for r in results]) > 0.55
+    assert np.mean([r.ious[4] for r in results]) > 0.75
 
 
 def test_order_attention_can_be_switched_off_for_the_ablation(heldout):

@@ -54,23 +54,28 @@ def test_initial_clicks_fall_inside_and_near_the_object(rng):
 
 
 def test_batches_are_seeded_and_padded_like_inference():
-    settings = TrainSettings(steps=1, seed=3, batch_size=2)
+    settings = TrainSettings(steps=1, seed=3, batch_size=2, objects_per_scene=3)
     a, b = make_batch(settings, 7, 224), make_batch(settings, 7, 224)
     assert torch.equal(a.images, b.images) and torch.equal(a.masks, b.masks)
     assert not torch.equal(a.images, make_batch(settings, 8, 224).images)
-    assert a.images.shape == (2, 3, 224, 224) and a.masks.shape == a.depth.shape == a.valid.shape == (2, 1, 224, 224)
-    for i in range(2):  # the target lies in the image, the padding is black and invalid
-        assert a.masks[i].sum() > 0 and (a.masks[i] <= a.valid[i]).all()
-        assert (a.images[i][:, a.valid[i, 0] == 0] == 0).all()
+    assert a.images.shape == (2, 3, 224, 224) and a.depth.shape == a.valid.shape == (2, 1, 224, 224)
+    assert a.masks.shape == (6, 1, 224, 224)  # 3 objects per scene, scene-major
+    for i in range(6):  # the target lies in its scene's image, the padding is black and invalid
+        scene = i // 3
+        assert a.masks[i].sum() > 0 and (a.masks[i] <= a.valid[scene]).all()
+        assert (a.images[scene][:, a.valid[scene, 0] == 0] == 0).all()
+    for scene in range(2):  # different objects of one scene (each has more than 3 to pick from)
+        first = a.masks[3 * scene : 3 * scene + 3]
+        assert not torch.equal(first[0], first[1]) and not torch.equal(first[1], first[2])
 
 
 def test_batched_decode_equals_one_image_at_a_time(tiny):
     """Training decodes B images at once (state batch P); deployment shares one image."""
-    g = torch.Generator().manual_seed(0)
-    images = torch.rand(2, 3, 224, 224, generator=g) * 255
+    g, s = torch.Generator().manual_seed(0), tiny.cfg.input_size
+    images = torch.rand(2, 3, s, s, generator=g) * 255
     coords = torch.tensor([[[40.0, 50.0], [100.0, 120.0]], [[200.0, 10.0], [5.0, 5.0]]])
     labels = torch.tensor([[1, 0], [1, -1]])
-    prev = torch.rand(2, 1, 224, 224, generator=g)
+    prev = torch.rand(2, 1, s, s, generator=g)
     with torch.no_grad():
         batched = tiny.decode(tiny.encode(images), coords, labels, prev)
         for i in range(2):

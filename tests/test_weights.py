@@ -1,12 +1,15 @@
 """Checkpoint formats, strict Depth Anything V2 loading, and clean errors for bad files."""
 
+import os
 import pickle
+import stat
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 from ois_deploy.errors import UserError
+from ois_deploy.io import atomic_write_bytes
 from ois_deploy.weights import CheckpointMismatch, load_model, read_checkpoint, save_checkpoint
 
 from conftest import dav2_key_shapes, synthetic_dav2_state_dict
@@ -149,3 +152,19 @@ def test_random_init_is_seeded():
     assert report.format == "random"
     for (k, x), y in zip(a.state_dict().items(), b.state_dict().values()):
         assert torch.equal(x, y), k
+
+
+@pytest.fixture
+def umask_022():
+    old = os.umask(0o022)
+    yield
+    os.umask(old)
+
+
+def test_written_files_get_the_usual_permissions(tmp_path, tiny, umask_022):
+    """Outputs are written to a temp file and renamed: they must end up 0644 under umask 022,
+    as a plain open() would make them, not with the temp file's private 0600."""
+    save_checkpoint(tiny, tmp_path / "ckpt.safetensors")
+    atomic_write_bytes(tmp_path / "out.json", b"{}")
+    for name in ("ckpt.safetensors", "out.json"):
+        assert stat.S_IMODE((tmp_path / name).stat().st_mode) == 0o644
