@@ -5,7 +5,8 @@
 For each preset: encoder latency and per-click decoder latency (1 and 20 clicks), median ms,
 through the same runner interface the Predictor uses (numpy in, numpy out). Graphs are
 exported to artifacts/bench/<preset> first if missing. Each preset's default weights (bundled
-for ois-tiny, random init otherwise; each row names them): latency does not depend on them. Writes benchmarks/results/cpu_<date>.json with machine, versions and date.
+for ois-tiny, random init otherwise; each row names them): latency does not depend on them.
+Writes benchmarks/results/cpu_<date>.json with machine, versions and date.
 """
 
 from __future__ import annotations

@@ -14,6 +14,7 @@ import re
 from collections import defaultdict
 
 from ois_deploy.evaluation import ObjectResult, summarise
+from ois_deploy.io import write_json
 from ois_deploy.synthetic import heldout_scene
 
 SIZE_BUCKETS = ((0.0, 0.03, "under 3%"), (0.03, 0.10, "3-10%"), (0.10, 1.01, "10% and over"))
@@ -58,8 +59,7 @@ def main() -> None:
         for name, s in result[section].items():
             print(f"{section[3:]:5} {name:13} n={s['objects']:3}  mIoU@1 {s['mIoU@1']:.3f}  mIoU@5 {s['mIoU@5']:.3f}  NoC@90 {s['NoC@90']:.2f}")
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=2)
+        write_json(result, args.json)  # atomic, like every other results file
 
 
 if __name__ == "__main__":
