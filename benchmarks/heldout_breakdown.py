@@ -8,13 +8,13 @@ scene from the seed (names are sceneNNNN_objK).
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import re
 from collections import defaultdict
 
 from ois_deploy.evaluation import ObjectResult, summarise
 from ois_deploy.io import write_json
+from ois_deploy.provenance import machine_info, now_utc, tool_versions
 from ois_deploy.synthetic import heldout_scene
 
 SIZE_BUCKETS = ((0.0, 0.03, "under 3%"), (0.03, 0.10, "3-10%"), (0.10, 1.01, "10% and over"))
@@ -53,7 +53,9 @@ def main() -> None:
         "all": brief([r for _, _, r in rows]),
         "by_shape": {shape: brief(group) for shape, group in sorted(by_shape.items())},
         "by_area": {name: brief([r for _, a, r in rows if lo <= a < hi]) for lo, hi, name in SIZE_BUCKETS},
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "machine": machine_info(),
+        "versions": tool_versions(),
+        "date": now_utc(),
     }
     for section in ("by_shape", "by_area"):
         for name, s in result[section].items():
