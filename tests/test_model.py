@@ -7,6 +7,7 @@ import torch
 
 from ois_deploy.exporters.onnx_export import state_shapes
 from ois_deploy.model import OIS, count_parameters, get_preset
+from ois_deploy.model.presets import OISConfig
 from ois_deploy.model.attention import Attention, masked_bias
 from ois_deploy.model.prompts import click_kinds
 from ois_deploy.weights import load_model
@@ -49,9 +50,42 @@ def test_module_output_shapes(preset):
         assert prompts.disks(coords, kinds).shape == (p, 2, s, s)
         prev = torch.empty(p, 1, s, s, device="meta")
         assert prompts.dense(coords, kinds, prev).shape == (p, cfg.decoder.width, g, g)
+        m = cfg.mask_size
+        assert prompts.at_mask_grid(coords, kinds, prev, m).shape == (p, 3, m, m)
         logits = model.decode(state, coords, torch.empty(p, n, device="meta"), prev)
         assert logits.shape == (p, 1, cfg.mask_size, cfg.mask_size)
         assert cfg.mask_size == 4 * g
+
+
+def test_disks_on_the_mask_grid_match_the_pixel_disks():
+    """The mask head's disks (mask_prompts) cover the same place and area as the pixel disks
+    the token embedding sees, on the coarser grid; a negative click lights only its own map."""
+    cfg = get_preset("ois-tiny")
+    prompts = OIS(cfg).decoder.prompts
+    coords = torch.tensor([[[100.0, 120.0], [30.0, 200.0]]])
+    kinds = click_kinds(torch.tensor([[1, 0]]))
+    pixels = prompts.disks(coords, kinds)
+    assert torch.equal(prompts.disks(coords, kinds, cfg.input_size), pixels)
+    assert pixels[0, 0, 120, 100] == 1 and pixels[0, 1, 200, 30] == 1
+    assert pixels[0, 0, 200, 30] == 0 and pixels[0, 1, 120, 100] == 0
+    m = cfg.mask_size
+    cell = cfg.input_size / m  # pixels per mask cell
+    grid = prompts.disks(coords, kinds, m)
+    for channel, (x, y) in ((0, (100, 120)), (1, (30, 200))):
+        lit = grid[0, channel].nonzero().float()
+        # area within one ring of cells, centroid within a cell of the click
+        assert abs(len(lit) * cell**2 - pixels[0, channel].sum()) < 2 * math.pi * cfg.disk_radius * cell
+        cy, cx = (lit.mean(0) + 0.5) * cell - 0.5
+        assert abs(cx - x) < cell and abs(cy - y) < cell
+
+
+def test_checkpoints_from_before_mask_prompts_load_without_them():
+    """A config saved before the field existed (ois-tiny v2) means the old decoder."""
+    saved = get_preset("ois-tiny").to_dict()
+    del saved["decoder"]["mask_prompts"]
+    model = OIS(OISConfig.from_dict(saved))
+    assert not model.cfg.decoder.mask_prompts
+    assert not hasattr(model.decoder, "mask_prompt_embed")
 
 
 def test_depth_anything_v2_parameter_counts_match_official_files():

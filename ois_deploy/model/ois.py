@@ -51,6 +51,8 @@ class OISDecoder(nn.Module):
         # sigma = softplus(order_sigma) > 0, learned
         self.order_sigma = nn.Parameter(torch.tensor(math.log(math.expm1(d.sigma_init))))
         self.mask_head = DPTHead(vit.embed_dim, cfg.depth_head, level4_in_channels=d.width, out_relu=False)
+        if d.mask_prompts:  # disks + previous mask at the mask grid -> mask-head features
+            self.mask_prompt_embed = nn.Conv2d(3, cfg.depth_head.features, 3, padding=1)
 
 
 class OIS(nn.Module):
@@ -142,7 +144,11 @@ class OIS(nn.Module):
         image = image.transpose(1, 2).reshape(image.shape[0], -1, grid, grid)
         head = dec.mask_head
         skips = [state.pyramid_l1, state.pyramid_l2, state.pyramid_l3]
-        features = head.fuse(image, skips, out_scale=cfg.decoder.mask_scale // 4)
+        extra = None
+        if cfg.decoder.mask_prompts:
+            fine = dec.prompts.at_mask_grid(coords, kinds, prev_mask, cfg.mask_size)
+            extra = dec.mask_prompt_embed(fine.to(dtype))
+        features = head.fuse(image, skips, out_scale=cfg.decoder.mask_scale // 4, extra=extra)
         return head.output(features)
 
     def forward(self, image: Tensor, point_coords: Tensor, point_labels: Tensor, prev_mask: Tensor) -> Tensor:

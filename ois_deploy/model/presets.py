@@ -51,6 +51,9 @@ class DecoderConfig:
     object_mask_threshold: float = 0.5  # prev-mask probability counted as "inside"
     max_clicks: int = 24
     mask_scale: int = 4  # mask_logits side S' = mask_scale x token grid (4: S/3.5, as SAM's S/4)
+    # Also give the mask head the disks and previous mask at its own resolution S': the dense
+    # embedding at the token grid loses everything below a patch, so refinement clicks stall.
+    mask_prompts: bool = False
     disk_radius_at_1024: float = 5.0  # click disk radius in pixels at S=1024, scaled with S
     fourier_scale: float = 1.0  # std of the random Fourier features of click positions
     mask_value: float = -1e4  # finite "minus infinity" of masked attention, safe in fp16
@@ -141,7 +144,9 @@ PRESETS: dict[str, OISConfig] = {
         DPTConfig(features=24, out_channels=(24, 48, 96, 128)),
         # Click disks of 5.5 px: at 280 px the default 5 px @ 1024 would be a 1.4 px disk, a few
         # of the 196 pixels its 14x14 patch embedding sees, too weak a signal to learn from quickly.
-        DecoderConfig(width=64, num_heads=4, disk_radius_at_1024=20.0),
+        # mask_prompts: the clicks and previous mask reach the 80x80 mask head directly, so later
+        # clicks can fix detail below a token (README, "Third version").
+        DecoderConfig(width=64, num_heads=4, disk_radius_at_1024=20.0, mask_prompts=True),
     ),
     "ois-s-1024": OISConfig("ois-s-1024", snap_to_patch(1024), VITS, DPT_S),
     "ois-b-1024": OISConfig("ois-b-1024", snap_to_patch(1024), VITB, DPT_B),

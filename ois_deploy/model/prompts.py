@@ -11,6 +11,7 @@ import math
 from typing import NamedTuple
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 
@@ -66,13 +67,15 @@ class PromptEncoder(nn.Module):
         e = self.label_embed.float()
         return (pe + e[0]) * pos + (pe + e[1]) * neg + e[2] * pad
 
-    def disks(self, coords: Tensor, kinds: ClickKinds) -> Tensor:
-        """[P,2,S,S] float maps of positive and negative click disks."""
-        s = self.input_size
-        ramp = torch.arange(s, dtype=coords.dtype, device=coords.device)
-        dx2 = (ramp.view(1, 1, 1, s) - coords[..., 0, None, None]) ** 2  # [P,N,1,S]
-        dy2 = (ramp.view(1, 1, s, 1) - coords[..., 1, None, None]) ** 2  # [P,N,S,1]
-        inside = (dx2 + dy2 <= self.disk_radius**2).float()  # [P,N,S,S]
+    def disks(self, coords: Tensor, kinds: ClickKinds, side: int | None = None) -> Tensor:
+        """[P,2,side,side] float maps of positive and negative click disks, on a grid of the SxS
+        frame (side S by default: one cell per pixel; cell centres as in a half-pixel resize)."""
+        s = side or self.input_size
+        step = self.input_size / s
+        ramp = (torch.arange(s, dtype=coords.dtype, device=coords.device) + 0.5) * step - 0.5
+        dx2 = (ramp.view(1, 1, 1, s) - coords[..., 0, None, None]) ** 2  # [P,N,1,side]
+        dy2 = (ramp.view(1, 1, s, 1) - coords[..., 1, None, None]) ** 2  # [P,N,side,1]
+        inside = (dx2 + dy2 <= self.disk_radius**2).float()  # [P,N,side,side]
         pos = (inside * kinds.pos[..., None, None]).amax(dim=1, keepdim=True)
         neg = (inside * kinds.neg[..., None, None]).amax(dim=1, keepdim=True)
         return torch.cat([pos, neg], dim=1)
@@ -81,3 +84,8 @@ class PromptEncoder(nn.Module):
         """[P,C,h,w] embedding of disks and previous mask, added to the image tokens."""
         maps = torch.cat([self.disks(coords, kinds), prev_mask.float()], dim=1)
         return self.dense_embed(maps.to(self.dense_embed.weight.dtype))
+
+    def at_mask_grid(self, coords: Tensor, kinds: ClickKinds, prev_mask: Tensor, side: int) -> Tensor:
+        """[P,3,side,side] disks and previous mask resampled to the mask head's grid (float32)."""
+        prev = F.interpolate(prev_mask.float(), size=(side, side), mode="bilinear", align_corners=False)
+        return torch.cat([self.disks(coords, kinds, side), prev], dim=1)
