@@ -1,5 +1,6 @@
 """Shapes, parameter counts and the decoder's invariants of the reference model."""
 
+import dataclasses
 import math
 
 import pytest
@@ -79,13 +80,39 @@ def test_disks_on_the_mask_grid_match_the_pixel_disks():
         assert abs(cx - x) < cell and abs(cy - y) < cell
 
 
-def test_checkpoints_from_before_mask_prompts_load_without_them():
-    """A config saved before the field existed (ois-tiny v2) means the old decoder."""
+def test_checkpoints_from_before_mask_prompts_and_pixel_stem_load_without_them():
+    """A config saved before the fields existed (ois-tiny v2) means the old decoder."""
     saved = get_preset("ois-tiny").to_dict()
-    del saved["decoder"]["mask_prompts"]
+    del saved["decoder"]["mask_prompts"], saved["decoder"]["pixel_stem"]
     model = OIS(OISConfig.from_dict(saved))
-    assert not model.cfg.decoder.mask_prompts
-    assert not hasattr(model.decoder, "mask_prompt_embed")
+    assert not model.cfg.decoder.mask_prompts and not model.cfg.decoder.pixel_stem
+    assert not hasattr(model.decoder, "mask_prompt_embed") and not hasattr(model.decoder, "pixel_stem")
+
+
+def test_pixel_stem_adds_local_pixel_detail_to_the_finest_skip():
+    """One changed pixel moves the stem's features only within a few mask cells of that pixel
+    (the resize to the mask grid keeps places), and the stem changes no other encoder output."""
+    cfg = get_preset("ois-tiny")
+    cfg = dataclasses.replace(cfg, decoder=dataclasses.replace(cfg.decoder, pixel_stem=8))
+    torch.manual_seed(0)
+    model = OIS(cfg).eval()
+    image = torch.rand(1, 3, S, S) * 255
+    x, y = 150, 61
+    changed = image.clone()
+    changed[0, :, y, x] = 255 - changed[0, :, y, x]
+    normalise = lambda im: (im - model.pixel_mean) / model.pixel_std  # noqa: E731
+    with torch.no_grad():
+        diff = (model.decoder.pixel_stem(normalise(changed), cfg.mask_size) - model.decoder.pixel_stem(normalise(image), cfg.mask_size)).abs().sum(1)[0]
+        with_stem = model.encode(image)
+        model.cfg = dataclasses.replace(cfg, decoder=dataclasses.replace(cfg.decoder, pixel_stem=0))
+        plain = model.encode(image)  # same weights; the cfg is read at every encode
+    cell = S / cfg.mask_size
+    lit = (diff > 1e-6).nonzero().float()
+    assert 0 < len(lit) <= 25
+    assert ((lit + 0.5) * cell - 0.5 - torch.tensor([y, x])).abs().max() < 3 * cell
+    for name in ("image_embed", "pyramid_l2", "pyramid_l3", "depth"):
+        assert torch.equal(getattr(with_stem, name), getattr(plain, name))
+    assert not torch.allclose(with_stem.pyramid_l1, plain.pyramid_l1)
 
 
 def test_depth_anything_v2_parameter_counts_match_official_files():

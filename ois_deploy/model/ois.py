@@ -32,10 +32,25 @@ class ImageState(NamedTuple):
     """Encoder outputs; also the names of the encoder graph's outputs and decoder's inputs."""
 
     image_embed: Tensor  # [B,C,h,w] level-4 ViT tokens projected to decoder width
-    pyramid_l1: Tensor  # [B,F,4h,4w] mask-head skip inputs (refinenet1..3, resConfUnit1 applied)
+    pyramid_l1: Tensor  # [B,F,4h,4w] mask-head skip inputs (refinenet1..3, resConfUnit1 applied;
+    # l1 also carries the pixel stem, if the config has one)
     pyramid_l2: Tensor  # [B,F,2h,2w]
     pyramid_l3: Tensor  # [B,F,h,w]
     depth: Tensor  # [B,1,S,S] relative inverse depth, min-max normalised per image to [0,1]
+
+
+class PixelStem(nn.Module):
+    """Normalised RGB -> mask-head features at the mask grid: a stride-2 conv, resized to the
+    grid (S/2 to S/3.5 at mask_scale 4), then a conv to the head's width."""
+
+    def __init__(self, channels: int, features: int):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, channels, 3, stride=2, padding=1)
+        self.conv2 = nn.Conv2d(channels, features, 3, padding=1)
+
+    def forward(self, x: Tensor, side: int) -> Tensor:
+        x = F.relu(self.conv1(x))
+        return self.conv2(F.interpolate(x, size=(side, side), mode="bilinear", align_corners=False))
 
 
 class OISDecoder(nn.Module):
@@ -53,6 +68,8 @@ class OISDecoder(nn.Module):
         self.mask_head = DPTHead(vit.embed_dim, cfg.depth_head, level4_in_channels=d.width, out_relu=False)
         if d.mask_prompts:  # disks + previous mask at the mask grid -> mask-head features
             self.mask_prompt_embed = nn.Conv2d(3, cfg.depth_head.features, 3, padding=1)
+        if d.pixel_stem:
+            self.pixel_stem = PixelStem(d.pixel_stem, cfg.depth_head.features)
 
 
 class OIS(nn.Module):
@@ -108,6 +125,8 @@ class OIS(nn.Module):
         hi = depth.amax(dim=(1, 2, 3), keepdim=True)
         depth = (depth - lo) / (hi - lo).clamp(min=cfg.depth_eps)  # a constant map becomes zeros
         skips = self.decoder.mask_head.skips(maps[:3])
+        if cfg.decoder.pixel_stem:  # pixel-level detail into the finest skip (same shape)
+            skips[0] = skips[0] + self.decoder.pixel_stem(x, skips[0].shape[-1])
         return ImageState(self.decoder.neck(maps[3]), *skips, depth)
 
     def decode(self, state: ImageState, point_coords: Tensor, point_labels: Tensor, prev_mask: Tensor) -> Tensor:

@@ -54,6 +54,10 @@ class DecoderConfig:
     # Also give the mask head the disks and previous mask at its own resolution S': the dense
     # embedding at the token grid loses everything below a patch, so refinement clicks stall.
     mask_prompts: bool = False
+    # Channels of a conv stem on the pixels (0: none, the paper's model). Its features, at the
+    # mask grid, join the mask head's finest skip: the ViT skips are upsampled 14 px tokens, with
+    # no edge finer than a token for a thin part to follow. It runs in the encoder graph.
+    pixel_stem: int = 0
     disk_radius_at_1024: float = 5.0  # click disk radius in pixels at S=1024, scaled with S
     fourier_scale: float = 1.0  # std of the random Fourier features of click positions
     mask_value: float = -1e4  # finite "minus infinity" of masked attention, safe in fp16
@@ -145,8 +149,9 @@ PRESETS: dict[str, OISConfig] = {
         # Click disks of 5.5 px: at 280 px the default 5 px @ 1024 would be a 1.4 px disk, a few
         # of the 196 pixels its 14x14 patch embedding sees, too weak a signal to learn from quickly.
         # mask_prompts: the clicks and previous mask reach the 80x80 mask head directly, so later
-        # clicks can fix detail below a token (README, "Third version").
-        DecoderConfig(width=64, num_heads=4, disk_radius_at_1024=20.0, mask_prompts=True),
+        # clicks can fix detail below a token (README, "Third version"). pixel_stem: 16 channels
+        # of pixel-level features in the mask head's finest skip (README, "Fourth version").
+        DecoderConfig(width=64, num_heads=4, disk_radius_at_1024=20.0, mask_prompts=True, pixel_stem=16),
     ),
     "ois-s-1024": OISConfig("ois-s-1024", snap_to_patch(1024), VITS, DPT_S),
     "ois-b-1024": OISConfig("ois-b-1024", snap_to_patch(1024), VITB, DPT_B),
