@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Evidence for the bundled ois-tiny weights (README, "Training the bundled ois-tiny weights"), on
 # generated scenes from the held-out stream, never seen in training:
-#   1. the bundled model, also broken down by shape and object size;
+#   1. the bundled model, also broken down by shape and object size, and its first-click errors;
 #   2. the same model with order-aware attention switched off at inference;
 #   3. the ablation trained without order-aware attention (same seed and steps; trained here if
 #      artifacts/train/ois-tiny-no-order.safetensors is missing, about 55 minutes on 2 cores:
@@ -22,6 +22,7 @@ mkdir -p "$OUT" artifacts/train
 $OIS eval ois-tiny --dataset $DATA --json $OUT/ois-tiny.json --plot $OUT/ois-tiny_miou.png \
     --save-clicks $OUT/ois-tiny.clicks.jsonl
 $PY benchmarks/heldout_breakdown.py $OUT/ois-tiny.clicks.jsonl --seed 0 --json $OUT/ois-tiny_by-shape-and-size.json
+$PY benchmarks/first_click_errors.py --seed 0 --count 60 --json $OUT/ois-tiny_first-click-errors.json
 $OIS eval ois-tiny --dataset $DATA --order-attention off --json $OUT/ois-tiny_order-off-at-inference.json
 $OIS export --preset ois-tiny --out artifacts/ois-tiny
 $OIS eval artifacts/ois-tiny --backend ort --precision fp16 --compare-backend torch --dataset $DATA \
