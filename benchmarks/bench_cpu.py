@@ -4,7 +4,7 @@
 
 For each preset: encoder latency and per-click decoder latency (1 and 20 clicks), median ms,
 through the same runner interface the Predictor uses (numpy in, numpy out). Graphs are
-exported to artifacts/bench/<preset> first if missing. Each preset's default weights (bundled
+exported to artifacts/bench/<preset> first if missing or stale. Each preset's default weights (bundled
 for ois-tiny, random init otherwise; each row names them): latency does not depend on them.
 Writes benchmarks/results/cpu_<date>.json with machine, versions and date.
 """
@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from ois_deploy.engines.ort import OrtRunner
-from ois_deploy.exporters.onnx_export import ExportRequest, export_model, read_manifest
+from ois_deploy.exporters.onnx_export import ExportRequest, export_model, read_manifest, state_dict_hash
 from ois_deploy.model.precision import to_fp16
 from ois_deploy.predictor import TorchRunner
 from ois_deploy.provenance import machine_info, now_utc, tool_versions
@@ -44,10 +44,14 @@ def median_ms(fn, repeats: int) -> float:
 
 
 def ensure_export(preset: str, model, report) -> Path:
+    """Reuse the cached graphs only if they hold this very model: after a retrain or a preset
+    change, stale graphs would time another architecture."""
     out = EXPORTS / preset
     try:
-        read_manifest(out)
+        current = read_manifest(out)["model_hash"] == state_dict_hash(model)
     except Exception:
+        current = False
+    if not current:
         print(f"exporting {preset} to {out} ...", flush=True)
         export_model(model, weights_provenance(report), ExportRequest(out))
     return out

@@ -100,9 +100,9 @@ def test_pixel_stem_adds_local_pixel_detail_to_the_finest_skip():
     x, y = 150, 61
     changed = image.clone()
     changed[0, :, y, x] = 255 - changed[0, :, y, x]
-    normalise = lambda im: (im - model.pixel_mean) / model.pixel_std  # noqa: E731
+    stem = lambda im: model.decoder.pixel_stem((im - model.pixel_mean) / model.pixel_std, cfg.mask_size)  # noqa: E731
     with torch.no_grad():
-        diff = (model.decoder.pixel_stem(normalise(changed), cfg.mask_size) - model.decoder.pixel_stem(normalise(image), cfg.mask_size)).abs().sum(1)[0]
+        diff = (stem(changed) - stem(image)).abs().sum(1)[0]
         with_stem = model.encode(image)
         model.cfg = dataclasses.replace(cfg, decoder=dataclasses.replace(cfg.decoder, pixel_stem=0))
         plain = model.encode(image)  # same weights; the cfg is read at every encode
