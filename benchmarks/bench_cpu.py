@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from ois_deploy.engines.ort import OrtRunner
+from ois_deploy.errors import run_script
 from ois_deploy.exporters.onnx_export import ExportRequest, export_model, read_manifest, state_dict_hash
 from ois_deploy.model.precision import to_fp16
 from ois_deploy.predictor import TorchRunner
@@ -124,4 +125,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

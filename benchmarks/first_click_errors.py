@@ -15,19 +15,18 @@ import numpy as np
 from rich.progress import track
 
 from ois_deploy import Predictor
+from ois_deploy.errors import run_script
 from ois_deploy.evaluation import PRED_THRESHOLD, Clicker
 from ois_deploy.io import write_json
 from ois_deploy.provenance import machine_info, now_utc, tool_versions
-from ois_deploy.synthetic import heldout_scene
-
-MIN_AREA = 0.01  # as write_davis: smaller objects are not in the held-out set
+from ois_deploy.synthetic import HELDOUT_MIN_AREA, heldout_scene
 
 
 def first_click_errors(predictor: Predictor, scene) -> list[tuple[str, dict]]:
     predictor.set_image(scene.image)
     rows = []
     for k, target in enumerate(scene.masks):
-        if target.mean() < MIN_AREA:
+        if target.mean() < HELDOUT_MIN_AREA:  # as write_davis: not in the held-out set
             continue
         click = Clicker(target).next_click(np.zeros_like(target, dtype=bool))
         predictor.reset()
@@ -70,4 +69,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

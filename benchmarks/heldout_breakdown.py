@@ -12,6 +12,7 @@ import json
 import re
 from collections import defaultdict
 
+from ois_deploy.errors import run_script
 from ois_deploy.evaluation import ObjectResult, summarise
 from ois_deploy.io import write_json
 from ois_deploy.provenance import machine_info, now_utc, tool_versions
@@ -65,4 +66,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

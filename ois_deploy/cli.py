@@ -13,7 +13,7 @@ from rich.console import Console
 from rich.table import Table
 
 from . import __version__
-from .errors import UserError
+from .errors import UserError, exit_with
 from .io import atomic_write_bytes, encode_image, write_json
 from .model import count_parameters
 from .model.presets import PRESETS, get_preset
@@ -572,8 +572,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     try:
         code = app(args=argv, standalone_mode=False, prog_name="ois-deploy")
     except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+        exit_with(e)
     except typer.Abort:
         print("aborted", file=sys.stderr)
         sys.exit(130)

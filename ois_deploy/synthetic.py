@@ -28,6 +28,7 @@ SHAPES = ("ellipse", "box", "star", "crescent", "ring", "perforated", "curve", "
 SAME_DEPTH_PROBABILITY = 0.35  # an object placed at almost its neighbour's depth
 SAME_LOOK_PROBABILITY = 0.35  # an object given another object's texture
 HELDOUT_STREAM = 2  # first seed word of held-out evaluation scenes (training uses 1)
+HELDOUT_MIN_AREA = 0.01  # held-out objects cover at least this fraction of their image
 HELDOUT_SIZES = (240, 480)  # longest side of held-out scenes, pixels
 
 
@@ -168,7 +169,7 @@ def heldout_scene(seed: int, index: int) -> Scene:
     return make_scene([HELDOUT_STREAM, seed, index], h, w, int(rng.integers(3, 7)))
 
 
-def write_davis(out: str | Path, count: int, seed: int = 0, min_area: float = 0.01, progress=None) -> int:
+def write_davis(out: str | Path, count: int, seed: int = 0, min_area: float = HELDOUT_MIN_AREA, progress=None) -> int:
     """Held-out scenes in the DAVIS layout: img/NAME.jpg + gt/NAME.png, one pair per visible
     object covering at least min_area of its image. Returns the number of objects written."""
     out = Path(out)

@@ -1,6 +1,9 @@
 """The command line, run in-process through its real entry point."""
 
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import cv2
 import numpy as np
@@ -161,3 +164,14 @@ def test_lint_and_verify_of_a_missing_folder(tmp_path, capsys):
     for command in (["lint", str(tmp_path / "none")], ["verify", str(tmp_path / "none")]):
         code, _, err = run(command, capsys)
         assert code == 2 and "export folder not found" in err
+
+
+def test_benchmark_scripts_end_bad_input_like_the_cli(tmp_path):
+    """A benchmark script given a missing checkpoint prints one line and exits 2, no traceback."""
+    script = Path(__file__).parent.parent / "benchmarks" / "first_click_errors.py"
+    missing = tmp_path / "missing.safetensors"
+    done = subprocess.run([sys.executable, str(script), "--count", "1", "--checkpoint", str(missing)],
+                          capture_output=True, text=True)
+    assert done.returncode == 2
+    assert done.stderr.strip().count("\n") == 0 and done.stderr.startswith("error:") and "missing.safetensors" in done.stderr
+    assert "Traceback" not in done.stderr

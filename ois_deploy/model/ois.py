@@ -40,8 +40,8 @@ class ImageState(NamedTuple):
 
 
 class PixelStem(nn.Module):
-    """Normalised RGB -> mask-head features at the mask grid: a stride-2 conv, resized to the
-    grid (S/2 to S/3.5 at mask_scale 4), then a conv to the head's width."""
+    """Normalised RGB -> mask-head features at the finest skip's grid (4x the tokens): a
+    stride-2 conv, resized to that grid (S/2 to S/3.5), then a conv to the head's width."""
 
     def __init__(self, channels: int, features: int):
         super().__init__()

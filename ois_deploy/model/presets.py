@@ -54,8 +54,8 @@ class DecoderConfig:
     # Also give the mask head the disks and previous mask at its own resolution S': the dense
     # embedding at the token grid loses everything below a patch, so refinement clicks stall.
     mask_prompts: bool = False
-    # Channels of a conv stem on the pixels (0: none, the paper's model). Its features, at the
-    # mask grid, join the mask head's finest skip: the ViT skips are upsampled 14 px tokens, with
+    # Channels of a conv stem on the pixels (0: none, the paper's model). Its features join the
+    # mask head's finest skip (4x the token grid): the ViT skips are upsampled 14 px tokens, with
     # no edge finer than a token for a thin part to follow. It runs in the encoder graph.
     pixel_stem: int = 0
     disk_radius_at_1024: float = 5.0  # click disk radius in pixels at S=1024, scaled with S
