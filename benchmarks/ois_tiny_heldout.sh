@@ -27,6 +27,6 @@ $OIS eval ois-tiny --dataset $DATA --order-attention off --json $OUT/ois-tiny_or
 $OIS export --preset ois-tiny --out artifacts/ois-tiny
 $OIS eval artifacts/ois-tiny --backend ort --precision fp16 --compare-backend torch --dataset $DATA \
     --json $OUT/ois-tiny_ort-fp16_vs_torch-fp32.json
-[[ -f $ABLATION ]] || $OIS train --preset ois-tiny --out $ABLATION --steps 3000 --seed 0 --order-attention off \
+[[ -f $ABLATION ]] || $OIS train --preset ois-tiny --out $ABLATION --steps 2800 --seed 0 --order-attention off \
     --log benchmarks/results/train/ois-tiny-no-order.log.jsonl
 $OIS eval ois-tiny --checkpoint $ABLATION --dataset $DATA --json $OUT/ois-tiny_trained-without-order.json

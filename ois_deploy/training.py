@@ -30,7 +30,7 @@ from torch import Tensor
 
 from .errors import UserError
 from .evaluation import PRED_THRESHOLD, Clicker, distance_to_border
-from .model import OIS, get_preset
+from .model import OIS, OISConfig, get_preset
 from .preprocess import fit_to_frame, to_input
 from .synthetic import make_scene, random_size
 
@@ -230,15 +230,17 @@ def train_step(model: OIS, optimizer, settings: TrainSettings, step: int) -> dic
     }
 
 
-def build_model(preset: str, settings: TrainSettings) -> OIS:
+def build_model(preset: str | OISConfig, settings: TrainSettings) -> OIS:
     """A freshly initialised model (seeded), with the order-attention mode to train."""
     torch.manual_seed(settings.seed)
-    return OIS(get_preset(preset)).set_order_attention(settings.order_attention)
+    cfg = get_preset(preset) if isinstance(preset, str) else preset
+    return OIS(cfg).set_order_attention(settings.order_attention)
 
 
-def train(preset: str, settings: TrainSettings, out: str | Path, log_path: str | Path, progress=None) -> dict:
-    """Train and write the checkpoint (ours, safetensors) and a JSON-lines loss log.
-    `progress(step, record)` is called after every step. Returns the training record."""
+def train(preset: str | OISConfig, settings: TrainSettings, out: str | Path, log_path: str | Path, progress=None) -> dict:
+    """Train and write the checkpoint (ours, safetensors) and a JSON-lines loss log. `preset` is
+    a preset's name or a config (pilots of a changed preset). `progress(step, record)` is called
+    after every step. Returns the training record."""
     from .weights import save_checkpoint
 
     out, log_path = Path(out), Path(log_path)
@@ -260,7 +262,7 @@ def train(preset: str, settings: TrainSettings, out: str | Path, log_path: str |
                 progress(step, record)
     model.eval()
     summary = {
-        "preset": preset,
+        "preset": model.cfg.name,
         "settings": asdict(settings),
         "seconds": round(time.perf_counter() - start, 1),
         "torch": torch.__version__,

@@ -11,6 +11,8 @@ import pytest
 import torch
 
 from ois_deploy.cli import main
+from ois_deploy.model import get_preset
+from ois_deploy.weights import load_model
 
 from conftest import synthetic_dav2_state_dict
 
@@ -175,3 +177,27 @@ def test_benchmark_scripts_end_bad_input_like_the_cli(tmp_path):
     assert done.returncode == 2
     assert done.stderr.strip().count("\n") == 0 and done.stderr.startswith("error:") and "missing.safetensors" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+PILOT = Path(__file__).parent.parent / "benchmarks" / "pilot_train.py"
+
+
+@pytest.mark.parametrize("override", ["decoder.no_such_field=1", "input_size=281", "decoder.width=[64"])
+def test_pilot_script_rejects_a_bad_override_before_training(tmp_path, override):
+    done = subprocess.run([sys.executable, str(PILOT), "bad", "--steps", "1", "--set", override],
+                          capture_output=True, text=True, cwd=tmp_path)
+    assert done.returncode == 2 and done.stderr.startswith("error:") and done.stderr.strip().count("\n") == 0
+    assert not (tmp_path / "artifacts").exists()
+
+
+def test_pilot_script_trains_the_changed_preset_and_scores_it(tmp_path, capsys):
+    """The override reaches the trained checkpoint's config, and the score covers the asked objects and clicks."""
+    assert run(["scenes", "--out", str(tmp_path / "heldout"), "--count", "1", "--seed", "0"], capsys)[0] == 0
+    done = subprocess.run([sys.executable, str(PILOT), "p", "--steps", "1", "--set", "decoder.token_skip=false",
+                           "--dataset", "heldout", "--objects", "1", "--clicks", "2"],
+                          capture_output=True, text=True, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    report = json.loads((tmp_path / "artifacts" / "pilots" / "p.eval.json").read_text())
+    assert report["objects"] == 1 and len(report["mIoU@k"]) == 2 and report["steps"] == 1
+    model, _ = load_model(None, str(tmp_path / "artifacts" / "pilots" / "p.safetensors"))
+    assert not model.cfg.decoder.token_skip and get_preset("ois-tiny").decoder.token_skip

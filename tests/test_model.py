@@ -80,13 +80,40 @@ def test_disks_on_the_mask_grid_match_the_pixel_disks():
         assert abs(cx - x) < cell and abs(cy - y) < cell
 
 
-def test_checkpoints_from_before_mask_prompts_and_pixel_stem_load_without_them():
+def test_checkpoints_from_before_mask_prompts_pixel_stem_and_token_skip_load_without_them():
     """A config saved before the fields existed (ois-tiny v2) means the old decoder."""
     saved = get_preset("ois-tiny").to_dict()
-    del saved["decoder"]["mask_prompts"], saved["decoder"]["pixel_stem"]
+    fields = ("mask_prompts", "pixel_stem", "token_skip")
+    for name in fields:
+        del saved["decoder"][name]
     model = OIS(OISConfig.from_dict(saved))
-    assert not model.cfg.decoder.mask_prompts and not model.cfg.decoder.pixel_stem
-    assert not hasattr(model.decoder, "mask_prompt_embed") and not hasattr(model.decoder, "pixel_stem")
+    assert not any(getattr(model.cfg.decoder, name) for name in fields)
+    assert not any(hasattr(model.decoder, name) for name in ("mask_prompt_embed", "pixel_stem", "token_skip"))
+
+
+def test_token_skip_lands_at_its_token_in_the_mask_head():
+    """A map added at the token grid (token_skip) changes the mask head's output only around that
+    token's place on the mask grid: it is not shifted, transposed or spread over the image."""
+    cfg = get_preset("ois-tiny")
+    torch.manual_seed(0)
+    head = OIS(cfg).eval().decoder.mask_head
+    g, f, m = cfg.grid, cfg.depth_head.features, cfg.mask_size
+    skips = [torch.randn(1, f, 4 * g, 4 * g), torch.randn(1, f, 2 * g, 2 * g), torch.randn(1, f, g, g)]
+    level4 = torch.randn(1, cfg.decoder.width, g, g)
+    at_grid = torch.zeros(1, f, g, g)
+    y, x = 4, 13
+    bumped = at_grid.clone()
+    bumped[0, :, y, x] = 5.0
+    with torch.no_grad():
+        fuse = lambda extra: head.fuse(level4, skips, out_scale=1, at_grid=extra)  # noqa: E731
+        diff = (fuse(bumped) - fuse(at_grid)).abs().sum(1)[0]
+        assert torch.equal(fuse(at_grid), fuse(None))  # a zero map is no map
+    cell = g / m  # tokens per mask cell
+    lit = (diff > 1e-6).nonzero().float()
+    assert len(lit) > 0
+    centre = (lit.mean(0) + 0.5) * cell
+    assert (centre - torch.tensor([y + 0.5, x + 0.5])).abs().max() < 1
+    assert ((lit + 0.5) * cell - torch.tensor([y + 0.5, x + 0.5])).abs().max() < 6  # a few tokens
 
 
 def test_pixel_stem_adds_local_pixel_detail_to_the_finest_skip():

@@ -80,14 +80,19 @@ class DPTHead(nn.Module):
         """Click-independent skip inputs of refinenet1..3, resConfUnit1 applied."""
         return [getattr(self.scratch, f"refinenet{i + 1}").resConfUnit1(self._level(i, m)) for i, m in enumerate(maps)]
 
-    def fuse(self, level4: Tensor, skips: list[Tensor], out_scale: int = 2, extra: Tensor | None = None) -> Tensor:
+    def fuse(
+        self, level4: Tensor, skips: list[Tensor], out_scale: int = 2, extra: Tensor | None = None, at_grid: Tensor | None = None
+    ) -> Tensor:
         """Top-down fusion from the level-4 map through refinenet4..1 and output_conv1.
         skips may have batch 1 and broadcast over level4's batch. refinenet1 resizes to
         out_scale x its input (2 in DAv2; the mask head may stop at 1). `extra`, a map at
-        refinenet1's output size, is added before output_conv1 (the mask head's own prompts)."""
+        refinenet1's output size, is added before output_conv1 (the mask head's own prompts);
+        `at_grid`, a map at the token grid, is added to refinenet3's skip (the mask head's tokens)."""
         s = self.scratch
         s1, s2, s3 = skips
         x = s.refinenet4(self._level(3, level4), None, s3.shape[-2:])
+        if at_grid is not None:
+            s3 = s3 + at_grid
         x = s.refinenet3(x, s3, s2.shape[-2:])
         x = s.refinenet2(x, s2, s1.shape[-2:])
         x = s.refinenet1(x, s1, (out_scale * s1.shape[-2], out_scale * s1.shape[-1]))

@@ -68,6 +68,8 @@ class OISDecoder(nn.Module):
         self.mask_head = DPTHead(vit.embed_dim, cfg.depth_head, level4_in_channels=d.width, out_relu=False)
         if d.mask_prompts:  # disks + previous mask at the mask grid -> mask-head features
             self.mask_prompt_embed = nn.Conv2d(3, cfg.depth_head.features, 3, padding=1)
+        if d.token_skip:  # prompt-updated tokens -> mask-head features at the token grid
+            self.token_skip = nn.Conv2d(d.width, cfg.depth_head.features, 1)
         if d.pixel_stem:
             self.pixel_stem = PixelStem(d.pixel_stem, cfg.depth_head.features)
 
@@ -167,7 +169,8 @@ class OIS(nn.Module):
         if cfg.decoder.mask_prompts:
             fine = dec.prompts.at_mask_grid(coords, kinds, prev_mask, cfg.mask_size)
             extra = dec.mask_prompt_embed(fine.to(dtype))
-        features = head.fuse(image, skips, out_scale=cfg.decoder.mask_scale // 4, extra=extra)
+        at_grid = dec.token_skip(image) if cfg.decoder.token_skip else None
+        features = head.fuse(image, skips, out_scale=cfg.decoder.mask_scale // 4, extra=extra, at_grid=at_grid)
         return head.output(features)
 
     def forward(self, image: Tensor, point_coords: Tensor, point_labels: Tensor, prev_mask: Tensor) -> Tensor:

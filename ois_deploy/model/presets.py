@@ -58,6 +58,10 @@ class DecoderConfig:
     # mask head's finest skip (4x the token grid): the ViT skips are upsampled 14 px tokens, with
     # no edge finer than a token for a thin part to follow. It runs in the encoder graph.
     pixel_stem: int = 0
+    # Also add the decoder's image tokens to the mask head's skip at the token grid (refinenet3).
+    # Otherwise they reach it only through level 4's stride-2 conv, at half the token grid, so the
+    # click-dependent map is 28 px cells at 280 px: one cell for a small object.
+    token_skip: bool = False
     disk_radius_at_1024: float = 5.0  # click disk radius in pixels at S=1024, scaled with S
     fourier_scale: float = 1.0  # std of the random Fourier features of click positions
     mask_value: float = -1e4  # finite "minus infinity" of masked attention, safe in fp16
@@ -151,7 +155,11 @@ PRESETS: dict[str, OISConfig] = {
         # mask_prompts: the clicks and previous mask reach the 80x80 mask head directly, so later
         # clicks can fix detail below a token (README, "Third version"). pixel_stem: 16 channels
         # of pixel-level features in the mask head's finest skip (README, "Fourth version").
-        DecoderConfig(width=64, num_heads=4, disk_radius_at_1024=20.0, mask_prompts=True, pixel_stem=16),
+        # token_skip: the prompt-updated tokens reach the mask head at the token grid, not only at
+        # half of it (README, "Fifth version").
+        DecoderConfig(
+            width=64, num_heads=4, disk_radius_at_1024=20.0, mask_prompts=True, pixel_stem=16, token_skip=True
+        ),
     ),
     "ois-s-1024": OISConfig("ois-s-1024", snap_to_patch(1024), VITS, DPT_S),
     "ois-b-1024": OISConfig("ois-b-1024", snap_to_patch(1024), VITB, DPT_B),
