@@ -4,9 +4,10 @@ objects with few clicks (README, "Training the bundled ois-tiny weights": the pi
 
     python benchmarks/pilot_train.py NAME --steps 500 [--set decoder.token_skip=false]
         [--set input_size=280 --set encoder.patch_size=10 --set encoder.pretrained_grid=28]
-        [--threads 1] [--objects 80] [--clicks 10]
+        [--train objects_per_scene=8] [--threads 1] [--objects 80] [--clicks 10]
 
---set FIELD=VALUE takes a JSON value (a list for a tuple field). Writes artifacts/pilots/NAME
+--set FIELD=VALUE replaces a field of the model config, --train FIELD=VALUE one of the training
+settings (training.TrainSettings); both take a JSON value (a list for a tuple field). Writes artifacts/pilots/NAME
 (.safetensors, .log.jsonl, .eval.json); the held-out set is `ois-deploy scenes --out
 artifacts/heldout --count 60 --seed 0`. Two pilots side by side take --threads 1 each.
 """
@@ -14,6 +15,7 @@ artifacts/heldout --count 60 --seed 0`. Two pilots side by side take --threads 1
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 from pathlib import Path
 
@@ -30,25 +32,50 @@ from ois_deploy.provenance import machine_info, now_utc, tool_versions
 from ois_deploy.training import TrainSettings, train
 
 
+def parse_override(item: str, option: str) -> tuple[str, object]:
+    field, sep, value = item.partition("=")
+    if not sep:
+        raise UserError(f"{option} {item!r}: expected FIELD=VALUE")
+    try:
+        return field, json.loads(value)
+    except json.JSONDecodeError:
+        raise UserError(f"{option} {item!r}: the value is not JSON") from None
+
+
 def changed_config(overrides: list[str]) -> OISConfig:
     """ois-tiny with FIELD=VALUE pairs applied through the config's own (validating) from_dict."""
     config = get_preset("ois-tiny").to_dict()
     for item in overrides:
-        field, sep, value = item.partition("=")
+        field, value = parse_override(item, "--set")
         *parents, leaf = field.split(".")
         node = config
         for name in parents:
             node = node.get(name) if isinstance(node, dict) else None
-        if not sep or not isinstance(node, dict) or leaf not in node:
-            raise UserError(f"--set {item!r}: expected FIELD=VALUE with a field of the ois-tiny config")
-        try:
-            node[leaf] = json.loads(value)
-        except json.JSONDecodeError:
-            raise UserError(f"--set {item!r}: the value is not JSON") from None
+        if not isinstance(node, dict) or leaf not in node:
+            raise UserError(f"--set {item!r}: {field} is not a field of the ois-tiny config")
+        node[leaf] = value
     try:
         return OISConfig.from_dict(config)
     except ValueError as e:  # __post_init__ checks (input size vs patch, ...)
         raise UserError(f"--set: {e}") from None
+
+
+def changed_settings(steps: int, overrides: list[str]) -> TrainSettings:
+    """Default training settings for `steps` with FIELD=VALUE pairs applied."""
+    settings = TrainSettings(steps=steps)
+    for item in overrides:
+        field, value = parse_override(item, "--train")
+        if field == "steps" or not hasattr(settings, field):
+            raise UserError(f"--train {item!r}: {field} is not a training setting (steps has its own option)")
+        default = getattr(settings, field)
+        if isinstance(default, tuple) and isinstance(value, list):
+            value = tuple(value)
+        if isinstance(default, float) and type(value) is int:
+            value = float(value)
+        if type(value) is not type(default):
+            raise UserError(f"--train {item!r}: {field} takes a {type(default).__name__}")
+        settings = dataclasses.replace(settings, **{field: value})
+    return settings
 
 
 def main() -> None:
@@ -56,6 +83,7 @@ def main() -> None:
     parser.add_argument("name", help="names the files under artifacts/pilots/")
     parser.add_argument("--steps", type=int, default=500)
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="FIELD=VALUE")
+    parser.add_argument("--train", dest="train_overrides", action="append", default=[], metavar="FIELD=VALUE")
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's)")
     parser.add_argument("--dataset", default="artifacts/heldout")
     parser.add_argument("--objects", type=int, default=80, help="score the first N held-out objects")
@@ -63,12 +91,13 @@ def main() -> None:
     args = parser.parse_args()
 
     config = changed_config(args.overrides)
+    settings = changed_settings(args.steps, args.train_overrides)
     _, samples = load_dataset(args.dataset)  # fail before training, not after
     if args.threads:
         torch.set_num_threads(args.threads)
     out = Path("artifacts/pilots") / args.name
     out.parent.mkdir(parents=True, exist_ok=True)
-    record = train(config, TrainSettings(steps=args.steps), f"{out}.safetensors", f"{out}.log.jsonl")
+    record = train(config, settings, f"{out}.safetensors", f"{out}.log.jsonl")
 
     predictor = Predictor("ois-tiny", checkpoint=f"{out}.safetensors")
     results = [
@@ -79,7 +108,7 @@ def main() -> None:
     with open(f"{out}.log.jsonl") as log:
         last = [json.loads(line)["iou"] for line in log][-100:]
     report = {
-        "name": args.name, "overrides": args.overrides, "steps": args.steps, "train_seconds": record["seconds"],
+        "name": args.name, "overrides": args.overrides, "train_overrides": args.train_overrides, "steps": args.steps, "train_seconds": record["seconds"],
         "train_iou_last_100_steps": sum(last) / len(last), "objects": len(results), "clicks": args.clicks,
         "mIoU@k": summary["mIoU@k"], "NoC@85": summary["NoC@85"], "NoC@90": summary["NoC@90"],
         "machine": machine_info(), "versions": tool_versions(), "date": now_utc(),

@@ -9,6 +9,7 @@ import cv2
 import numpy as np
 import pytest
 import torch
+from safetensors import safe_open
 
 from ois_deploy.cli import main
 from ois_deploy.model import get_preset
@@ -182,9 +183,11 @@ def test_benchmark_scripts_end_bad_input_like_the_cli(tmp_path):
 PILOT = Path(__file__).parent.parent / "benchmarks" / "pilot_train.py"
 
 
-@pytest.mark.parametrize("override", ["decoder.no_such_field=1", "input_size=281", "decoder.width=[64"])
+@pytest.mark.parametrize("override", [("--set", "decoder.no_such_field=1"), ("--set", "input_size=281"),
+                                      ("--set", "decoder.width=[64"), ("--train", "no_such_setting=1"),
+                                      ("--train", "steps=5"), ("--train", "objects_per_scene=\"6\"")])
 def test_pilot_script_rejects_a_bad_override_before_training(tmp_path, override):
-    done = subprocess.run([sys.executable, str(PILOT), "bad", "--steps", "1", "--set", override],
+    done = subprocess.run([sys.executable, str(PILOT), "bad", "--steps", "1", *override],
                           capture_output=True, text=True, cwd=tmp_path)
     assert done.returncode == 2 and done.stderr.startswith("error:") and done.stderr.strip().count("\n") == 0
     assert not (tmp_path / "artifacts").exists()
@@ -194,6 +197,7 @@ def test_pilot_script_trains_the_changed_preset_and_scores_it(tmp_path, capsys):
     """The override reaches the trained checkpoint's config, and the score covers the asked objects and clicks."""
     assert run(["scenes", "--out", str(tmp_path / "heldout"), "--count", "1", "--seed", "0"], capsys)[0] == 0
     done = subprocess.run([sys.executable, str(PILOT), "p", "--steps", "1", "--set", "decoder.token_skip=false",
+                           "--train", "objects_per_scene=2", "--train", "lr=1",
                            "--dataset", "heldout", "--objects", "1", "--clicks", "2"],
                           capture_output=True, text=True, cwd=tmp_path)
     assert done.returncode == 0, done.stderr
@@ -201,3 +205,6 @@ def test_pilot_script_trains_the_changed_preset_and_scores_it(tmp_path, capsys):
     assert report["objects"] == 1 and len(report["mIoU@k"]) == 2 and report["steps"] == 1
     model, _ = load_model(None, str(tmp_path / "artifacts" / "pilots" / "p.safetensors"))
     assert not model.cfg.decoder.token_skip and get_preset("ois-tiny").decoder.token_skip
+    with safe_open(str(tmp_path / "artifacts" / "pilots" / "p.safetensors"), framework="pt") as f:
+        settings = json.loads(f.metadata()["training"])["settings"]
+    assert settings["objects_per_scene"] == 2 and settings["lr"] == 1.0 and settings["batch_size"] == 4
