@@ -7,8 +7,8 @@ objects with few clicks (README, "Training the bundled ois-tiny weights": the pi
         [--train objects_per_scene=8] [--threads 1] [--objects 80] [--clicks 10]
 
 --set FIELD=VALUE replaces a field of the model config, --train FIELD=VALUE one of the training
-settings (training.TrainSettings); both take a JSON value (a list for a tuple field). Writes artifacts/pilots/NAME
-(.safetensors, .log.jsonl, .eval.json); the held-out set is `ois-deploy scenes --out
+settings (training.TrainSettings); both take a JSON value (a list for a tuple field). Writes
+artifacts/pilots/NAME (.safetensors, .log.jsonl, .eval.json); the held-out set is `ois-deploy scenes --out
 artifacts/heldout --count 60 --seed 0`. Two pilots side by side take --threads 1 each.
 """
 
@@ -20,16 +20,16 @@ import json
 from pathlib import Path
 
 import torch
-from rich.progress import track
 
 from ois_deploy import Predictor
+from ois_deploy.cli import console_for, run_eval, train_with_progress
 from ois_deploy.datasets import load_dataset
 from ois_deploy.errors import UserError, run_script
-from ois_deploy.evaluation import run_object, summarise
+from ois_deploy.evaluation import summarise
 from ois_deploy.io import write_json
 from ois_deploy.model import OISConfig, get_preset
 from ois_deploy.provenance import machine_info, now_utc, tool_versions
-from ois_deploy.training import TrainSettings, train
+from ois_deploy.training import TrainSettings
 
 
 def parse_override(item: str, option: str) -> tuple[str, object]:
@@ -89,6 +89,8 @@ def main() -> None:
     parser.add_argument("--objects", type=int, default=80, help="score the first N held-out objects")
     parser.add_argument("--clicks", type=int, default=10)
     args = parser.parse_args()
+    if min(args.objects, args.clicks, args.threads or 1) < 1:
+        raise UserError("--objects, --clicks and --threads must be at least 1")
 
     config = changed_config(args.overrides)
     settings = changed_settings(args.steps, args.train_overrides)
@@ -97,25 +99,25 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     out = Path("artifacts/pilots") / args.name
     out.parent.mkdir(parents=True, exist_ok=True)
-    record = train(config, settings, f"{out}.safetensors", f"{out}.log.jsonl")
+    console = console_for(None, stderr=True)
+    record = train_with_progress(config, settings, f"{out}.safetensors", f"{out}.log.jsonl", console)
 
     predictor = Predictor("ois-tiny", checkpoint=f"{out}.safetensors")
-    results = [
-        run_object(predictor, *sample.load(), sample.name, args.clicks)
-        for sample in track(samples[: args.objects], description=f"eval {args.name}")
-    ]
+    results = run_eval(predictor, samples[: args.objects], args.clicks, console, args.name)
     summary = summarise(results, args.clicks)
     with open(f"{out}.log.jsonl") as log:
         last = [json.loads(line)["iou"] for line in log][-100:]
     report = {
-        "name": args.name, "overrides": args.overrides, "train_overrides": args.train_overrides, "steps": args.steps, "train_seconds": record["seconds"],
+        "name": args.name, "overrides": args.overrides, "train_overrides": args.train_overrides, "steps": args.steps,
+        "train_seconds": record["seconds"],
         "train_iou_last_100_steps": sum(last) / len(last), "objects": len(results), "clicks": args.clicks,
         "mIoU@k": summary["mIoU@k"], "NoC@85": summary["NoC@85"], "NoC@90": summary["NoC@90"],
         "machine": machine_info(), "versions": tool_versions(), "date": now_utc(),
     }
     write_json(report, f"{out}.eval.json")
     miou = summary["mIoU@k"]
-    print(f"{args.name}: mIoU@1 {miou[0]:.3f} @5 {miou[min(4, len(miou) - 1)]:.3f} @{len(miou)} {miou[-1]:.3f}, "
+    k = min(5, len(miou))
+    print(f"{args.name}: mIoU@1 {miou[0]:.3f} @{k} {miou[k - 1]:.3f} @{len(miou)} {miou[-1]:.3f}, "
           f"train IoU (last 100 steps) {report['train_iou_last_100_steps']:.3f}, {record['seconds']:.0f} s")
 
 

@@ -307,6 +307,27 @@ def object_progress(console: Console, total: int, what: str):
     return bar, bar.add_task(what, total=total)
 
 
+def train_with_progress(preset, settings, out: str, log_path: str, console: Console) -> dict:
+    """training.train with a progress bar showing running means of loss and IoU; returns its record."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    from .training import train
+
+    bar = Progress(TextColumn("train"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[stats]}"),
+                   TimeElapsedColumn(), TimeRemainingColumn(), console=console)
+    task = bar.add_task("train", total=settings.steps, stats="")
+    recent: list[dict] = []
+
+    def progress(step: int, record: dict) -> None:
+        recent.append(record)
+        del recent[:-50]  # running means over the last 50 steps: single batches are noisy
+        mean = lambda k: sum(r[k] for r in recent) / len(recent)  # noqa: E731
+        bar.update(task, advance=1, stats=f"loss {mean('loss'):.3f} iou {mean('iou'):.3f}")
+
+    with bar:
+        return train(preset, settings, out, log_path, progress)
+
+
 def run_eval(predictor, samples, max_clicks: int, console: Console, label: str):
     from .evaluation import run_object
 
@@ -501,11 +522,8 @@ def train(
 ):
     """Train OIS on generated depth-ordered scenes (RITM/SegNext iterative protocol, mask and
     depth losses); writes the checkpoint and a loss log."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-
     from .model.presets import ORDER_ATTENTION_MODES
     from .training import TrainSettings
-    from .training import train as run_training
 
     get_preset(preset)
     if order_attention not in ORDER_ATTENTION_MODES:
@@ -516,19 +534,7 @@ def train(
     )
     log_path = log or out + ".log.jsonl"
     console = console_for(None, stderr=True)
-    bar = Progress(TextColumn("train"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[stats]}"),
-                   TimeElapsedColumn(), TimeRemainingColumn(), console=console)
-    task = bar.add_task("train", total=steps, stats="")
-    recent: list[dict] = []
-
-    def progress(step: int, record: dict) -> None:
-        recent.append(record)
-        del recent[:-50]  # running means over the last 50 steps: single batches are noisy
-        mean = lambda k: sum(r[k] for r in recent) / len(recent)  # noqa: E731
-        bar.update(task, advance=1, stats=f"loss {mean('loss'):.3f} iou {mean('iou'):.3f}")
-
-    with bar:
-        summary = run_training(preset, settings, out, log_path, progress)
+    summary = train_with_progress(preset, settings, out, log_path, console)
     console.print(f"wrote {out} and {log_path} ({summary['seconds']:.0f} s, {steps} steps, seed {seed})")
 
 

@@ -185,7 +185,8 @@ PILOT = Path(__file__).parent.parent / "benchmarks" / "pilot_train.py"
 
 @pytest.mark.parametrize("override", [("--set", "decoder.no_such_field=1"), ("--set", "input_size=281"),
                                       ("--set", "decoder.width=[64"), ("--train", "no_such_setting=1"),
-                                      ("--train", "steps=5"), ("--train", "objects_per_scene=\"6\"")])
+                                      ("--train", "steps=5"), ("--train", "objects_per_scene=\"6\""),
+                                      ("--clicks", "0")])
 def test_pilot_script_rejects_a_bad_override_before_training(tmp_path, override):
     done = subprocess.run([sys.executable, str(PILOT), "bad", "--steps", "1", *override],
                           capture_output=True, text=True, cwd=tmp_path)
