@@ -516,7 +516,7 @@ def train(
     seed: int = typer.Option(0, "--seed", help="Seeds the init and every generated scene and click."),
     batch_size: int = typer.Option(4, "--batch-size", min=1, help="Scenes per step."),
     objects_per_scene: int = typer.Option(4, "--objects-per-scene", min=1, help="Objects prompted per scene (one encoder pass)."),
-    lr: float = typer.Option(5e-4, "--lr", help="Peak learning rate (AdamW, warm-up then cosine)."),
+    lr: float = typer.Option(1e-3, "--lr", help="Peak learning rate (AdamW, warm-up then cosine)."),
     order_attention: str = typer.Option("bias", "--order-attention", help="bias (OIS) or off (trains the ablation)."),
     log: Optional[str] = typer.Option(None, "--log", help="Loss log, JSON lines (default: OUT + .log.jsonl)."),
 ):

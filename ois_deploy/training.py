@@ -44,7 +44,7 @@ class TrainSettings:
     seed: int = 0
     batch_size: int = 4  # scenes per step
     objects_per_scene: int = 4  # prompt sets per scene: one encoder pass feeds several decodes
-    lr: float = 5e-4
+    lr: float = 1e-3  # 5e-4 until the sixth version of the bundled weights (README)
     weight_decay: float = 0.05
     warmup_steps: int = 150
     max_extra_clicks: int = 3
