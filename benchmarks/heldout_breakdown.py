@@ -8,12 +8,11 @@ scene from the seed (names are sceneNNNN_objK).
 from __future__ import annotations
 
 import argparse
-import json
 import re
 from collections import defaultdict
 
-from ois_deploy.errors import run_script
-from ois_deploy.evaluation import ObjectResult, summarise
+from ois_deploy.errors import UserError, run_script
+from ois_deploy.evaluation import ObjectResult, read_clicks, summarise
 from ois_deploy.io import write_json
 from ois_deploy.provenance import machine_info, now_utc, tool_versions
 from ois_deploy.synthetic import heldout_scene
@@ -36,14 +35,16 @@ def main() -> None:
     args = parser.parse_args()
 
     rows, scenes = [], {}
-    for line in open(args.clicks):
-        record = json.loads(line)
-        index, k = map(int, re.fullmatch(r"scene(\d+)_obj(\d+)", record["name"]).groups())
+    for result in read_clicks(args.clicks):
+        name = re.fullmatch(r"scene(\d+)_obj(\d+)", result.name)
+        if not name:
+            raise UserError(f"{args.clicks}: {result.name} is not a name written by `ois-deploy scenes`")
+        index, k = map(int, name.groups())
         if index not in scenes:
             scenes[index] = heldout_scene(args.seed, index)
         scene = scenes[index]
-        ious = [c["iou"] for c in record["clicks"]]
-        result = ObjectResult(record["name"], ious=ious, decode_seconds=[0.0] * len(ious))  # no timings here
+        if k >= len(scene.masks):
+            raise UserError(f"{result.name}: scene {index} of seed {args.seed} has no object {k} (another --seed?)")
         rows.append((scene.shapes[k], float(scene.masks[k].mean()), result))
 
     by_shape = defaultdict(list)

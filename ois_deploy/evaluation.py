@@ -9,11 +9,15 @@ Every object gets all its clicks (no early stop), so NoC and mIoU@k come from on
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import cv2
 import numpy as np
+
+from .errors import UserError
 
 PRED_THRESHOLD = 0.49
 IOU_THRESHOLDS = (0.85, 0.90, 0.95)
@@ -70,6 +74,25 @@ class ObjectResult:
             "name": self.name,
             "clicks": [{"x": c.x, "y": c.y, "positive": c.positive, "iou": round(i, 6)} for c, i in zip(self.clicks, self.ious)],
         }
+
+
+def read_clicks(path: str | Path) -> list[ObjectResult]:
+    """The sessions of `eval --save-clicks` (ObjectResult.to_json per line); no timings are stored."""
+    results = []
+    try:
+        for number, line in enumerate(Path(path).read_text().splitlines(), start=1):
+            try:
+                record = json.loads(line)
+                clicks = [Click(int(c["x"]), int(c["y"]), bool(c["positive"])) for c in record["clicks"]]
+                ious = [float(c["iou"]) for c in record["clicks"]]
+                results.append(ObjectResult(str(record["name"]), clicks, ious, decode_seconds=[0.0] * len(ious)))
+            except (ValueError, KeyError, TypeError) as e:
+                raise UserError(f"{path}: line {number} is not an eval --save-clicks record ({e})") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"cannot read clicks file {path}: {e.strerror if isinstance(e, OSError) else e}") from None
+    if not results:
+        raise UserError(f"{path}: no sessions in it")
+    return results
 
 
 def run_object(predictor, image: np.ndarray, gt: np.ndarray, name: str, max_clicks: int = 20) -> ObjectResult:

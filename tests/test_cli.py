@@ -178,6 +178,37 @@ def test_benchmark_scripts_end_bad_input_like_the_cli(tmp_path):
     assert done.returncode == 2
     assert done.stderr.strip().count("\n") == 0 and done.stderr.startswith("error:") and "missing.safetensors" in done.stderr
     assert "Traceback" not in done.stderr
+    breakdown = Path(__file__).parent.parent / "benchmarks" / "heldout_breakdown.py"
+    done = subprocess.run([sys.executable, str(breakdown), str(tmp_path / "missing.jsonl")], capture_output=True, text=True)
+    assert done.returncode == 2 and done.stderr.startswith("error:") and "missing.jsonl" in done.stderr
+
+
+def write_sessions(path, sessions: dict[str, list[float]]):
+    path.write_text("".join(json.dumps({"name": name, "clicks": [{"x": 0, "y": 0, "positive": True, "iou": v}
+                                                                 for v in ious]}) + "\n"
+                            for name, ious in sessions.items()))
+
+
+def test_compare_clicks_pairs_the_objects(tmp_path):
+    """Differences are taken object by object (B's file in another order), counted both ways."""
+    script = Path(__file__).parent.parent / "benchmarks" / "compare_clicks.py"
+    a, b, out = tmp_path / "a.jsonl", tmp_path / "b.jsonl", tmp_path / "cmp.json"
+    write_sessions(a, {"o1": [0.5, 0.6, 0.7, 0.8, 0.91], "o2": [0.95] * 5, "o3": [0.2, 0.86, 0.9, 0.9, 0.9]})
+    write_sessions(b, {"o3": [0.2, 0.86, 0.9, 0.9, 0.9], "o1": [0.7, 0.92, 0.92, 0.92, 0.92], "o2": [0.8] * 5})
+    done = subprocess.run([sys.executable, str(script), str(a), str(b), "--json", str(out)], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    m = json.loads(out.read_text())["metrics"]
+    # NoC@90: A 5, 1, 3; B 2, 5 (never, counted as the 5 clicks there are), 3
+    assert (m["NoC@90"]["a"], m["NoC@90"]["b"]) == (3.0, round(10 / 3, 4))
+    assert (m["NoC@90"]["b_better"], m["NoC@90"]["a_better"], m["NoC@90"]["equal"]) == (1, 1, 1)
+    assert m["IoU@1"]["b_minus_a"] == round((0.2 - 0.15) / 3, 4) and "IoU@10" not in m
+    low, high = m["IoU@5"]["ci95"]
+    assert low <= m["IoU@5"]["b_minus_a"] <= high and low < high
+    write_sessions(b, {"o1": [0.5] * 5, "o2": [0.5] * 5})
+    done = subprocess.run([sys.executable, str(script), str(a), str(b), "--json", str(tmp_path / "new.json")],
+                          capture_output=True, text=True)
+    assert done.returncode == 2 and done.stderr.startswith("error:") and "same objects" in done.stderr
+    assert done.stderr.strip().count("\n") == 0 and not (tmp_path / "new.json").exists()
 
 
 PILOT = Path(__file__).parent.parent / "benchmarks" / "pilot_train.py"

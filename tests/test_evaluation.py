@@ -9,7 +9,7 @@ import pytest
 from ois_deploy.cli import main
 from ois_deploy.datasets import load_dataset
 from ois_deploy.errors import UserError
-from ois_deploy.evaluation import Clicker, ObjectResult, noc, summarise
+from ois_deploy.evaluation import Clicker, ObjectResult, noc, read_clicks, summarise
 from ois_deploy.synthetic import make_scene
 
 
@@ -138,6 +138,24 @@ def test_eval_on_a_generated_davis_dataset(tmp_path, capsys):
     assert first["positive"] is True and 0 <= first["x"] < 128 and 0 <= first["y"] < 96
     assert len(lines[0]["clicks"]) == 5
     assert cv2.imread(str(plot)) is not None
+    # The saved sessions give back the report's figures (IoUs are rounded to 6 places in the file).
+    again = summarise(read_clicks(clicks), max_clicks=5)
+    assert again["NoC@90"] == s["NoC@90"] and again["mIoU@k"] == pytest.approx(s["mIoU@k"], abs=1e-6)
+
+
+def test_clicks_file_errors(tmp_path):
+    good = json.dumps({"name": "o", "clicks": [{"x": 1, "y": 2, "positive": True, "iou": 0.5}]})
+    cases = {"missing.jsonl": None, "empty.jsonl": "", "corrupt.jsonl": good + "\n{not json\n",
+             "no-iou.jsonl": '{"name": "o", "clicks": [{"x": 1, "y": 2, "positive": true}]}\n'}
+    for name, text in cases.items():
+        if text is not None:
+            (tmp_path / name).write_text(text)
+        with pytest.raises(UserError) as info:
+            read_clicks(tmp_path / name)
+        assert name in str(info.value) and "\n" not in str(info.value)
+    (tmp_path / "good.jsonl").write_text(good + "\n")
+    [back] = read_clicks(tmp_path / "good.jsonl")
+    assert back.ious == [0.5] and (back.clicks[0].x, back.clicks[0].y, back.clicks[0].positive) == (1, 2, True)
 
 
 def test_eval_task_parity_ort_against_torch(tiny_export, tmp_path, capsys):
