@@ -14,7 +14,7 @@ import argparse
 import numpy as np
 
 from ois_deploy.errors import UserError, run_script
-from ois_deploy.evaluation import IOU_THRESHOLDS, ObjectResult, noc, read_clicks
+from ois_deploy.evaluation import ObjectResult, noc_per_object, read_clicks
 from ois_deploy.io import write_json
 from ois_deploy.provenance import machine_info, now_utc, tool_versions
 
@@ -23,8 +23,7 @@ IOU_AFTER = (1, 5, 10)
 
 def per_object(results: list[ObjectResult], max_clicks: int) -> dict[str, np.ndarray]:
     """Each metric's value per object; NoC as the evaluation counts it (max_clicks when never reached)."""
-    metrics = {f"NoC@{round(t * 100)}": np.array([noc(r.ious, t, max_clicks) for r in results], float)
-               for t in IOU_THRESHOLDS}
+    metrics = {f"NoC@{key}": np.array(nocs, float) for key, nocs in noc_per_object(results, max_clicks).items()}
     for k in IOU_AFTER:
         if k <= max_clicks:
             metrics[f"IoU@{k}"] = np.array([r.ious[k - 1] for r in results])

@@ -17,6 +17,7 @@ from .errors import UserError, exit_with
 from .io import atomic_write_bytes, encode_image, write_json
 from .model import count_parameters
 from .model.presets import PRESETS, get_preset
+from .training import TrainSettings  # its defaults are the train command's
 from .weights import CheckpointMismatch, load_model, print_notes, resolve_checkpoint
 
 app = typer.Typer(
@@ -513,17 +514,18 @@ def train(
     out: str = typer.Option(..., "--out", "-o", help="Checkpoint to write (ois-deploy safetensors)."),
     steps: int = typer.Option(..., "--steps", min=1, help="Optimiser steps (one batch of fresh scenes each)."),
     preset: str = typer.Option("ois-tiny", "--preset", "-p", help="Model to train from scratch (ois-tiny fits a CPU)."),
-    seed: int = typer.Option(0, "--seed", help="Seeds the init and every generated scene and click."),
-    batch_size: int = typer.Option(4, "--batch-size", min=1, help="Scenes per step."),
-    objects_per_scene: int = typer.Option(4, "--objects-per-scene", min=1, help="Objects prompted per scene (one encoder pass)."),
-    lr: float = typer.Option(1e-3, "--lr", help="Peak learning rate (AdamW, warm-up then cosine)."),
-    order_attention: str = typer.Option("bias", "--order-attention", help="bias (OIS) or off (trains the ablation)."),
+    seed: int = typer.Option(TrainSettings.seed, "--seed", help="Seeds the init and every generated scene and click."),
+    batch_size: int = typer.Option(TrainSettings.batch_size, "--batch-size", min=1, help="Scenes per step."),
+    objects_per_scene: int = typer.Option(TrainSettings.objects_per_scene, "--objects-per-scene", min=1,
+                                          help="Objects prompted per scene (one encoder pass)."),
+    lr: float = typer.Option(TrainSettings.lr, "--lr", help="Peak learning rate (AdamW, warm-up then cosine)."),
+    order_attention: str = typer.Option(TrainSettings.order_attention, "--order-attention",
+                                        help="bias (OIS) or off (trains the ablation)."),
     log: Optional[str] = typer.Option(None, "--log", help="Loss log, JSON lines (default: OUT + .log.jsonl)."),
 ):
     """Train OIS on generated depth-ordered scenes (RITM/SegNext iterative protocol, mask and
     depth losses); writes the checkpoint and a loss log."""
     from .model.presets import ORDER_ATTENTION_MODES
-    from .training import TrainSettings
 
     get_preset(preset)
     if order_attention not in ORDER_ATTENTION_MODES:

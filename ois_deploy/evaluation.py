@@ -122,14 +122,17 @@ def noc(ious: list[float], threshold: float, max_clicks: int) -> int:
     return max_clicks
 
 
+def noc_per_object(results: list[ObjectResult], max_clicks: int) -> dict[str, list[int]]:
+    """Each object's NoC at each threshold, keyed "85", "90", "95" as in NoC@85."""
+    return {f"{round(t * 100)}": [noc(r.ious, t, max_clicks) for r in results] for t in IOU_THRESHOLDS}
+
+
 def summarise(results: list[ObjectResult], max_clicks: int = 20) -> dict:
     """NoC@85/90/95, NoF@85/90/95, mIoU@k (k = 1..max_clicks) and seconds per click."""
     if not results:
         return {}
     summary = {}
-    for t in IOU_THRESHOLDS:
-        nocs = [noc(r.ious, t, max_clicks) for r in results]
-        key = f"{round(t * 100)}"
+    for key, nocs in noc_per_object(results, max_clicks).items():
         summary[f"NoC@{key}"] = float(np.mean(nocs))
         summary[f"NoF@{key}"] = int(sum(n >= max_clicks for n in nocs))  # as RITM/SegNext count it
     curves = np.array([r.ious[:max_clicks] for r in results])
