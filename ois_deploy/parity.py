@@ -28,6 +28,7 @@ from .exporters.onnx_export import (
     state_dict_hash,
 )
 from .preprocess import read_image, sigmoid
+from .provenance import machine_info, now_utc, tool_versions
 from .weights import RANDOM_WEIGHTS, load_model
 
 # Relative L2 error and mask IoU thresholds per precision (DESIGN §5); overridable.
@@ -248,24 +249,26 @@ def session_clicks(rng: np.random.Generator, height: int, width: int, count: int
     return clicks
 
 
-def run_session(runner, image: np.ndarray, clicks) -> list[np.ndarray]:
-    """Logits at the image's size after each click, through the Predictor (which feeds back
-    the runner's own previous mask), one [1,H,W] array per click."""
+def compare_sessions(reference, runner, precision: str, images: list[Path], rng) -> Metric:
+    """Part (b): click sessions on real images through the Predictor. Both sides decode each
+    click from the same previous mask, the reference's: the object-aware bias thresholds the
+    pooled previous mask, so with each side feeding back its own mask a 1e-3 difference can flip
+    a token at the threshold and steer the rest of the session away (seen with FP16 on an H100).
+    Divergence over whole sessions is task-level parity: `eval --compare-backend`."""
     from .predictor import Predictor
 
-    predictor = Predictor.from_runner(runner, runner.name)
-    predictor.set_image(image)
-    return [predictor.click(x, y, bool(label)).logits[None] for x, y, label in clicks]
-
-
-def compare_sessions(reference, runner, precision: str, images: list[Path], rng) -> Metric:
-    """Part (b): end-to-end click sessions on real images."""
     metric = Metric(precision, "session/mask_logits")
     for path in images:
         image = read_image(path)
-        clicks = session_clicks(rng, image.shape[0], image.shape[1], SESSION_CLICKS)
-        for got, ref in zip(run_session(runner, image, clicks), run_session(reference, image, clicks)):
-            metric.add(got, ref, masks=True)
+        clicks = [(x, y, bool(label)) for x, y, label in session_clicks(rng, image.shape[0], image.shape[1], SESSION_CLICKS)]
+        ref, got = Predictor.from_runner(reference, "torch"), Predictor.from_runner(runner, runner.name)
+        ref.set_image(image)
+        got.set_image(image)
+        prev = None  # probability at the image's size
+        for k in range(1, len(clicks) + 1):
+            expected = ref.predict(clicks[:k], prev).logits
+            metric.add(got.predict(clicks[:k], prev).logits[None], expected[None], masks=True)
+            prev = sigmoid(expected)
     return metric
 
 
@@ -330,4 +333,7 @@ def verify(
         "failures": failures,
         "tolerances": {p: {**TOLERANCES[p], **((tolerances or {}).get(p, {}))} for p in precisions},
         "images": [str(p) for p in image_paths],
+        "machine": machine_info(),
+        "versions": tool_versions(),
+        "date": now_utc(),
     }

@@ -128,6 +128,7 @@ def test_lint_and_verify_commands(tiny_export, tmp_path, capsys):
     assert data["passed"] is True and data["backend"] == "ort"
     assert {r["output"] for r in data["results"]} >= {"decoder/mask_logits", "session/mask_logits", "encoder/depth"}
     assert set(data["results"][0]) >= {"precision", "output", "max_abs", "rel_l2", "nonfinite", "mask_iou_mean", "mask_iou_min"}
+    assert data["machine"]["cores"] >= 1 and data["versions"]["onnxruntime"] and data["date"].startswith("20")
     assert "PASSED" in out
 
 
