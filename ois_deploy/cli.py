@@ -519,6 +519,8 @@ def train(
     objects_per_scene: int = typer.Option(TrainSettings.objects_per_scene, "--objects-per-scene", min=1,
                                           help="Objects prompted per scene (one encoder pass)."),
     lr: float = typer.Option(TrainSettings.lr, "--lr", help="Peak learning rate (AdamW, warm-up then cosine)."),
+    max_extra_clicks: int = typer.Option(TrainSettings.max_extra_clicks, "--max-extra-clicks", min=0,
+                                         help="Most simulated corrective clicks (no gradient) before the trained one."),
     order_attention: str = typer.Option(TrainSettings.order_attention, "--order-attention",
                                         help="bias (OIS) or off (trains the ablation)."),
     log: Optional[str] = typer.Option(None, "--log", help="Loss log, JSON lines (default: OUT + .log.jsonl)."),
@@ -532,7 +534,7 @@ def train(
         raise UserError(f"--order-attention must be one of {', '.join(ORDER_ATTENTION_MODES)}")
     settings = TrainSettings(
         steps=steps, seed=seed, batch_size=batch_size, objects_per_scene=objects_per_scene, lr=lr,
-        order_attention=order_attention,
+        max_extra_clicks=max_extra_clicks, order_attention=order_attention,
     )
     log_path = log or out + ".log.jsonl"
     console = console_for(None, stderr=True)

@@ -89,7 +89,7 @@ def test_train_command_is_reproducible_and_writes_a_loadable_checkpoint(tmp_path
     for run in ("a", "b"):
         out = tmp_path / f"{run}.safetensors"
         with pytest.raises(SystemExit) as e:
-            main(["train", "--out", str(out), "--steps", "3", "--batch-size", "2", "--seed", "5"])
+            main(["train", "--out", str(out), "--steps", "3", "--batch-size", "2", "--seed", "5", "--max-extra-clicks", "1"])
         assert e.value.code == 0
         paths.append(out)
     log = [json.loads(line) for line in open(str(paths[0]) + ".log.jsonl")]
@@ -105,6 +105,7 @@ def test_train_command_is_reproducible_and_writes_a_loadable_checkpoint(tmp_path
     with safe_open(str(paths[0]), framework="pt") as f:
         training = json.loads(f.metadata()["training"])
     assert training["settings"]["seed"] == 5 and training["settings"]["steps"] == 3
+    assert training["settings"]["max_extra_clicks"] == 1
 
 
 def test_train_command_refuses_bad_arguments(tmp_path, capsys):
