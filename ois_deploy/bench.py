@@ -34,11 +34,16 @@ def _sync(runner) -> None:
         torch.cuda.synchronize()
 
 
-def _ms(fn, runner) -> float:
+def _timed(runner, fn, *args, **kwargs):
+    """(fn's result, its wall time in ms with the runner's GPU work finished)."""
     start = time.perf_counter()
-    fn()
+    out = fn(*args, **kwargs)
     _sync(runner)
-    return (time.perf_counter() - start) * 1000
+    return out, (time.perf_counter() - start) * 1000
+
+
+def _ms(fn, runner) -> float:
+    return _timed(runner, fn)[1]
 
 
 def session_target(height: int, width: int) -> np.ndarray:
@@ -76,14 +81,8 @@ def run_bench(predictor, image: np.ndarray, clicks: int = 20, repeats: int = 5, 
     decode_times: list[float] = []
     inner = runner.decode
 
-    def timed(fn, *args, **kwargs):
-        start = time.perf_counter()
-        out = fn(*args, **kwargs)
-        _sync(runner)
-        return out, (time.perf_counter() - start) * 1000
-
     def timed_decode(*args):
-        out, ms = timed(inner, *args)
+        out, ms = _timed(runner, inner, *args)
         decode_times.append(ms)
         return out
 
@@ -92,11 +91,11 @@ def run_bench(predictor, image: np.ndarray, clicks: int = 20, repeats: int = 5, 
     def session() -> float:
         """One simulated session; returns the model's time in ms (encoder and clicks, pre- and
         post-processing included), not the simulated user's next-click search."""
-        _, total = timed(predictor.set_image, image)
+        _, total = _timed(runner, predictor.set_image, image)
         clicker, pred = Clicker(target), np.zeros(target.shape, bool)
         for _ in range(clicks):
             c = clicker.next_click(pred)
-            prediction, ms = timed(predictor.click, c.x, c.y, c.positive, threshold=PRED_THRESHOLD)
+            prediction, ms = _timed(runner, predictor.click, c.x, c.y, c.positive, threshold=PRED_THRESHOLD)
             pred, total = prediction.mask, total + ms
         return total
 

@@ -261,7 +261,7 @@ def compare_sessions(reference, runner, precision: str, images: list[Path], rng)
     for path in images:
         image = read_image(path)
         clicks = [(x, y, bool(label)) for x, y, label in session_clicks(rng, image.shape[0], image.shape[1], SESSION_CLICKS)]
-        ref, got = Predictor.from_runner(reference, "torch"), Predictor.from_runner(runner, runner.name)
+        ref, got = Predictor.from_runner(reference, reference.name), Predictor.from_runner(runner, runner.name)
         ref.set_image(image)
         got.set_image(image)
         prev = None  # probability at the image's size
