@@ -42,7 +42,7 @@ def _timed(runner, fn, *args, **kwargs):
     return out, (time.perf_counter() - start) * 1000
 
 
-def _ms(fn, runner) -> float:
+def _ms(runner, fn) -> float:
     return _timed(runner, fn)[1]
 
 
@@ -75,7 +75,7 @@ def run_bench(predictor, image: np.ndarray, clicks: int = 20, repeats: int = 5, 
 
     step("encoder")
     runner.encode(tensor)
-    encoder = [_ms(lambda: runner.encode(tensor), runner) for _ in range(repeats)]
+    encoder = [_ms(runner, lambda: runner.encode(tensor)) for _ in range(repeats)]
 
     step(f"{clicks}-click sessions")
     decode_times: list[float] = []
@@ -131,9 +131,9 @@ def run_bench(predictor, image: np.ndarray, clicks: int = 20, repeats: int = 5, 
         sat_runs = max(1, repeats // 3)  # median of a few runs: single runs were noisy on CPUs
         step(f"SAT batched (chunks of {sat_chunk})")
         sat_batched()
-        result["sat_batched_ms"] = float(np.median([_ms(sat_batched, runner) for _ in range(sat_runs)]))
+        result["sat_batched_ms"] = float(np.median([_ms(runner, sat_batched) for _ in range(sat_runs)]))
         step("SAT sequential (256 decoder calls)")
-        result["sat_sequential_ms"] = float(np.median([_ms(sat_sequential, runner) for _ in range(sat_runs)]))
+        result["sat_sequential_ms"] = float(np.median([_ms(runner, sat_sequential) for _ in range(sat_runs)]))
         result["sat_chunk"] = sat_chunk
         result["sat_batched_speedup"] = result["sat_sequential_ms"] / result["sat_batched_ms"]
     return result

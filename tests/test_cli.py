@@ -1,5 +1,6 @@
 """The command line, run in-process through its real entry point."""
 
+import importlib.util
 import json
 import subprocess
 import sys
@@ -210,6 +211,35 @@ def test_compare_clicks_pairs_the_objects(tmp_path):
                           capture_output=True, text=True)
     assert done.returncode == 2 and done.stderr.startswith("error:") and "same objects" in done.stderr
     assert done.stderr.strip().count("\n") == 0 and not (tmp_path / "new.json").exists()
+
+
+def load_script(name: str):
+    """A benchmark script as a module (benchmarks/ is not a package)."""
+    path = Path(__file__).parent.parent / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_breakdown_counts_pieces_and_the_mask_grid_ceiling():
+    """Pieces ignore specks; the ceiling is near 1 for a large box, 0 for a line thinner than a
+    mask-grid cell (ois-tiny: 280 px input, 80x80 logits, so 3.5 input px per cell)."""
+    breakdown = load_script("heldout_breakdown")
+    mask = np.zeros((480, 360), bool)
+    mask[40:200, 40:300] = True
+    assert breakdown.pieces(mask) == 1
+    mask[400, 10] = True  # one pixel: a speck
+    assert breakdown.pieces(mask) == 1
+    mask[300:380, 100:200] = True
+    assert breakdown.pieces(mask) == 2
+    box = np.zeros((480, 360), bool)
+    box[40:200, 40:300] = True
+    assert breakdown.grid_ceiling(box, 280, 80) > 0.97
+    line = np.zeros((480, 360), bool)
+    line[100:400, 180:182] = True  # 2 px wide: 1.2 px in the input frame
+    assert breakdown.grid_ceiling(line, 280, 80) == 0.0
+    assert breakdown.grid_ceiling(line, 280, 280) > breakdown.grid_ceiling(line, 280, 80)
 
 
 PILOT = Path(__file__).parent.parent / "benchmarks" / "pilot_train.py"
