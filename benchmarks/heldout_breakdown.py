@@ -19,7 +19,7 @@ import cv2
 import numpy as np
 
 from ois_deploy.errors import UserError, run_script
-from ois_deploy.evaluation import ObjectResult, read_clicks, summarise
+from ois_deploy.evaluation import ObjectResult, iou, read_clicks, summarise
 from ois_deploy.io import write_json
 from ois_deploy.model import get_preset
 from ois_deploy.preprocess import Frame, fit_to_frame, logits_to_image, logits_to_input_frame
@@ -43,8 +43,7 @@ def grid_ceiling(mask: np.ndarray, input_size: int, mask_size: int) -> float:
     logits, resized back like a prediction (preprocess.logits_to_image)."""
     frame = Frame(mask.shape[0], mask.shape[1], input_size)
     cells = cv2.resize(fit_to_frame(mask.astype(np.float32), frame), (mask_size, mask_size), interpolation=cv2.INTER_AREA)
-    pred = logits_to_image(logits_to_input_frame(20.0 * (cells - 0.5), input_size), frame) > 0
-    return float((pred & mask).sum() / max(1, (pred | mask).sum()))
+    return iou(logits_to_image(logits_to_input_frame(20.0 * (cells - 0.5), input_size), frame) > 0, mask)
 
 
 def brief(rows: list[tuple[ObjectResult, float]]) -> dict:
