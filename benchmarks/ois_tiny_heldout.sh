@@ -4,7 +4,7 @@
 #   1. the bundled model, also broken down by shape and object size, and its first-click errors;
 #   2. the same model with order-aware attention switched off at inference;
 #   3. the ablation trained without order-aware attention (same seed and steps; trained here if
-#      artifacts/train/ois-tiny-no-order.safetensors is missing, 50-70 minutes on 2 cores as
+#      artifacts/train/ois-tiny-no-order.safetensors is missing, 55-75 minutes on 2 cores as
 #      this shared machine's speed goes: delete it after changing the preset or the training),
 #      and 1-3 compared object by object with the bundled model;
 #   4. task-level parity of the ONNX Runtime FP16 graphs against PyTorch FP32 (exported afresh,
@@ -31,7 +31,7 @@ $PY benchmarks/compare_clicks.py $OUT/ois-tiny.clicks.jsonl $OUT/ois-tiny_order-
 $OIS export --preset ois-tiny --out artifacts/ois-tiny
 $OIS eval artifacts/ois-tiny --backend ort --precision fp16 --compare-backend torch --dataset $DATA \
     --json $OUT/ois-tiny_ort-fp16_vs_torch-fp32.json
-[[ -f $ABLATION ]] || $OIS train --preset ois-tiny --out $ABLATION --steps 2500 --seed 0 --order-attention off \
+[[ -f $ABLATION ]] || $OIS train --preset ois-tiny --out $ABLATION --steps 3300 --seed 0 --order-attention off \
     --log benchmarks/results/train/ois-tiny-no-order.log.jsonl
 $OIS eval ois-tiny --checkpoint $ABLATION --dataset $DATA --json $OUT/ois-tiny_trained-without-order.json \
     --save-clicks $OUT/ois-tiny_trained-without-order.clicks.jsonl

@@ -19,8 +19,10 @@ import json
 import math
 import platform
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import cv2
 import numpy as np
@@ -85,10 +87,12 @@ def make_batch(settings: TrainSettings, step: int, size: int) -> Batch:
 
 
 def _sample_pixel(rng: np.random.Generator, weights: np.ndarray) -> tuple[int, int] | None:
-    flat = weights.ravel().astype(np.float64)
-    if flat.sum() <= 0:
+    """A pixel drawn with probability proportional to its weight (inverse CDF: rng.choice with p
+    validates and normalises the whole image on every call, a tenth of a step's host time)."""
+    cdf = np.cumsum(weights, dtype=np.float64)
+    if cdf[-1] <= 0:
         return None
-    index = int(rng.choice(flat.size, p=flat / flat.sum()))
+    index = min(int(np.searchsorted(cdf, rng.uniform(0, cdf[-1]), side="right")), cdf.size - 1)
     return index % weights.shape[1], index // weights.shape[1]  # (x, y)
 
 
@@ -111,9 +115,11 @@ def initial_clicks(rng: np.random.Generator, mask: np.ndarray, valid: np.ndarray
         clicks.append((int(xs[k]), int(ys[k]), 1))
     if not clicks:  # the object vanished when resized: a negative click, the answer is empty
         clicks.append((mask.shape[1] // 2, mask.shape[0] // 2, 0))
+    # Pixels within `radius` of the object: a distance transform, not a dilation with a disk of
+    # that radius (57 px wide at 280 px, several times slower).
     radius = max(3, int(0.1 * mask.shape[0]))
-    band = cv2.dilate(mask.astype(np.uint8), cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * radius + 1,) * 2))
-    band = (band > 0) & ~mask & (valid > 0)
+    to_object = cv2.distanceTransform((~mask).astype(np.uint8), cv2.DIST_L2, cv2.DIST_MASK_PRECISE)
+    band = (to_object <= radius) & ~mask & (valid > 0)
     for _ in range(int(rng.choice([0, 1, 2], p=[0.5, 0.3, 0.2]))):
         xy = _sample_pixel(rng, band)
         if xy:
@@ -124,13 +130,13 @@ def initial_clicks(rng: np.random.Generator, mask: np.ndarray, valid: np.ndarray
 def pack_clicks(clicks: list[list[tuple[int, int, int]]]) -> tuple[Tensor, Tensor]:
     """Per-sample click lists -> coords [B,N,2] float32, labels [B,N] (-1 pads short lists)."""
     n = max(len(c) for c in clicks)
-    coords = torch.zeros(len(clicks), n, 2)
-    labels = torch.full((len(clicks), n), -1, dtype=torch.int32)
+    coords = np.zeros((len(clicks), n, 2), np.float32)
+    labels = np.full((len(clicks), n), -1, np.int32)
     for b, sample in enumerate(clicks):
-        for j, (x, y, label) in enumerate(sample):
-            coords[b, j] = torch.tensor([x, y], dtype=torch.float32)
-            labels[b, j] = label
-    return coords, labels
+        if sample:
+            coords[b, : len(sample)] = [xy for *xy, _ in sample]
+            labels[b, : len(sample)] = [label for *_, label in sample]
+    return torch.from_numpy(coords), torch.from_numpy(labels)
 
 
 def logits_at_input(logits: Tensor, size: int) -> Tensor:
@@ -179,14 +185,30 @@ def learning_rate(settings: TrainSettings, step: int) -> float:
     return settings.lr * (0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * t)))
 
 
-def train_step(model: OIS, optimizer, settings: TrainSettings, step: int) -> dict:
-    size = model.cfg.input_size
+class StepInput(NamedTuple):
+    """Everything a step needs before the model runs: host work only, so the next step's is
+    prepared on a second thread while this one trains (see `train`)."""
+
+    batch: Batch
+    valid: Tensor  # [B*K,1,S,S] the batch's valid area per prompt set
+    masks_np: np.ndarray  # [B*K,S,S] bool targets, for the simulated clicks
+    clicks: list[list[tuple[int, int, int]]]  # initial clicks per prompt set
+    rng: np.random.Generator  # the step's click stream, continued by the step itself
+
+
+def prepare_step(settings: TrainSettings, step: int, size: int) -> StepInput:
     batch = make_batch(settings, step, size)
     rng = np.random.default_rng([TRAIN_STREAM, settings.seed, step, settings.batch_size])
-    k = settings.objects_per_scene
-    valid = batch.valid.repeat_interleave(k, dim=0)
+    valid = batch.valid.repeat_interleave(settings.objects_per_scene, dim=0)
     masks_np, valid_np = batch.masks[:, 0].numpy() > 0.5, valid[:, 0].numpy()
     clicks = [initial_clicks(rng, m, v) for m, v in zip(masks_np, valid_np)]
+    return StepInput(batch, valid, masks_np, clicks, rng)
+
+
+def train_step(model: OIS, optimizer, settings: TrainSettings, step: int, prepared: StepInput | None = None) -> dict:
+    size = model.cfg.input_size
+    batch, valid, masks_np, clicks, rng = prepared or prepare_step(settings, step, size)
+    k = settings.objects_per_scene
 
     state = model.encode(batch.images)
     # one image state per prompt set (decode takes a state of batch P)
@@ -237,6 +259,14 @@ def build_model(preset: str | OISConfig, settings: TrainSettings) -> OIS:
     return OIS(cfg).set_order_attention(settings.order_attention)
 
 
+def start_training(preset: str | OISConfig, settings: TrainSettings) -> tuple[OIS, torch.optim.Optimizer]:
+    """The model in training mode and its optimiser. channels_last: oneDNN's convolutions with
+    few channels (24 in ois-tiny's heads) make a step 15% faster in that layout; `train` writes
+    the checkpoint contiguous."""
+    model = build_model(preset, settings).train().to(memory_format=torch.channels_last)
+    return model, torch.optim.AdamW(model.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
+
+
 def train(preset: str | OISConfig, settings: TrainSettings, out: str | Path, log_path: str | Path, progress=None) -> dict:
     """Train and write the checkpoint (ours, safetensors) and a JSON-lines loss log. `preset` is
     a preset's name or a config (pilots of a changed preset). `progress(step, record)` is called
@@ -249,18 +279,25 @@ def train(preset: str | OISConfig, settings: TrainSettings, out: str | Path, log
             raise UserError(f"output folder does not exist: {path.parent}")
     if settings.steps < 1:
         raise UserError("--steps must be at least 1")
-    model = build_model(preset, settings).train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
+    model, optimizer = start_training(preset, settings)
     start = time.perf_counter()
     tmp_log = log_path.with_name(log_path.name + ".tmp")
-    with open(tmp_log, "w", buffering=1) as log:  # line-buffered: the log can be followed live
+    size = model.cfg.input_size
+    # One worker prepares step n+1's scenes and clicks while step n trains: that host work is
+    # single-threaded, so it fills the gaps between the model's parallel ops. Each step's input
+    # depends only on its seed words, so this changes no result.
+    with open(tmp_log, "w", buffering=1) as log, ThreadPoolExecutor(1) as worker:  # log: line-buffered, followed live
+        upcoming = worker.submit(prepare_step, settings, 0, size)
         for step in range(settings.steps):
-            record = train_step(model, optimizer, settings, step)
+            prepared = upcoming.result()
+            if step + 1 < settings.steps:
+                upcoming = worker.submit(prepare_step, settings, step + 1, size)
+            record = train_step(model, optimizer, settings, step, prepared)
             record["seconds"] = round(time.perf_counter() - start, 2)
             log.write(json.dumps(record) + "\n")
             if progress:
                 progress(step, record)
-    model.eval()
+    model.eval().to(memory_format=torch.contiguous_format)
     summary = {
         "preset": model.cfg.name,
         "settings": asdict(settings),

@@ -271,3 +271,31 @@ def test_pilot_script_trains_the_changed_preset_and_scores_it(tmp_path, capsys):
     with safe_open(str(tmp_path / "artifacts" / "pilots" / "p.safetensors"), framework="pt") as f:
         settings = json.loads(f.metadata()["training"])["settings"]
     assert settings["objects_per_scene"] == 2 and settings["lr"] == 1.0 and settings["batch_size"] == 4
+
+
+TRAIN_SPEED = Path(__file__).parent.parent / "benchmarks" / "train_speed.py"
+
+
+@pytest.mark.slow
+def test_train_speed_times_the_tree_against_a_revision(tmp_path):
+    """Both trees really train (each run checks it imported its own tree's code) and the ratio
+    is of the two means; the temporary worktree is gone afterwards."""
+    out = tmp_path / "speed.json"
+    worktrees = lambda: subprocess.run(["git", "-C", str(TRAIN_SPEED.parent), "worktree", "list"],  # noqa: E731
+                                       capture_output=True, text=True).stdout
+    before = worktrees()
+    done = subprocess.run([sys.executable, str(TRAIN_SPEED), "--base", "HEAD", "--steps", "1", "--rounds", "1",
+                           "--json", str(out)], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    report = json.loads(out.read_text())
+    current, base = report["current"]["seconds_per_step"], report["base"]["seconds_per_step"]
+    assert current > 0 and base > 0 and report["ratio_current_to_base"] == round(current / base, 3)
+    assert len(report["runs_seconds"]["base"]) == 1 and report["machine"]["cores"] and report["date"]
+    assert worktrees() == before
+
+
+def test_train_speed_refuses_an_unknown_revision(tmp_path):
+    done = subprocess.run([sys.executable, str(TRAIN_SPEED), "--base", "no-such-revision", "--json", str(tmp_path / "s.json")],
+                          capture_output=True, text=True)
+    assert done.returncode == 2 and done.stderr.startswith("error:") and "no-such-revision" in done.stderr
+    assert done.stderr.strip().count("\n") == 0 and not (tmp_path / "s.json").exists()

@@ -80,6 +80,57 @@ def test_disks_on_the_mask_grid_match_the_pixel_disks():
         assert abs(cx - x) < cell and abs(cy - y) < cell
 
 
+def test_disks_match_a_disk_drawn_around_each_click_of_its_kind():
+    """disks() takes the nearest click of each kind; it must equal drawing every disk on its own
+    (the straightforward rendering it replaced) pixel for pixel, padding clicks drawing nothing."""
+    cfg = get_preset("ois-tiny")
+    prompts = OIS(cfg).decoder.prompts
+    g = torch.Generator().manual_seed(0)
+    coords = torch.randint(0, cfg.input_size, (3, 6, 2), generator=g).float()
+    labels = torch.randint(-1, 2, (3, 6), generator=g)
+    kinds = click_kinds(labels)
+    for side in (cfg.input_size, cfg.mask_size):
+        ramp = (torch.arange(side) + 0.5) * cfg.input_size / side - 0.5
+        d2 = (ramp.view(1, 1, 1, -1) - coords[..., 0, None, None]) ** 2 + (ramp.view(1, 1, -1, 1) - coords[..., 1, None, None]) ** 2
+        inside = (d2 <= cfg.disk_radius**2).float()
+        drawn = [(inside * k[..., None, None]).amax(dim=1) for k in (kinds.pos, kinds.neg)]
+        assert torch.equal(prompts.disks(coords, kinds, side), torch.stack(drawn, dim=1))
+    assert prompts.disks(coords, click_kinds(torch.full((3, 6), -1))).sum() == 0
+
+
+def test_fusion_blocks_equal_dav2s_resize_then_out_conv():
+    """FeatureFusionBlock applies out_conv (1x1) before the bilinear resize, DAv2 after it: the
+    same function up to float rounding."""
+    block = OIS(get_preset("ois-tiny")).depth_head.scratch.refinenet2.eval()
+    g = torch.Generator().manual_seed(0)
+    x, skip = torch.randn(2, 24, 20, 20, generator=g), torch.randn(2, 24, 20, 20, generator=g)
+    with torch.no_grad():
+        dav2 = block.out_conv(torch.nn.functional.interpolate(block.resConfUnit2(x + skip), size=(40, 40), mode="bilinear", align_corners=True))
+        torch.testing.assert_close(block(x, skip, (40, 40)), dav2, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(block(x, skip, (20, 20)), block.out_conv(block.resConfUnit2(x + skip)))
+
+
+def test_depth_output_at_the_fusion_grid_is_resized_to_the_input():
+    """ois-tiny runs the depth head's last convs at the fusion grid (8x the tokens) and resizes
+    the one-channel depth to S; other presets keep DAv2's order (the official weights)."""
+    cfg = get_preset("ois-tiny")
+    assert cfg.depth_head.output_at_fusion_grid
+    assert not any(get_preset(p).depth_head.output_at_fusion_grid for p in ("ois-s-1024", "ois-b-1024", "ois-l-1024"))
+    model = OIS(cfg).eval()
+    g = torch.Generator().manual_seed(0)
+    maps = [torch.randn(1, cfg.encoder.embed_dim, cfg.grid, cfg.grid, generator=g) for _ in range(4)]
+    full = OIS(dataclasses.replace(cfg, depth_head=dataclasses.replace(cfg.depth_head, output_at_fusion_grid=False))).eval()
+    full.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        coarse, fine = model.depth_head(maps, cfg.input_size), full.depth_head(maps, cfg.input_size)
+    assert coarse.shape == fine.shape == (1, 1, cfg.input_size, cfg.input_size)
+    # the same weights give nearly the same map: only where the convs run differs
+    assert (coarse - fine).abs().mean() < 0.05 * fine.abs().mean() and not torch.equal(coarse, fine)
+    saved = cfg.to_dict()
+    del saved["depth_head"]["output_at_fusion_grid"]  # checkpoints from before the field
+    assert not OISConfig.from_dict(saved).depth_head.output_at_fusion_grid
+
+
 def test_checkpoints_from_before_mask_prompts_pixel_stem_and_token_skip_load_without_them():
     """A config saved before the fields existed (ois-tiny v2) means the old decoder."""
     saved = get_preset("ois-tiny").to_dict()

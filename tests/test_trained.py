@@ -51,8 +51,8 @@ def heldout(tmp_path_factory):
 
 
 def test_trained_weights_segment_unseen_scenes(heldout):
-    """Floors with a margin under what the bundled weights reach on these 16 objects (0.72 after
-    1 click, 0.895 after 5); random weights reach 0.075 at both, so a broken checkpoint, loader
+    """Floors with a margin under what the bundled weights reach on these 16 objects (0.74 after
+    1 click, 0.897 after 5); random weights reach 0.075 at both, so a broken checkpoint, loader
     or decoder fails."""
     predictor = Predictor("ois-tiny")
     results = [run_object(predictor, *sample.load(), sample.name, max_clicks=5) for sample in heldout]

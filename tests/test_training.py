@@ -9,6 +9,10 @@ import torch
 from ois_deploy.cli import main
 from ois_deploy.training import (
     TrainSettings,
+    _sample_pixel,
+    start_training,
+    train,
+    train_step,
     initial_clicks,
     make_batch,
     mask_loss,
@@ -51,6 +55,27 @@ def test_initial_clicks_fall_inside_and_near_the_object(rng):
                 assert 30 - 11 <= y < 60 + 11 and 40 - 11 <= x < 80 + 11
     coords, labels = pack_clicks([[(1, 2, 1)], [(3, 4, 1), (5, 6, 0)]])
     assert coords.shape == (2, 2, 2) and labels.tolist() == [[1, -1], [1, 0]]
+
+
+def test_pixels_are_drawn_in_proportion_to_their_weights(rng):
+    weights = np.zeros((4, 5))
+    weights[1, 2], weights[3, 0] = 1.0, 3.0
+    draws = [_sample_pixel(rng, weights) for _ in range(2000)]
+    assert set(draws) == {(2, 1), (0, 3)}  # (x, y); zero weights are never drawn
+    assert 0.22 < draws.count((2, 1)) / len(draws) < 0.28
+    assert _sample_pixel(rng, np.zeros((4, 5))) is None
+
+
+def test_preparing_the_next_step_ahead_changes_no_weight(tmp_path):
+    """`train` prepares step n+1's scenes and clicks on a worker thread while step n trains; the
+    weights equal those of the plain loop, step after step on one thread."""
+    settings = TrainSettings(steps=2, seed=2, batch_size=1, objects_per_scene=2, max_extra_clicks=1)
+    train("ois-tiny", settings, tmp_path / "w.safetensors", tmp_path / "log.jsonl")
+    model, optimizer = start_training("ois-tiny", settings)
+    for step in range(settings.steps):
+        train_step(model, optimizer, settings, step)
+    trained = read_checkpoint(tmp_path / "w.safetensors").state_dict
+    assert all(torch.equal(trained[k], v) for k, v in model.state_dict().items())
 
 
 def test_batches_are_seeded_and_padded_like_inference():

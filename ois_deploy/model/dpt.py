@@ -34,9 +34,13 @@ class FeatureFusionBlock(nn.Module):
     def forward(self, x: Tensor, skip_res: Tensor | None, size: tuple[int, int]) -> Tensor:
         if skip_res is not None:
             x = x + skip_res
-        x = self.resConfUnit2(x)
-        x = F.interpolate(x, size=size, mode="bilinear", align_corners=True)
-        return self.out_conv(x)
+        # DAv2 resizes, then applies out_conv. A 1x1 conv commutes with a bilinear resize (whose
+        # weights sum to 1), so it runs on the smaller map first: the same function, up to float
+        # rounding, at a quarter of the cost. A resize to the same size is the identity.
+        x = self.out_conv(self.resConfUnit2(x))
+        if tuple(x.shape[-2:]) == tuple(size):
+            return x
+        return F.interpolate(x, size=size, mode="bilinear", align_corners=True)
 
 
 class Scratch(nn.Module):
@@ -58,6 +62,7 @@ class DPTHead(nn.Module):
 
     def __init__(self, in_channels: int, cfg: DPTConfig, level4_in_channels: int | None = None, out_relu=True):
         super().__init__()
+        self.output_at_fusion_grid = cfg.output_at_fusion_grid
         oc = cfg.out_channels
         ins = [in_channels] * 3 + [level4_in_channels or in_channels]
         self.projects = nn.ModuleList(nn.Conv2d(i, o, 1) for i, o in zip(ins, oc))
@@ -111,5 +116,7 @@ class DPTHead(nn.Module):
     def forward(self, maps: list[Tensor], out_size: int) -> Tensor:
         """Depth from the four [B,D,h,w] token maps -> [B,1,out_size,out_size] (ReLU'd disparity)."""
         x = self.fuse(maps[3], self.skips(maps[:3]))
+        if self.output_at_fusion_grid:
+            return F.interpolate(self.output(x), size=(out_size, out_size), mode="bilinear", align_corners=True)
         x = F.interpolate(x, size=(out_size, out_size), mode="bilinear", align_corners=True)
         return self.output(x)

@@ -34,6 +34,10 @@ class DPTConfig:
 
     features: int
     out_channels: tuple[int, int, int, int]
+    # False (DAv2): resize the fused features to the input size, then run output_conv2 there.
+    # True: run output_conv2 at the fusion's own grid (8x the tokens) and resize the one-channel
+    # depth: a third of the pixels at 280 px, where those convs were the costliest of training.
+    output_at_fusion_grid: bool = False
 
 
 @dataclass(frozen=True)
@@ -149,7 +153,7 @@ PRESETS: dict[str, OISConfig] = {
         "ois-tiny",
         280,
         TINY_VIT,
-        DPTConfig(features=24, out_channels=(24, 48, 96, 128)),
+        DPTConfig(features=24, out_channels=(24, 48, 96, 128), output_at_fusion_grid=True),
         # Click disks of 5.5 px: at 280 px the default 5 px @ 1024 would be a 1.4 px disk, a few
         # of the 196 pixels its 14x14 patch embedding sees, too weak a signal to learn from quickly.
         # mask_prompts: the clicks and previous mask reach the 80x80 mask head directly, so later
