@@ -35,10 +35,15 @@ print(json.dumps({"seconds": summary["seconds"], "module": t.__file__}))
 """
 
 
+def last_line(text: str) -> str:
+    """The line a failed subprocess ends its stderr with (the one-line error's reason)."""
+    return (text.strip().splitlines() or ["no message"])[-1]
+
+
 def git(*args: str) -> str:
     result = subprocess.run(["git", "-C", str(REPO), *args], capture_output=True, text=True)
     if result.returncode:
-        raise UserError(f"git {args[0]} failed: {(result.stderr.strip().splitlines() or ['no message'])[-1]}")
+        raise UserError(f"git {args[0]} failed: {last_line(result.stderr)}")
     return result.stdout.strip()
 
 
@@ -47,7 +52,7 @@ def timed_run(tree: Path, steps: int) -> float:
     env = dict(os.environ, PYTHONPATH=str(tree))
     result = subprocess.run([sys.executable, "-c", TIMED_RUN, str(steps)], capture_output=True, text=True, env=env, cwd=tree)
     if result.returncode:
-        raise UserError(f"training in {tree} failed: {result.stderr.strip().splitlines()[-1]}")
+        raise UserError(f"training in {tree} failed: {last_line(result.stderr)}")
     run = json.loads(result.stdout.strip().splitlines()[-1])
     if not Path(run["module"]).resolve().is_relative_to(tree.resolve()):
         raise UserError(f"the run in {tree} imported {run['module']} instead of its own code")
