@@ -1,6 +1,7 @@
 """Paired comparison of two models on the same objects, from their `ois-deploy eval --save-clicks`
 files: per-object differences of NoC@85/90/95 and IoU after 1, 5 and 10 clicks, with a 95%
-bootstrap interval over objects (resampled in pairs), and how many objects each model did better on.
+bootstrap interval over objects (resampled in pairs), and how many objects each model did better on;
+the JSON also gives each model's own mean with its interval over the same resamples.
 One run per model says little when the means differ by a few hundredths; pairing the objects
 shows whether a difference is larger than the object-to-object spread (README, the ablation).
 
@@ -33,11 +34,15 @@ def per_object(results: list[ObjectResult], max_clicks: int) -> dict[str, np.nda
 def paired(a: np.ndarray, b: np.ndarray, lower_is_better: bool, resamples: int, seed: int) -> dict:
     diff = b - a
     rng = np.random.default_rng(seed)
-    means = diff[rng.integers(len(diff), size=(resamples, len(diff)))].mean(axis=1)
+    rows = rng.integers(len(diff), size=(resamples, len(diff)))
+    means = diff[rows].mean(axis=1)
+    interval = lambda m: [round(float(v), 4) for v in np.percentile(m, [2.5, 97.5])]  # noqa: E731
     b_better = diff < 0 if lower_is_better else diff > 0
     a_better = diff > 0 if lower_is_better else diff < 0
     return {"a": round(float(a.mean()), 4), "b": round(float(b.mean()), 4), "b_minus_a": round(float(diff.mean()), 4),
-            "ci95": [round(float(v), 4) for v in np.percentile(means, [2.5, 97.5])],
+            "ci95": interval(means),
+            # each model's own mean over the same resamples: how far the set's objects pin it down
+            "a_ci95": interval(a[rows].mean(axis=1)), "b_ci95": interval(b[rows].mean(axis=1)),
             "b_better": int(b_better.sum()), "a_better": int(a_better.sum()), "equal": int((diff == 0).sum())}
 
 

@@ -13,8 +13,8 @@ import torch
 from safetensors import safe_open
 
 from ois_deploy.cli import main
-from ois_deploy.model import get_preset
-from ois_deploy.weights import load_model
+from ois_deploy.model import OIS, get_preset
+from ois_deploy.weights import load_model, save_checkpoint
 
 from conftest import synthetic_dav2_state_dict
 
@@ -206,6 +206,9 @@ def test_compare_clicks_pairs_the_objects(tmp_path):
     assert m["IoU@1"]["b_minus_a"] == round((0.2 - 0.15) / 3, 4) and "IoU@10" not in m
     low, high = m["IoU@5"]["ci95"]
     assert low <= m["IoU@5"]["b_minus_a"] <= high and low < high
+    # each model's own interval, from resampling its three objects: within their range, around the mean
+    (a_low, a_high), (b_low, b_high) = m["IoU@5"]["a_ci95"], m["IoU@5"]["b_ci95"]
+    assert 0.9 <= a_low < m["IoU@5"]["a"] < a_high <= 0.95 and 0.8 <= b_low < m["IoU@5"]["b"] < b_high <= 0.92
     write_sessions(b, {"o1": [0.5] * 5, "o2": [0.5] * 5})
     done = subprocess.run([sys.executable, str(script), str(a), str(b), "--json", str(tmp_path / "new.json")],
                           capture_output=True, text=True)
@@ -299,3 +302,40 @@ def test_train_speed_refuses_an_unknown_revision(tmp_path):
                           capture_output=True, text=True)
     assert done.returncode == 2 and done.stderr.startswith("error:") and "no-such-revision" in done.stderr
     assert done.stderr.strip().count("\n") == 0 and not (tmp_path / "s.json").exists()
+
+
+RETRAIN_CHECK = Path(__file__).parent.parent / "benchmarks" / "retrain_check.py"
+
+
+def retrain_check(reference, rerun, out):
+    return subprocess.run([sys.executable, str(RETRAIN_CHECK), "--reference", f"{reference}.safetensors",
+                           "--reference-log", f"{reference}.jsonl", "--rerun", f"{rerun}.safetensors",
+                           "--rerun-log", f"{rerun}.jsonl", "--json", str(out)], capture_output=True, text=True)
+
+
+def test_retrain_check_tells_a_reproduced_training_from_another_seed(tmp_path, capsys):
+    for name, seed in (("a", 0), ("b", 0), ("c", 1)):
+        argv = ["train", "--preset", "ois-tiny", "--steps", "2", "--seed", str(seed),
+                "--out", str(tmp_path / f"{name}.safetensors"), "--log", str(tmp_path / f"{name}.jsonl")]
+        assert run(argv, capsys)[0] == 0
+    same = retrain_check(tmp_path / "a", tmp_path / "b", tmp_path / "same.json")
+    assert same.returncode == 0, same.stderr
+    report = json.loads((tmp_path / "same.json").read_text())
+    assert report["reproduced"] and report["log"]["records"] == [2, 2] and report["weights"]["tensors"] > 100
+    assert all(s > 0 for s in report["training_seconds"].values())
+    other = retrain_check(tmp_path / "a", tmp_path / "c", tmp_path / "other.json")
+    assert other.returncode == 1, other.stderr
+    report = json.loads((tmp_path / "other.json").read_text())
+    assert not report["reproduced"] and report["log"]["first_differing_record"] == 0
+    assert report["weights"]["differing"] and report["weights"]["max_abs_difference"] > 0
+
+
+def test_retrain_check_rejects_a_missing_log_and_a_foreign_file(tmp_path):
+    (tmp_path / "a.safetensors").write_bytes(b"not a checkpoint")
+    (tmp_path / "a.jsonl").write_text("{}\n")
+    done = retrain_check(tmp_path / "a", tmp_path / "a", tmp_path / "r.json")
+    assert done.returncode == 2 and done.stderr.startswith("error:") and done.stderr.strip().count("\n") == 0
+    save_checkpoint(OIS(get_preset("ois-tiny")), tmp_path / "b.safetensors")  # no log beside it
+    done = retrain_check(tmp_path / "b", tmp_path / "b", tmp_path / "r.json")
+    assert done.returncode == 2 and "loss log not found" in done.stderr and done.stderr.strip().count("\n") == 0
+    assert not (tmp_path / "r.json").exists()
