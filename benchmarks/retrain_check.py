@@ -29,11 +29,16 @@ CLOCK_FIELDS = {"seconds"}  # differ between runs by nature
 
 def read_log(path: str) -> list[dict]:
     try:
-        return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+        records = [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
     except FileNotFoundError:
         raise UserError(f"loss log not found: {path}") from None
+    except OSError as e:
+        raise UserError(f"cannot read loss log {path}: {e.strerror}") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise UserError(f"loss log {path} is not JSON lines: {e}") from None
+    if not all(isinstance(r, dict) for r in records):
+        raise UserError(f"loss log {path} is not a training log: its lines must be JSON objects")
+    return records
 
 
 def training_seconds(path: str) -> float | None:

@@ -338,4 +338,12 @@ def test_retrain_check_rejects_a_missing_log_and_a_foreign_file(tmp_path):
     save_checkpoint(OIS(get_preset("ois-tiny")), tmp_path / "b.safetensors")  # no log beside it
     done = retrain_check(tmp_path / "b", tmp_path / "b", tmp_path / "r.json")
     assert done.returncode == 2 and "loss log not found" in done.stderr and done.stderr.strip().count("\n") == 0
+    for log in ("[1, 2]\n", "not json\n"):  # JSON that is not a record, and no JSON at all
+        (tmp_path / "b.jsonl").write_text(log)
+        done = retrain_check(tmp_path / "b", tmp_path / "b", tmp_path / "r.json")
+        assert done.returncode == 2 and "loss log" in done.stderr and done.stderr.strip().count("\n") == 0
+    (tmp_path / "b.jsonl").unlink()
+    (tmp_path / "b.jsonl").mkdir()  # a folder where the log should be
+    done = retrain_check(tmp_path / "b", tmp_path / "b", tmp_path / "r.json")
+    assert done.returncode == 2 and "cannot read loss log" in done.stderr and done.stderr.strip().count("\n") == 0
     assert not (tmp_path / "r.json").exists()
