@@ -41,15 +41,6 @@ def read_log(path: str) -> list[dict]:
     return records
 
 
-def training_seconds(path: str) -> float | None:
-    """The training loop's seconds, as `train` recorded them in the checkpoint's metadata."""
-    from safetensors import safe_open
-
-    with safe_open(path, framework="pt") as f:
-        training = (f.metadata() or {}).get("training")
-    return json.loads(training).get("seconds") if training else None
-
-
 def compare_weights(reference: dict[str, torch.Tensor], rerun: dict[str, torch.Tensor]) -> dict:
     keys = sorted(set(reference) | set(rerun))
     differing = [k for k in keys if k not in reference or k not in rerun
@@ -93,7 +84,8 @@ def main() -> None:
         "reproduced": weights["identical"] and logs["identical"],
         "weights": weights,
         "log": logs,
-        "training_seconds": {"reference": training_seconds(args.reference), "rerun": training_seconds(args.rerun)},
+        # the training loop's seconds, as `train` recorded them in each checkpoint
+        "training_seconds": {name: (loaded.training or {}).get("seconds") for name, loaded in files.items()},
         "files": {k: getattr(args, k) for k in ("reference", "reference_log", "rerun", "rerun_log")},
         "machine": machine_info(),
         "versions": tool_versions(),

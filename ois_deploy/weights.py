@@ -76,6 +76,7 @@ class LoadedFile:
     state_dict: dict[str, torch.Tensor]
     config: OISConfig | None = None
     variant: str | None = None  # Depth Anything V2 family of a dav2 file
+    training: dict | None = None  # how `train` made an ois-safetensors file (save_checkpoint)
 
 
 def _is_safetensors(path: Path) -> bool:
@@ -105,7 +106,8 @@ def read_checkpoint(path: str | os.PathLike) -> LoadedFile:
                 state = {k: f.get_tensor(k) for k in f.keys()}
             config = meta.get("ois_config")
             if meta.get("format") == FORMAT_TAG and config:
-                return LoadedFile("ois-safetensors", state, OISConfig.from_dict(json.loads(config)))
+                training = json.loads(meta["training"]) if "training" in meta else None
+                return LoadedFile("ois-safetensors", state, OISConfig.from_dict(json.loads(config)), training=training)
         else:
             obj = torch.load(path, map_location="cpu", weights_only=True)
             if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict) and isinstance(obj.get("config"), dict):

@@ -116,7 +116,5 @@ class DPTHead(nn.Module):
     def forward(self, maps: list[Tensor], out_size: int) -> Tensor:
         """Depth from the four [B,D,h,w] token maps -> [B,1,out_size,out_size] (ReLU'd disparity)."""
         x = self.fuse(maps[3], self.skips(maps[:3]))
-        if self.output_at_fusion_grid:
-            return F.interpolate(self.output(x), size=(out_size, out_size), mode="bilinear", align_corners=True)
-        x = F.interpolate(x, size=(out_size, out_size), mode="bilinear", align_corners=True)
-        return self.output(x)
+        resize = lambda t: F.interpolate(t, size=(out_size, out_size), mode="bilinear", align_corners=True)  # noqa: E731
+        return resize(self.output(x)) if self.output_at_fusion_grid else self.output(resize(x))
