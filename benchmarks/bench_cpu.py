@@ -19,13 +19,13 @@ from pathlib import Path
 
 import numpy as np
 
-from ois_deploy.engines.ort import OrtRunner
+from ois_deploy.runtime.ort_backend import OrtRunner
 from ois_deploy.errors import run_script
-from ois_deploy.exporters.onnx_export import ExportRequest, export_model, read_manifest, state_dict_hash
+from ois_deploy.export.onnx import ExportRequest, export_model, read_manifest, state_dict_hash
 from ois_deploy.model.precision import to_fp16
-from ois_deploy.predictor import TorchRunner
+from ois_deploy.runtime.torch_backend import TorchRunner
 from ois_deploy.provenance import machine_info, now_utc, tool_versions
-from ois_deploy.weights import load_model, weights_provenance
+from ois_deploy.model.weights import load_model, weights_provenance
 
 RESULTS = Path(__file__).parent / "results"
 EXPORTS = Path("artifacts/bench")

@@ -3,7 +3,7 @@ files: per-object differences of NoC@85/90/95 and IoU after 1, 5 and 10 clicks, 
 bootstrap interval over objects (resampled in pairs), and how many objects each model did better on;
 the JSON also gives each model's own mean with its interval over the same resamples.
 One run per model says little when the means differ by a few hundredths; pairing the objects
-shows whether a difference is larger than the object-to-object spread (README, the ablation).
+shows whether a difference is larger than the object-to-object spread (docs/model-card-ois-tiny.md, the ablation).
 
     python benchmarks/compare_clicks.py A.clicks.jsonl B.clicks.jsonl [--labels A B] [--json OUT]
 """
@@ -15,7 +15,7 @@ import argparse
 import numpy as np
 
 from ois_deploy.errors import UserError, run_script
-from ois_deploy.evaluation import ObjectResult, noc_per_object, read_clicks
+from ois_deploy.evaluate.metrics import ObjectResult, noc_per_object, read_clicks
 from ois_deploy.io import write_json
 from ois_deploy.provenance import machine_info, now_utc, tool_versions
 

@@ -1,6 +1,6 @@
 """How the first click's mask goes wrong on held-out scenes, by shape: precision (does it bleed
 out of the object?), recall (does it cover the whole object?) and where its false positives land
-(on other objects or on the background). The click is the evaluation's first click (DESIGN §6);
+(on other objects or on the background). The click is the evaluation's first click (docs/design.md §6);
 the scenes are regenerated from the seed, as `ois-deploy scenes` writes them.
 
     python benchmarks/first_click_errors.py --seed 0 --count 60 --json OUT.json [--checkpoint CKPT]
@@ -16,10 +16,10 @@ from rich.progress import track
 
 from ois_deploy import Predictor
 from ois_deploy.errors import run_script
-from ois_deploy.evaluation import PRED_THRESHOLD, Clicker
+from ois_deploy.evaluate.clicker import PRED_THRESHOLD, Clicker
 from ois_deploy.io import write_json
 from ois_deploy.provenance import machine_info, now_utc, tool_versions
-from ois_deploy.synthetic import HELDOUT_MIN_AREA, heldout_scene
+from ois_deploy.train.scenes import HELDOUT_MIN_AREA, heldout_scene
 
 
 def first_click_errors(predictor: Predictor, scene) -> list[tuple[str, dict]]:
@@ -50,7 +50,7 @@ def main() -> None:
     parser.add_argument("--json", help="write the figures here")
     args = parser.parse_args()
 
-    predictor = Predictor("ois-tiny", checkpoint=args.checkpoint)
+    predictor = Predictor.open("ois-tiny", checkpoint=args.checkpoint)
     by_shape = defaultdict(list)
     for index in track(range(args.count), description="first clicks"):
         for shape, row in first_click_errors(predictor, heldout_scene(args.seed, index)):

@@ -19,12 +19,12 @@ import cv2
 import numpy as np
 
 from ois_deploy.errors import UserError, run_script
-from ois_deploy.evaluation import ObjectResult, iou, read_clicks, summarise
+from ois_deploy.evaluate.metrics import ObjectResult, iou, read_clicks, summarise
 from ois_deploy.io import write_json
 from ois_deploy.model import get_preset
-from ois_deploy.preprocess import Frame, fit_to_frame, logits_to_image, logits_to_input_frame
+from ois_deploy.runtime.preprocess import Frame, fit_to_frame, logits_to_image, logits_to_input_frame
 from ois_deploy.provenance import machine_info, now_utc, tool_versions
-from ois_deploy.synthetic import heldout_scene
+from ois_deploy.train.scenes import heldout_scene
 
 SIZE_BUCKETS = ((0.0, 0.03, "under 3%"), (0.03, 0.10, "3-10%"), (0.10, 1.01, "10% and over"))
 PIECE_SHARE = 0.02  # a connected part holding less of the object's pixels is a speck, not a piece
@@ -47,7 +47,7 @@ def grid_ceiling(mask: np.ndarray, input_size: int, mask_size: int) -> float:
 
 
 def brief(rows: list[tuple[ObjectResult, float]]) -> dict:
-    """The evaluation's own summary (DESIGN §6), reduced to the figures compared here, and the
+    """The evaluation's own summary (docs/design.md §6), reduced to the figures compared here, and the
     group's mask-grid ceiling (mean, and how many objects cannot reach 90% at that grid).
     rows: (result, ceiling) per object."""
     results, ceilings = [r for r, _ in rows], np.array([c for _, c in rows])

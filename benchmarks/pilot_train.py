@@ -1,6 +1,6 @@
 """Pilot a change to ois-tiny before spending an hour on a full training run: train the preset
 with some config fields replaced, for a few hundred steps, and score it on the first held-out
-objects with few clicks (README, "Training the bundled ois-tiny weights": the pilots).
+objects with few clicks (docs/model-card-ois-tiny.md).
 
     python benchmarks/pilot_train.py NAME --steps 500 [--set decoder.token_skip=false]
         [--set input_size=280 --set encoder.patch_size=10 --set encoder.pretrained_grid=28]
@@ -20,16 +20,18 @@ import json
 from pathlib import Path
 
 import torch
+from rich.console import Console
+from rich.progress import Progress
 
 from ois_deploy import Predictor
-from ois_deploy.cli import console_for, run_eval, train_with_progress
-from ois_deploy.datasets import load_dataset
+from ois_deploy.evaluate.datasets import load_dataset
 from ois_deploy.errors import UserError, run_script
-from ois_deploy.evaluation import summarise
+from ois_deploy.evaluate.metrics import evaluate_samples, summarise
 from ois_deploy.io import write_json
 from ois_deploy.model import OISConfig, get_preset
 from ois_deploy.provenance import machine_info, now_utc, tool_versions
-from ois_deploy.training import TrainSettings
+from ois_deploy.train.loop import train
+from ois_deploy.train.settings import TrainSettings
 
 
 def parse_override(item: str, option: str) -> tuple[str, object]:
@@ -99,11 +101,12 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     out = Path("artifacts/pilots") / args.name
     out.parent.mkdir(parents=True, exist_ok=True)
-    console = console_for(None, stderr=True)
-    record = train_with_progress(config, settings, f"{out}.safetensors", f"{out}.log.jsonl", console)
-
-    predictor = Predictor("ois-tiny", checkpoint=f"{out}.safetensors")
-    results = run_eval(predictor, samples[: args.objects], args.clicks, console, args.name)
+    with Progress(console=Console(stderr=True), transient=True) as bar:
+        task = bar.add_task(f"train {args.name}", total=settings.steps)
+        record = train(config, settings, f"{out}.safetensors", f"{out}.log.jsonl", lambda *_: bar.advance(task))
+        predictor = Predictor.open("ois-tiny", checkpoint=f"{out}.safetensors")
+        task = bar.add_task(f"eval {args.name}", total=args.objects)
+        results = evaluate_samples(predictor, samples[: args.objects], args.clicks, lambda: bar.advance(task))
     summary = summarise(results, args.clicks)
     with open(f"{out}.log.jsonl") as log:
         last = [json.loads(line)["iou"] for line in log][-100:]

@@ -22,7 +22,7 @@ import torch
 from ois_deploy.errors import UserError, run_script
 from ois_deploy.io import write_json
 from ois_deploy.provenance import machine_info, now_utc, tool_versions
-from ois_deploy.weights import read_checkpoint
+from ois_deploy.model.weights import read_checkpoint
 
 CLOCK_FIELDS = {"seconds"}  # differ between runs by nature
 

@@ -27,7 +27,7 @@ REPO = Path(__file__).resolve().parents[1]
 # Run inside each tree: train, report the training loop's own seconds and which code ran.
 TIMED_RUN = """
 import json, sys, tempfile, os
-import ois_deploy.training as t
+import ois_deploy.train.loop as t
 with tempfile.TemporaryDirectory() as folder:
     summary = t.train("ois-tiny", t.TrainSettings(steps=int(sys.argv[1]), seed=0),
                       os.path.join(folder, "w.safetensors"), os.path.join(folder, "log.jsonl"))

@@ -6,9 +6,9 @@ from .errors import UserError  # noqa: E402
 
 
 def __getattr__(name):
-    # Predictor pulls in torch and OpenCV: import it only when asked for.
+    # Predictor pulls in OpenCV (and the backend it opens): import it only when asked for.
     if name == "Predictor":
-        from .predictor import Predictor
+        from .runtime.predictor import Predictor
 
         return Predictor
     raise AttributeError(name)

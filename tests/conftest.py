@@ -32,7 +32,7 @@ def synthetic_dav2_state_dict(variant: str, seed: int = 0) -> dict[str, torch.Te
 @pytest.fixture(scope="session")
 def tiny():
     """The ois-tiny reference model with its bundled trained weights, eval mode."""
-    from ois_deploy.weights import load_model
+    from ois_deploy.model.weights import load_model
 
     model, _ = load_model("ois-tiny")
     return model
@@ -42,8 +42,8 @@ def tiny():
 def tiny_export(tmp_path_factory):
     """One export of ois-tiny (bundled weights; fp32 + fp16) for the whole run: exporting takes
     about a minute."""
-    from ois_deploy.exporters.onnx_export import ExportRequest, export_model
-    from ois_deploy.weights import load_model, weights_provenance
+    from ois_deploy.export.onnx import ExportRequest, export_model
+    from ois_deploy.model.weights import load_model, weights_provenance
 
     out = tmp_path_factory.mktemp("export") / "ois-tiny"
     model, report = load_model("ois-tiny")

@@ -14,7 +14,7 @@ from safetensors import safe_open
 
 from ois_deploy.cli import main
 from ois_deploy.model import OIS, get_preset
-from ois_deploy.weights import load_model, save_checkpoint
+from ois_deploy.model.weights import load_model, save_checkpoint
 
 from conftest import synthetic_dav2_state_dict
 

@@ -9,9 +9,9 @@ import sys
 import pytest
 
 from ois_deploy.cli import main
-from ois_deploy.engines.ort import session_providers, tensorrt_provider_options
-from ois_deploy.engines.profiles import INTERACTIVE, SAT, decoder_profiles, select_profile, union_profile
-from ois_deploy.engines.tensorrt import check_engines, engine_mismatches
+from ois_deploy.runtime.ort_backend import session_providers, tensorrt_provider_options
+from ois_deploy.runtime.profiles import INTERACTIVE, SAT, decoder_profiles, select_profile, union_profile
+from ois_deploy.runtime.trt_backend import check_engines, engine_mismatches
 from ois_deploy.errors import UserError
 from ois_deploy.model import get_preset
 
@@ -106,7 +106,7 @@ def test_engines_are_refused_with_rebuild_advice(tmp_path):
 
 
 def test_package_import_does_not_import_tensorrt():
-    code = "import sys, ois_deploy, ois_deploy.cli, ois_deploy.engines.tensorrt, ois_deploy.parity; " \
+    code = "import sys, ois_deploy, ois_deploy.cli, ois_deploy.export.tensorrt, ois_deploy.verify; " \
            "print('tensorrt' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "False"
@@ -133,7 +133,7 @@ def test_without_cuda_torch_cuda_refuses(tiny_export, capsys):
 @pytest.mark.skipif(not has_cuda(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("precision", ["fp32", "fp16"])
 def test_torch_cuda_parity(tiny_export, precision):
-    from ois_deploy.parity import verify
+    from ois_deploy.verify import verify
 
     result = verify(tiny_export, backend="torch-cuda", precisions=(precision,))
     assert result["passed"], result["failures"]
@@ -146,7 +146,7 @@ def test_cuda_graph_decoder_matches_eager(tiny, rng):
 
     import numpy as np
 
-    from ois_deploy.predictor import TorchRunner
+    from ois_deploy.runtime.torch_backend import TorchRunner
 
     graphs, eager = TorchRunner(copy.deepcopy(tiny), "cuda"), TorchRunner(copy.deepcopy(tiny), "cuda", cuda_graphs=False)
     assert graphs.graphs is not None and eager.graphs is None
@@ -167,8 +167,8 @@ def test_cuda_graph_decoder_matches_eager(tiny, rng):
 def test_tensorrt_build_and_parity(tiny_export, tmp_path):
     import shutil
 
-    from ois_deploy.engines.tensorrt import build_engines
-    from ois_deploy.parity import verify
+    from ois_deploy.export.tensorrt import build_engines
+    from ois_deploy.verify import verify
 
     folder = tmp_path / "engines"
     shutil.copytree(tiny_export, folder)

@@ -7,10 +7,11 @@ import numpy as np
 import pytest
 
 from ois_deploy.cli import main
-from ois_deploy.datasets import load_dataset
+from ois_deploy.evaluate.datasets import load_dataset
 from ois_deploy.errors import UserError
-from ois_deploy.evaluation import Clicker, ObjectResult, noc, read_clicks, summarise
-from ois_deploy.synthetic import make_scene
+from ois_deploy.evaluate.clicker import Clicker
+from ois_deploy.evaluate.metrics import ObjectResult, noc, read_clicks, summarise
+from ois_deploy.train.scenes import make_scene
 
 
 def result(ious, name="o"):

@@ -10,11 +10,11 @@ import pytest
 from onnx import TensorProto, helper
 
 from ois_deploy.errors import UserError
-from ois_deploy.exporters.lint import lint_export, node_problems
-from ois_deploy.exporters.onnx_export import read_manifest
+from ois_deploy.export.lint import lint_export, node_problems
+from ois_deploy.contract import read_manifest
 from ois_deploy.model import get_preset
-from ois_deploy.weights import load_model
-from ois_deploy.parity import TOLERANCES, verify
+from ois_deploy.model.weights import load_model
+from ois_deploy.verify import TOLERANCES, verify
 
 
 @pytest.fixture
@@ -71,13 +71,13 @@ def test_ort_predictor_matches_torch(tiny_export, rng):
     from ois_deploy import Predictor
 
     image = rng.integers(0, 256, (130, 200, 3), dtype=np.uint8)
-    torch_p, ort_p = Predictor("ois-tiny"), Predictor(backend="ort", export_dir=tiny_export, device="cpu")
+    torch_p, ort_p = Predictor.open("ois-tiny"), Predictor.open(str(tiny_export), backend="ort", device="cpu")
     for p in (torch_p, ort_p):
         p.set_image(image)
     for x, y, positive in [(100, 60, True), (20, 20, False), (150, 100, True)]:
         a, b = torch_p.click(x, y, positive), ort_p.click(x, y, positive)
         np.testing.assert_allclose(b.logits, a.logits, atol=1e-4)
-    ort16 = Predictor(backend="ort", export_dir=tiny_export, precision="fp16")
+    ort16 = Predictor.open(str(tiny_export), backend="ort", precision="fp16")
     ort16.set_image(image)
     assert np.isfinite(ort16.click(100, 60).logits).all()
 
@@ -97,7 +97,7 @@ def test_corrupted_graph_is_refused(export_copy):
 
 
 def test_graph_from_another_preset_is_refused(export_copy):
-    from ois_deploy.engines.ort import OrtRunner
+    from ois_deploy.runtime.ort_backend import OrtRunner
     from ois_deploy.provenance import sha256_file
 
     path = export_copy / "encoder.onnx"
@@ -189,9 +189,9 @@ def test_export_from_a_checkpoint_records_and_checks_its_weights(tmp_path, tiny)
     """verify finds the reference weights through the manifest, and refuses other weights."""
     import torch
 
-    from ois_deploy.exporters.onnx_export import ExportRequest, export_model
+    from ois_deploy.export.onnx import ExportRequest, export_model
     from ois_deploy.provenance import sha256_file
-    from ois_deploy.weights import save_checkpoint, weights_provenance
+    from ois_deploy.model.weights import save_checkpoint, weights_provenance
 
     import copy
 

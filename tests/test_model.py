@@ -6,12 +6,12 @@ import math
 import pytest
 import torch
 
-from ois_deploy.exporters.onnx_export import state_shapes
+from ois_deploy.contract import state_shapes
 from ois_deploy.model import OIS, count_parameters, get_preset
-from ois_deploy.model.presets import OISConfig
+from ois_deploy.presets import OISConfig
 from ois_deploy.model.attention import Attention, masked_bias
 from ois_deploy.model.prompts import click_kinds
-from ois_deploy.weights import load_model
+from ois_deploy.model.weights import load_model
 
 from conftest import dav2_key_shapes
 

@@ -6,14 +6,14 @@ import torch
 
 from ois_deploy import Predictor, UserError
 from ois_deploy.model import get_preset
-from ois_deploy.preprocess import Frame, sigmoid, to_input
+from ois_deploy.runtime.preprocess import Frame, sigmoid, to_input
 
 S = get_preset("ois-tiny").input_size  # ois-tiny's square input side
 
 
 @pytest.fixture(scope="module")
 def predictor():
-    return Predictor("ois-tiny")
+    return Predictor.open("ois-tiny")
 
 
 @pytest.mark.parametrize("shape", [(170, 300, 3), (300, 170, 3), (224, 224, 3), (50, 400, 3), (900, 640, 3)])
@@ -98,12 +98,12 @@ def test_bad_clicks_and_images(predictor, rng):
 
 def test_clicking_before_an_image_is_an_error():
     with pytest.raises(UserError, match="set_image"):
-        Predictor("ois-tiny").click(1, 1)
+        Predictor.open("ois-tiny").click(1, 1)
 
 
 def test_unknown_backend():
     with pytest.raises(UserError, match="unknown backend"):
-        Predictor("ois-tiny", backend="nope")
+        Predictor.open("ois-tiny", backend="nope")
 
 
 def test_sigmoid_is_stable():

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 
 from ois_deploy.cli import main
-from ois_deploy.datasets import load_dataset
-from ois_deploy.synthetic import SHAPES, _shape_mask, make_scene
+from ois_deploy.evaluate.datasets import load_dataset
+from ois_deploy.train.scenes import SHAPES, _shape_mask, make_scene
 
 
 def test_same_seed_same_scene_and_streams_differ():

@@ -8,10 +8,10 @@ import torch
 
 from ois_deploy import Predictor
 from ois_deploy.cli import main
-from ois_deploy.evaluation import run_object
+from ois_deploy.evaluate.metrics import run_object
 from ois_deploy.model import get_preset
-from ois_deploy.synthetic import write_davis
-from ois_deploy.weights import BUNDLED_CHECKPOINTS, load_model, read_checkpoint
+from ois_deploy.train.scenes import write_davis
+from ois_deploy.model.weights import BUNDLED_CHECKPOINTS, load_model, read_checkpoint
 
 BUNDLED = BUNDLED_CHECKPOINTS["ois-tiny"]
 
@@ -45,7 +45,7 @@ def heldout(tmp_path_factory):
     """Generated scenes from the held-out stream, never seen in training."""
     folder = tmp_path_factory.mktemp("heldout")
     write_davis(folder, count=4, seed=1234)
-    from ois_deploy.datasets import load_dataset
+    from ois_deploy.evaluate.datasets import load_dataset
 
     return load_dataset(folder)[1]
 
@@ -54,7 +54,7 @@ def test_trained_weights_segment_unseen_scenes(heldout):
     """Floors with a margin under what the bundled weights reach on these 16 objects (0.74 after
     1 click, 0.897 after 5); random weights reach 0.075 at both, so a broken checkpoint, loader
     or decoder fails."""
-    predictor = Predictor("ois-tiny")
+    predictor = Predictor.open("ois-tiny")
     results = [run_object(predictor, *sample.load(), sample.name, max_clicks=5) for sample in heldout]
     assert len(results) == 16
     assert np.mean([r.ious[0] for r in results]) > 0.55
@@ -63,7 +63,7 @@ def test_trained_weights_segment_unseen_scenes(heldout):
 
 def test_order_attention_can_be_switched_off_for_the_ablation(heldout):
     image, gt = heldout[0].load()
-    with_order, without = Predictor("ois-tiny"), Predictor("ois-tiny", order_attention="off")
+    with_order, without = Predictor.open("ois-tiny"), Predictor.open("ois-tiny", order_attention="off")
     assert without.cfg.decoder.order_attention == "off"
     for p in (with_order, without):
         p.set_image(image)

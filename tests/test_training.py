@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from ois_deploy.cli import main
-from ois_deploy.training import (
+from ois_deploy.train.loop import (
     TrainSettings,
     _sample_pixel,
     start_training,
@@ -19,7 +19,7 @@ from ois_deploy.training import (
     pack_clicks,
     ssi_depth_loss,
 )
-from ois_deploy.weights import load_model, read_checkpoint
+from ois_deploy.model.weights import load_model, read_checkpoint
 
 
 def test_mask_loss_prefers_the_right_mask_and_ignores_padding():

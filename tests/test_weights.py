@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from ois_deploy.errors import UserError
 from ois_deploy.io import atomic_write_bytes
-from ois_deploy.weights import CheckpointMismatch, load_model, read_checkpoint, save_checkpoint
+from ois_deploy.model.weights import CheckpointMismatch, load_model, read_checkpoint, save_checkpoint
 
 from conftest import dav2_key_shapes, synthetic_dav2_state_dict
 

@@ -1,7 +1,7 @@
-"""The OIS reference model in PyTorch."""
+"""The OIS reference model in PyTorch (configurations live in ois_deploy.presets, without torch)."""
 
+from ..presets import PRESETS, DecoderConfig, DPTConfig, OISConfig, ViTConfig, get_preset
 from .ois import OIS, ImageState, count_parameters
-from .presets import PRESETS, DecoderConfig, DPTConfig, OISConfig, ViTConfig, get_preset
 
 __all__ = [
     "OIS",

@@ -1,9 +1,9 @@
-"""Multi-head attention with additive bias, and the masking rules of DESIGN §2.5.
+"""Multi-head attention with additive bias, and the masking rules of docs/design.md §2.5.
 
 Eager PyTorch uses SDPA (the same function, fused kernels); exporters switch to "matmul".
 The "matmul" form is the pattern TensorRT fuses: Q is scaled before the first MatMul, then
 MatMul -> Add(bias) -> Softmax -> MatMul. Logits and softmax run in float32 whatever the
-activation dtype (the FP32 island of DESIGN §4); in an fp32 model the casts are no-ops.
+activation dtype (the FP32 island of docs/design.md §4); in an fp32 model the casts are no-ops.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Decoder block (DESIGN §2.5, Cutie-style, pre-norm residuals).
+"""Decoder block (docs/design.md §2.5, Cutie-style, pre-norm residuals).
 
 1. click tokens -> image cross-attention, guided by an additive bias (object- or order-aware);
 2. click-token self-attention; 3. click MLP;

@@ -1,13 +1,13 @@
 """DPT head with the module names of the official Depth Anything V2 code (key prefix
 `depth_head.`). The same class, with a different level-4 input and no final ReLU, is the OIS
-mask head (DESIGN §2.6), initialised from the depth head."""
+mask head (docs/design.md §2.6), initialised from the depth head."""
 
 from __future__ import annotations
 
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .presets import DPTConfig
+from ..presets import DPTConfig
 
 
 class ResidualConvUnit(nn.Module):
@@ -107,7 +107,7 @@ class DPTHead(nn.Module):
 
     def output(self, x: Tensor) -> Tensor:
         """output_conv2 with its last (1-channel) conv in float32: the depth that is min-max
-        normalised next, and the mask logits, are FP32 islands (DESIGN §4)."""
+        normalised next, and the mask logits, are FP32 islands (docs/design.md §4)."""
         convs = self.scratch.output_conv2
         last = convs[2]
         x = F.conv2d(convs[:2](x).float(), last.weight.float(), last.bias.float())

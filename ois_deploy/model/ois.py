@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from .blocks import DecoderBlock
 from .dpt import DPTHead
 from .order import object_bias, order_bias, order_maps, order_rows, padding_bias
-from .presets import OISConfig
+from ..presets import OISConfig
 from .prompts import PromptEncoder, click_kinds
 from .vit import DinoVisionTransformer
 

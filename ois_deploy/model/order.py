@@ -1,4 +1,4 @@
-"""Order maps (DESIGN §2.4) and the attention guidance built from them and the previous mask.
+"""Order maps (docs/design.md §2.4) and the attention guidance built from them and the previous mask.
 
 Order maps say how far each image token's depth is from the clicked object's depth:
 O+ = |D - mean of D at the positive clicks|, one O-_j = |D - D(n_j)| per negative click,

@@ -1,4 +1,4 @@
-"""Precision policy (DESIGN §4): FP16 weights and activations with explicit FP32 islands.
+"""Precision policy (docs/design.md §4): FP16 weights and activations with explicit FP32 islands.
 
 The islands are part of the model code, so they survive export and TensorRT's strongly typed
 builds: LayerNorm (LayerNorm32), attention logits and softmax (attend), the Fourier position

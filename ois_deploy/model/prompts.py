@@ -1,4 +1,4 @@
-"""Prompt encoders (DESIGN §2.3): sparse click tokens and dense disk + previous-mask maps.
+"""Prompt encoders (docs/design.md §2.3): sparse click tokens and dense disk + previous-mask maps.
 
 Clicks are (x, y) in the SxS input frame, integers at pixel centres; labels 1 positive,
 0 negative, -1 padding. Everything here is loop-free tensor arithmetic so that it exports

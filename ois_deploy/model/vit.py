@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .attention import attend
-from .presets import ViTConfig
+from ..presets import ViTConfig
 
 
 class PatchEmbed(nn.Module):
@@ -55,7 +55,7 @@ class Mlp(nn.Module):
 
 
 class LayerNorm32(nn.LayerNorm):
-    """LayerNorm computed in float32 whatever the input dtype (FP32 island, DESIGN §4)."""
+    """LayerNorm computed in float32 whatever the input dtype (FP32 island, docs/design.md §4)."""
 
     def forward(self, x: Tensor) -> Tensor:
         return F.layer_norm(x.float(), self.normalized_shape, self.weight.float(), self.bias.float(), self.eps).to(

@@ -1,9 +1,9 @@
 """Graph lint: the checks that keep exported graphs buildable by TensorRT and true to contract.
 
 - onnx.checker full check;
-- ops outside TensorRT's ONNX parser, and the forbidden patterns of DESIGN §3 (OneHot,
+- ops outside TensorRT's ONNX parser, and the forbidden patterns of docs/design.md §3 (OneHot,
   NonZero, Loop, If, Scan; shape tensors computed from input values; -inf/NaN constants);
-- float16 LayerNormalization/Softmax inputs in an fp16 graph (the FP32 islands, DESIGN §4);
+- float16 LayerNormalization/Softmax inputs in an fp16 graph (the FP32 islands, docs/design.md §4);
 - input/output names, dtypes and dynamic axes as the contract declares.
 Each problem names the node (or tensor) it is about.
 """
@@ -16,8 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import UserError
-from ..model import OISConfig
-from .onnx_export import (
+from ..contract import (
     DECODER_INPUTS,
     DECODER_OUTPUTS,
     ENCODER_INPUTS,
@@ -26,6 +25,7 @@ from .onnx_export import (
     read_manifest,
     state_shapes,
 )
+from ..presets import OISConfig
 
 # ONNX ops TensorRT 10's parser imports that these graphs may use.
 TENSORRT_OPS = frozenset(
@@ -108,7 +108,7 @@ def _dims(value_info) -> list:
 
 
 def expected_io(role: str, manifest: dict, precision: str) -> dict[str, tuple[list, int | None]]:
-    """name -> (dims, elem type or None for 'any') of the graph contract (DESIGN §3)."""
+    """name -> (dims, elem type or None for 'any') of the graph contract (docs/design.md §3)."""
     cfg = OISConfig.from_dict(manifest["config"])
     s, mask = cfg.input_size, cfg.mask_size
     body = FLOAT16 if precision == "fp16" else 1

@@ -1,5 +1,5 @@
 """Split ONNX export: an image+depth encoder graph (once per image) and a click decoder graph
-(once per click), FP32 and FP16, with the contracts of DESIGN §3.
+(once per click), FP32 and FP16, with the contract of ois_deploy.contract (docs/design.md §3).
 
 Uses the torch.onnx dynamo exporter. Example sizes are >= 2 and distinct (B=2, P=3, N=5):
 an example size of 1 can be silently specialised into the graph.
@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import json
 import logging
 import os
 import warnings
@@ -20,26 +19,29 @@ import torch
 from torch import nn
 
 from .. import __version__
+from ..contract import (
+    DECODER_INPUTS,
+    DECODER_OUTPUTS,
+    ENCODER_INPUTS,
+    FORMAT,
+    ENCODER_OUTPUTS,
+    MAX_PROMPTS,
+    NORMALISATION,
+    PRECISIONS,
+    dynamic_axes,
+    graph_file,
+    state_shapes,
+    write_manifest,
+)
 from ..errors import UserError
-from ..io import atomic_write_bytes
 from ..model import OIS, ImageState
 from ..model.attention import set_attention_impl
 from ..model.precision import to_fp16
+from ..model.weights import state_dict_hash
 from ..provenance import now_utc, sha256_file, tool_versions
 
-ENCODER_INPUTS = ("image",)
-ENCODER_OUTPUTS = ImageState._fields
-DECODER_INPUTS = ENCODER_OUTPUTS + ("point_coords", "point_labels", "prev_mask")
-DECODER_OUTPUTS = ("mask_logits",)
-PRECISIONS = ("fp32", "fp16")
-MAX_BATCH = 16
-MAX_PROMPTS = 256  # a 16x16 Segment-Anything-Task grid in one decoder call
+assert ImageState._fields == ENCODER_OUTPUTS, "the model's image state and the graph contract disagree"
 TWO_GB = 2 * 1024**3
-NORMALISATION = "RGB 0..255 in; ImageNet mean/std applied inside the encoder"
-
-
-def graph_file(role: str, precision: str) -> str:
-    return f"{role}.onnx" if precision == "fp32" else f"{role}.{precision}.onnx"
 
 
 class EncoderGraph(nn.Module):
@@ -59,19 +61,6 @@ class DecoderGraph(nn.Module):
     def forward(self, image_embed, pyramid_l1, pyramid_l2, pyramid_l3, depth, point_coords, point_labels, prev_mask):
         state = ImageState(image_embed, pyramid_l1, pyramid_l2, pyramid_l3, depth)
         return self.model.decode(state, point_coords, point_labels, prev_mask)
-
-
-def state_shapes(cfg) -> dict[str, tuple[int, ...]]:
-    """Shapes of one image's encoder outputs (batch 1), the decoder's image-state inputs."""
-    g, s = cfg.grid, cfg.input_size
-    f = cfg.depth_head.features
-    return {
-        "image_embed": (1, cfg.decoder.width, g, g),
-        "pyramid_l1": (1, f, 4 * g, 4 * g),
-        "pyramid_l2": (1, f, 2 * g, 2 * g),
-        "pyramid_l3": (1, f, g, g),
-        "depth": (1, 1, s, s),
-    }
 
 
 def example_inputs(variant: OIS) -> tuple[tuple, tuple]:
@@ -157,17 +146,6 @@ def _save(proto, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def state_dict_hash(model: OIS) -> str:
-    """Identity of the weights a graph was exported from (float32 bytes, sorted keys)."""
-    import hashlib
-
-    h = hashlib.sha256()
-    for key, tensor in sorted(model.state_dict().items()):
-        h.update(key.encode())
-        h.update(tensor.detach().float().contiguous().cpu().numpy().tobytes())
-    return h.hexdigest()[:16]
-
-
 @dataclass
 class ExportRequest:
     out_dir: Path
@@ -197,18 +175,7 @@ def export_model(model: OIS, weights: dict, request: ExportRequest, progress=Non
     model = copy.deepcopy(model).float().eval()
     set_attention_impl(model, "sdpa" if request.attention == "fused" else "matmul")
     model_hash = state_dict_hash(model)
-    dynamic = {
-        "encoder": {"dims": {"B": (1, MAX_BATCH)}, "inputs": {"image": {0: "B"}}},
-        "decoder": {
-            "dims": {"P": (1, MAX_PROMPTS), "N": (1, cfg.decoder.max_clicks)},
-            "inputs": {
-                **{name: None for name in ENCODER_OUTPUTS},
-                "point_coords": {0: "P", 1: "N"},
-                "point_labels": {0: "P", 1: "N"},
-                "prev_mask": {0: "P"},
-            },
-        },
-    }
+    dynamic = dynamic_axes(cfg)
     graphs = {}
     step = progress or (lambda text: None)
     for precision in request.precisions:
@@ -245,7 +212,7 @@ def export_model(model: OIS, weights: dict, request: ExportRequest, progress=Non
             _save(proto, out / name)
             graphs[name] = {"role": role, "precision": precision, "sha256": sha256_file(out / name)}
     manifest = {
-        "format": "ois-deploy-export/1",
+        "format": FORMAT,
         "preset": cfg.name,
         "input_size": cfg.input_size,
         "mask_size": cfg.mask_size,
@@ -255,29 +222,10 @@ def export_model(model: OIS, weights: dict, request: ExportRequest, progress=Non
         "model_hash": model_hash,
         "weights": weights,
         "graphs": graphs,
-        "dynamic_axes": {"B": [1, MAX_BATCH], "P": [1, MAX_PROMPTS], "N": [1, cfg.decoder.max_clicks]},
+        "dynamic_axes": {k: list(v) for role in dynamic.values() for k, v in role["dims"].items()},
         "config": cfg.to_dict(),
         "versions": tool_versions(),
         "date": now_utc(),
     }
     write_manifest(out, manifest)
-    return manifest
-
-
-def write_manifest(out_dir: Path, manifest: dict) -> None:
-    atomic_write_bytes(out_dir / "manifest.json", (json.dumps(manifest, indent=2) + "\n").encode())
-
-
-def read_manifest(out_dir: str | os.PathLike) -> dict:
-    path = Path(out_dir) / "manifest.json"
-    if not Path(out_dir).is_dir():
-        raise UserError(f"export folder not found: {out_dir}")
-    if not path.is_file():
-        raise UserError(f"no manifest.json in {out_dir}: not an ois-deploy export folder")
-    try:
-        manifest = json.loads(path.read_text())
-    except (OSError, ValueError) as e:
-        raise UserError(f"cannot read {path}: {e}") from None
-    if not isinstance(manifest, dict) or manifest.get("format") != "ois-deploy-export/1":
-        raise UserError(f"{path} is not an ois-deploy export manifest")
     return manifest

@@ -1,4 +1,4 @@
-"""Host-side image and mask geometry (DESIGN §2.2, SAM convention).
+"""Host-side image and mask geometry (docs/design.md §2.2, SAM convention).
 
 The image is resized so its longest side is S (aspect kept), then padded bottom/right to SxS
 with black. Normalisation happens inside the encoder. Masks come back at S'xS', are resized
@@ -13,7 +13,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from .errors import UserError
+from ..errors import UserError
 
 
 @dataclass(frozen=True)

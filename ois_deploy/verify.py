@@ -1,37 +1,32 @@
-"""Parity of a backend against the PyTorch FP32 reference (DESIGN §5).
+"""Parity of a backend against the PyTorch FP32 reference (docs/design.md §5), through the
+Runner interface only, so every backend is checked the same way.
 
-(a) numeric, per graph: Polygraphy's Comparator runs the backend's ONNX Runtime sessions beside
-    a runner for the PyTorch model on the same inputs: fresh random images, and for the decoder
-    random clicks at several (P, N) on the reference image state.
-(b) interactive, end to end: on real images, a click session where each side feeds back its own
-    previous mask; logits and masks compared at every click.
+(a) numeric, per graph: the encoder on fresh random images; the decoder on random clicks at
+    several (P, N), both sides decoding the reference's image state as handed over to the
+    backend (in its precision).
+(b) interactive, end to end: on real images, click sessions through the Predictor, both sides
+    decoding each click from the reference's previous mask; logits and masks at every click.
 Reported per precision and output: max abs error, relative L2 error, non-finite count, and for
 mask logits the IoU of thresholded masks (logit > 0), mean and minimum.
 """
 
 from __future__ import annotations
 
-import time
-from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import torch
 
+from .contract import ENCODER_OUTPUTS, read_manifest
 from .errors import UserError
-from .exporters.onnx_export import (
-    ENCODER_OUTPUTS,
-    DecoderGraph,
-    EncoderGraph,
-    read_manifest,
-    state_dict_hash,
-)
-from .preprocess import read_image, sigmoid
+from .model.weights import reference_model
 from .provenance import machine_info, now_utc, tool_versions
-from .weights import RANDOM_WEIGHTS, load_model
+from .runtime.predictor import Predictor
+from .runtime.preprocess import read_image, sigmoid
+from .runtime.registry import RunnerSpec, open_runner
+from .runtime.torch_backend import TorchRunner
 
-# Relative L2 error and mask IoU thresholds per precision (DESIGN §5); overridable.
+# Relative L2 error and mask IoU thresholds per precision (docs/design.md §5); overridable.
 TOLERANCES = {
     "fp32": {"rel_l2": 1e-4, "mask_iou_mean": 0.99, "mask_iou_min": 0.9},
     "fp16": {"rel_l2": 1e-2, "mask_iou_mean": 0.98, "mask_iou_min": 0.5},
@@ -97,69 +92,15 @@ class Metric:
         return bad
 
 
-def torch_polygraphy_runner(module: torch.nn.Module, session, output_names, name: str):
-    """A Polygraphy runner around a PyTorch module that takes the inputs of an ONNX Runtime
-    session, on the CPU (Polygraphy's own PytRunner needs CUDA)."""
-    from polygraphy.backend.base import BaseRunner
-    from polygraphy.common import TensorMetadata
-    from polygraphy.datatype import DataType
-
-    input_names = [i.name for i in session.get_inputs()]
-
-    class TorchRunner(BaseRunner):
-        def activate_impl(self):
-            pass
-
-        def get_input_metadata_impl(self):
-            meta = TensorMetadata()
-            for i in session.get_inputs():
-                meta.add(i.name, dtype=DataType.from_dtype(i.type, "onnxruntime"), shape=i.shape)
-            return meta
-
-        def infer_impl(self, feed_dict):
-            args = [torch.from_numpy(np.asarray(feed_dict[n])) for n in input_names]
-            args = [a.float() if a.is_floating_point() else a for a in args]  # the FP32 reference
-            start = time.time()
-            with torch.inference_mode():
-                outputs = module(*args)
-            self.inference_time = time.time() - start
-            outputs = outputs if isinstance(outputs, tuple) else (outputs,)
-            return OrderedDict((n, o.float().numpy()) for n, o in zip(output_names, outputs))
-
-        def deactivate_impl(self):
-            pass
-
-    return TorchRunner(name=name)
-
-
-def reference_model(manifest: dict, checkpoint: str | None):
-    """The PyTorch FP32 model the graphs were exported from; refuses one that is not."""
-    weights = manifest.get("weights", {})
-    if weights.get("format") == "random":
-        model, _ = load_model(manifest["preset"], RANDOM_WEIGHTS)
-    elif weights.get("bundled") and not checkpoint:  # this install's copy; the hash below checks it
-        model, _ = load_model(manifest["preset"])
-    else:
-        path = checkpoint or weights.get("path")
-        if not path or not Path(path).is_file():
-            raise UserError(f"the reference checkpoint {path} is not here: pass --checkpoint")
-        model, _ = load_model(None, path)
-    if state_dict_hash(model) != manifest["model_hash"]:
-        raise UserError("the reference model's weights differ from those the graphs were exported from")
-    return model
-
-
-def random_feeds(cfg, rng: np.random.Generator, state: dict[str, np.ndarray], state_dtype):
-    """Decoder feeds at each (P, N): random clicks (first positive, then mixed with padding)."""
+def random_clicks(cfg, rng: np.random.Generator):
+    """(coords, labels, prev_mask) at each (P, N): random clicks (first positive, then mixed with
+    padding) and blob-like previous masks."""
     s = cfg.input_size
     for p, n in DECODER_SHAPES:
         labels = rng.choice(np.array([1, 0, -1], np.int32), size=(p, n), p=[0.4, 0.4, 0.2])
         labels[:, 0] = 1
-        feed = {k: v.astype(state_dtype if k != "depth" else np.float32) for k, v in state.items()}
-        feed["point_coords"] = (rng.random((p, n, 2)) * (s - 1)).astype(np.float32)
-        feed["point_labels"] = labels
-        feed["prev_mask"] = smooth_masks(rng, p, s)
-        yield feed
+        coords = (rng.random((p, n, 2)) * (s - 1)).astype(np.float32)
+        yield coords, labels, smooth_masks(rng, p, s)
 
 
 def smooth_masks(rng: np.random.Generator, count: int, size: int) -> np.ndarray:
@@ -172,67 +113,26 @@ def smooth_masks(rng: np.random.Generator, count: int, size: int) -> np.ndarray:
     return np.stack(masks)[:, None].astype(np.float32)
 
 
-def compare_with_polygraphy(module, runner, role: str, precision: str, feeds: list[dict]):
-    """Run the PyTorch module and the backend's ONNX Runtime session of `role` on the same feeds;
-    yields (backend outputs, reference outputs) per feed."""
-    from polygraphy.backend.onnxrt import OnnxrtRunner
-    from polygraphy.comparator import Comparator
-    from polygraphy.logger import G_LOGGER
-
-    G_LOGGER.module_severity = G_LOGGER.ERROR
-    session = runner.sessions[role]
-    outputs = [o.name for o in session.get_outputs()]
-    results = Comparator.run(
-        [
-            torch_polygraphy_runner(module, session, outputs, "torch-fp32"),
-            OnnxrtRunner(session, name=f"{runner.name}-{precision}"),
-        ],
-        data_loader=feeds,
-    )
-    (_, ref_iters), (_, got_iters) = results.items()
-    return zip(got_iters, ref_iters)
-
-
-def compare_graphs(model, runner, precision: str, rng: np.random.Generator, images: int = 2) -> list[Metric]:
-    """Part (a): encoder and decoder graphs against PyTorch on the same inputs (Polygraphy)."""
-    s = model.cfg.input_size
+def compare_graphs(reference: TorchRunner, runner, precision: str, rng: np.random.Generator, images: int = 2) -> list[Metric]:
+    """Part (a): the backend's encoder and decoder against the reference's on the same inputs."""
+    s = reference.cfg.input_size
     metrics = {name: Metric(precision, f"encoder/{name}") for name in ENCODER_OUTPUTS}
     metrics["mask_logits"] = Metric(precision, "decoder/mask_logits")
 
-    image_feeds = [{"image": (rng.random((1, 3, s, s)) * 255).astype(np.float32)} for _ in range(images)]
-    for got, ref in compare_with_polygraphy(EncoderGraph(model), runner, "encoder", precision, image_feeds):
-        for name in ENCODER_OUTPUTS:
-            metrics[name].add(np.asarray(got[name]), np.asarray(ref[name]))
-
-    with torch.inference_mode():
-        state = {k: v.numpy() for k, v in model.encode(torch.from_numpy(image_feeds[0]["image"]))._asdict().items()}
-    feeds = list(random_feeds(model.cfg, rng, state, runner.input_types["image_embed"]))
-    for got, ref in compare_with_polygraphy(DecoderGraph(model), runner, "decoder", precision, feeds):
-        metrics["mask_logits"].add(np.asarray(got["mask_logits"]), np.asarray(ref["mask_logits"]), masks=True)
-    return list(metrics.values())
-
-
-def compare_runner_graphs(model, runner, precision: str, rng: np.random.Generator, images: int = 2) -> list[Metric]:
-    """Part (a) for backends that are not ONNX Runtime sessions (TensorRT, torch-cuda), through
-    the runner interface: encoder outputs, then the decoder on the backend's own image state."""
-    s = model.cfg.input_size
-    metrics = {name: Metric(precision, f"encoder/{name}") for name in ENCODER_OUTPUTS}
-    metrics["mask_logits"] = Metric(precision, "decoder/mask_logits")
-    for i in range(images):
+    ref_states = []
+    for _ in range(images):
         image = (rng.random((1, 3, s, s)) * 255).astype(np.float32)
-        with torch.inference_mode():
-            ref_state = model.encode(torch.from_numpy(image))
-        state = runner.encode(image)
-        got = runner.state_to_numpy(state)
-        for name, ref in ref_state._asdict().items():
-            metrics[name].add(got[name], ref.numpy())
-        if i == 0:
-            ref_np = {k: v.numpy() for k, v in ref_state._asdict().items()}
-            for feed in random_feeds(model.cfg, rng, ref_np, np.float32):
-                clicks = (feed["point_coords"], feed["point_labels"], feed["prev_mask"])
-                with torch.inference_mode():
-                    ref = model.decode(ref_state, *(torch.from_numpy(c) for c in clicks)).numpy()
-                metrics["mask_logits"].add(runner.decode(state, *clicks), ref, masks=True)
+        got, ref = runner.state_to_numpy(runner.encode(image)), reference.state_to_numpy(reference.encode(image))
+        ref_states.append(ref)
+        for name in ENCODER_OUTPUTS:
+            metrics[name].add(got[name], ref[name])
+
+    # The decoders read the reference's state as the backend holds it (an fp16 backend, rounded).
+    handed = runner.state_from_numpy(ref_states[0])
+    as_given = reference.state_from_numpy(runner.state_to_numpy(handed))
+    for coords, labels, prev in random_clicks(reference.cfg, rng):
+        ref = reference.decode(as_given, coords, labels, prev)
+        metrics["mask_logits"].add(runner.decode(handed, coords, labels, prev), ref, masks=True)
     return list(metrics.values())
 
 
@@ -255,13 +155,11 @@ def compare_sessions(reference, runner, precision: str, images: list[Path], rng)
     pooled previous mask, so with each side feeding back its own mask a 1e-3 difference can flip
     a token at the threshold and steer the rest of the session away (seen with FP16 on an H100).
     Divergence over whole sessions is task-level parity: `eval --compare-backend`."""
-    from .predictor import Predictor
-
     metric = Metric(precision, "session/mask_logits")
     for path in images:
         image = read_image(path)
         clicks = [(x, y, bool(label)) for x, y, label in session_clicks(rng, image.shape[0], image.shape[1], SESSION_CLICKS)]
-        ref, got = Predictor.from_runner(reference, reference.name), Predictor.from_runner(runner, runner.name)
+        ref, got = Predictor(reference), Predictor(runner)
         ref.set_image(image)
         got.set_image(image)
         prev = None  # probability at the image's size
@@ -295,8 +193,6 @@ def verify(
     progress=None,
 ) -> dict:
     """Compare a backend's graphs with the PyTorch FP32 model. Returns the JSON result."""
-    from .predictor import TorchRunner, make_runner
-
     manifest = read_manifest(export_dir)
     if backend == "trt" and manifest.get("engines"):
         precisions = (manifest["engines"]["precision"],)  # engines exist for one precision
@@ -306,15 +202,15 @@ def verify(
     step("load the PyTorch FP32 reference")
     model = reference_model(manifest, checkpoint)
     reference = TorchRunner(model)
+    reference.name = "torch-fp32"
     rows, failures = [], []
     for precision in precisions:
         tol = {**TOLERANCES[precision], **((tolerances or {}).get(precision, {}))}
-        runner, _ = make_runner(backend, export_dir=export_dir, precision=precision)
+        runner = open_runner(RunnerSpec(backend, str(export_dir), precision))
         rng = np.random.default_rng(seed)
         try:
             step(f"{precision}: graphs on random inputs")
-            compare = compare_graphs if hasattr(runner, "sessions") else compare_runner_graphs
-            metrics = compare(model, runner, precision, rng)
+            metrics = compare_graphs(reference, runner, precision, rng)
             step(f"{precision}: click sessions on {len(image_paths)} images")
             metrics.append(compare_sessions(reference, runner, precision, image_paths, rng))
         except UserError:

@@ -1,11 +1,11 @@
-"""Model configurations. Every choice DESIGN.md marks as ours is a field here, not a constant."""
+"""Model configurations. Every choice docs/design.md marks as ours is a field here, not a constant."""
 
 from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
 
-from ..errors import UserError
+from .errors import UserError
 
 PATCH = 14
 ORDER_ATTENTION_MODES = ("bias", "mask", "off")
@@ -42,7 +42,7 @@ class DPTConfig:
 
 @dataclass(frozen=True)
 class DecoderConfig:
-    """The OIS click decoder (DESIGN §2.3-2.6)."""
+    """The OIS click decoder (docs/design.md §2.3-2.6)."""
 
     width: int = 256
     num_heads: int = 8
@@ -148,7 +148,7 @@ TINY_VIT = ViTConfig(
 PRESETS: dict[str, OISConfig] = {
     # 280 px (20x20 tokens) with a narrow DPT (24 features) rather than 224 px with 32: in equal
     # training time both reach the same accuracy early on, and the finer grid is what small
-    # objects lack (README, "Training the bundled ois-tiny weights").
+    # objects lack (docs/model-card-ois-tiny.md).
     "ois-tiny": OISConfig(
         "ois-tiny",
         280,
@@ -157,10 +157,10 @@ PRESETS: dict[str, OISConfig] = {
         # Click disks of 5.5 px: at 280 px the default 5 px @ 1024 would be a 1.4 px disk, a few
         # of the 196 pixels its 14x14 patch embedding sees, too weak a signal to learn from quickly.
         # mask_prompts: the clicks and previous mask reach the 80x80 mask head directly, so later
-        # clicks can fix detail below a token (README, "Third version"). pixel_stem: 16 channels
-        # of pixel-level features in the mask head's finest skip (README, "Fourth version").
+        # clicks can fix detail below a token (model card, training history). pixel_stem: 16 channels
+        # of pixel-level features in the mask head's finest skip (model card, training history).
         # token_skip: the prompt-updated tokens reach the mask head at the token grid, not only at
-        # half of it (README, "Fifth version").
+        # half of it (model card, training history).
         DecoderConfig(
             width=64, num_heads=4, disk_radius_at_1024=20.0, mask_prompts=True, pixel_stem=16, token_skip=True
         ),

@@ -8,8 +8,8 @@ takes one profile per input, so it gets their union.
 from __future__ import annotations
 
 from ..errors import UserError
-from ..exporters.onnx_export import DECODER_INPUTS, state_shapes
-from ..model import OISConfig
+from ..contract import DECODER_INPUTS, state_shapes
+from ..presets import OISConfig
 
 INTERACTIVE, SAT = 0, 1  # decoder profile indices
 

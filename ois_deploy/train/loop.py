@@ -30,29 +30,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .errors import UserError
-from .evaluation import PRED_THRESHOLD, Clicker, distance_to_border
-from .model import OIS, OISConfig, get_preset
-from .preprocess import fit_to_frame, to_input
-from .synthetic import make_scene, random_size
+from ..errors import UserError
+from ..evaluate.clicker import PRED_THRESHOLD, Clicker, distance_to_border
+from ..model import OIS, OISConfig, get_preset
+from ..runtime.preprocess import fit_to_frame, to_input
+from .scenes import make_scene, random_size
+from .settings import TrainSettings
 
 TRAIN_STREAM = 1  # first seed word of training scenes (held-out scenes use synthetic.HELDOUT_STREAM)
 MIN_OBJECT_AREA = 0.005  # objects smaller than this fraction of the image are not chosen
-
-
-@dataclass(frozen=True)
-class TrainSettings:
-    steps: int
-    seed: int = 0
-    batch_size: int = 4  # scenes per step
-    objects_per_scene: int = 4  # prompt sets per scene: one encoder pass feeds several decodes
-    lr: float = 1e-3  # 5e-4 until the sixth version of the bundled weights (README)
-    weight_decay: float = 0.05
-    warmup_steps: int = 150
-    max_extra_clicks: int = 3
-    depth_weight: float = 1.0
-    order_attention: str = "bias"  # "off" trains the paper's ablation
-    scene_sizes: tuple[int, int] = (224, 400)  # longest side of generated scenes, before resizing to S
 
 
 @dataclass
@@ -149,7 +135,7 @@ def mask_loss(logits: Tensor, target: Tensor, valid: Tensor) -> Tensor:
 
     Not RITM's normalised focal loss: trained from scratch, NFL alone (and NFL + Dice, and
     NFL + BCE + Dice) left every mask empty for the first 100 steps of our pilots while BCE + Dice
-    learned (README, "Training the bundled ois-tiny weights")."""
+    learned (docs/model-card-ois-tiny.md)."""
     n = valid.sum(dim=(1, 2, 3)).clamp(min=1)
     bce = (F.binary_cross_entropy_with_logits(logits, target, reduction="none") * valid).sum(dim=(1, 2, 3)) / n
     prob = torch.sigmoid(logits) * valid
@@ -262,7 +248,7 @@ def build_model(preset: str | OISConfig, settings: TrainSettings) -> OIS:
 def start_training(preset: str | OISConfig, settings: TrainSettings) -> tuple[OIS, torch.optim.Optimizer]:
     """The model in training mode and its optimiser. channels_last: oneDNN's convolutions with
     few channels (24 in ois-tiny's heads) are faster in that layout, the largest of the seventh
-    version's step savings (README); `train` writes the checkpoint contiguous."""
+    version's step savings (docs/model-card-ois-tiny.md); `train` writes the checkpoint contiguous."""
     model = build_model(preset, settings).train().to(memory_format=torch.channels_last)
     return model, torch.optim.AdamW(model.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
 
@@ -271,7 +257,7 @@ def train(preset: str | OISConfig, settings: TrainSettings, out: str | Path, log
     """Train and write the checkpoint (ours, safetensors) and a JSON-lines loss log. `preset` is
     a preset's name or a config (pilots of a changed preset). `progress(step, record)` is called
     after every step. Returns the training record."""
-    from .weights import save_checkpoint
+    from ..model.weights import save_checkpoint
 
     out, log_path = Path(out), Path(log_path)
     for path in (out, log_path):

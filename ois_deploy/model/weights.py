@@ -17,16 +17,16 @@ from pathlib import Path
 
 import torch
 
-from .errors import UserError
-from .io import temp_file_beside, usual_permissions
-from .model import OIS, OISConfig, get_preset
-from .model.presets import DEFAULT_PRESET_FOR_VARIANT
+from ..errors import UserError
+from ..io import temp_file_beside, usual_permissions
+from ..presets import DEFAULT_PRESET_FOR_VARIANT, OISConfig, get_preset
+from .ois import OIS
 
 FORMAT_TAG = "ois-deploy/1"
 RANDOM_SEED = 0
 RANDOM_WEIGHTS = "random"  # the checkpoint value that asks for random init even where defaults exist
-# Weights shipped in the package, used when no checkpoint is given (how they were made: README).
-BUNDLED_CHECKPOINTS = {"ois-tiny": Path(__file__).parent / "assets" / "ois-tiny.safetensors"}
+# Weights shipped in the package, used when no checkpoint is given (how they were made: docs/model-card-ois-tiny.md).
+BUNDLED_CHECKPOINTS = {"ois-tiny": Path(__file__).parents[1] / "assets" / "ois-tiny.safetensors"}
 DAV2_PREFIXES = ("pretrained.", "depth_head.")
 DAV2_EMBED_DIMS = {384: "vits", 768: "vitb", 1024: "vitl"}
 DAV2_LICENCES = {
@@ -227,7 +227,7 @@ def save_checkpoint(model: OIS, path: str | os.PathLike, training: dict | None =
 
 def weights_provenance(report: WeightsReport) -> dict:
     """How a model's weights came about, as an export manifest records it."""
-    from .provenance import sha256_file
+    from ..provenance import sha256_file
 
     return {
         "format": report.format,
@@ -256,3 +256,31 @@ def describe_weights(report: WeightsReport) -> list[str]:
 def print_notes(report: WeightsReport) -> None:
     for line in describe_weights(report):
         print(line, file=sys.stderr)
+
+
+def state_dict_hash(model: OIS) -> str:
+    """Identity of the weights a graph was exported from (float32 bytes, sorted keys)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for key, tensor in sorted(model.state_dict().items()):
+        h.update(key.encode())
+        h.update(tensor.detach().float().contiguous().cpu().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def reference_model(manifest: dict, checkpoint: str | None = None) -> OIS:
+    """The PyTorch FP32 model an export folder's graphs were made from; refuses one that is not."""
+    weights = manifest.get("weights", {})
+    if weights.get("format") == "random":
+        model, _ = load_model(manifest["preset"], RANDOM_WEIGHTS)
+    elif weights.get("bundled") and not checkpoint:  # this install's copy; the hash below checks it
+        model, _ = load_model(manifest["preset"])
+    else:
+        path = checkpoint or weights.get("path")
+        if not path or not Path(path).is_file():
+            raise UserError(f"the reference checkpoint {path} is not here: pass --checkpoint")
+        model, _ = load_model(None, path)
+    if state_dict_hash(model) != manifest["model_hash"]:
+        raise UserError("the reference model's weights differ from those the graphs were exported from")
+    return model

@@ -1,5 +1,4 @@
-"""ONNX Runtime backend: the exported encoder and decoder graphs behind the runner interface
-(encode once per image, decode per click) that the Predictor and `verify` use.
+"""ONNX Runtime backends (ort, ort-cuda, ort-trt): the exported encoder and decoder graphs.
 
 Providers are chosen automatically (TensorRT, then CUDA execution provider when
 onnxruntime-gpu is installed, else CPU). On a GPU the encoder's outputs stay in device memory
@@ -13,10 +12,20 @@ from pathlib import Path
 
 import numpy as np
 
+from ..contract import (
+    DECODER_OUTPUTS,
+    ENCODER_OUTPUTS,
+    check_graph,
+    check_metadata,
+    graph_file,
+    manifest_config,
+    read_manifest,
+    state_shapes,
+    weights_notes,
+)
 from ..errors import UserError
-from ..exporters.onnx_export import DECODER_OUTPUTS, ENCODER_OUTPUTS, graph_file, read_manifest, state_shapes
-from ..model import OISConfig
-from ..provenance import sha256_file
+from ..presets import OISConfig
+from .base import Runner
 from .profiles import decoder_profiles, encoder_profile, union_profile
 
 PROVIDER_CHOICES = {
@@ -92,37 +101,24 @@ def session_providers(providers: list[str], cfg: OISConfig, export_dir: Path, ro
     ]
 
 
-def check_graph(path: Path, manifest: dict) -> None:
-    """Refuse a graph that is not the one the manifest recorded (edited, swapped, corrupted)."""
-    if not path.is_file():
-        raise UserError(f"graph missing: {path}")
-    recorded = manifest["graphs"].get(path.name, {}).get("sha256")
-    if recorded is None:
-        raise UserError(f"{path.name} is not listed in {path.parent}/manifest.json")
-    if sha256_file(path) != recorded:
-        raise UserError(f"{path} does not match its manifest (hash differs): re-export the folder")
+BACKEND_PROVIDERS = {"ort": None, "ort-cuda": "cuda", "ort-trt": "tensorrt"}
 
 
-def check_metadata(path: Path, meta: dict, manifest: dict, role: str, precision: str) -> None:
-    """A graph must say it is this role and precision of this preset and these weights."""
-    expected = {"ois.role": role, "ois.precision": precision, "ois.preset": manifest["preset"],
-                "ois.model_hash": manifest["model_hash"]}
-    for key, want in expected.items():
-        if meta.get(key) != want:
-            raise UserError(f"{path.name} has {key}={meta.get(key)!r} but the folder is for {want!r}: mixed exports")
+class OrtRunner(Runner):
+    """One session per graph. ONNX Runtime sessions may be run from several threads at once."""
 
+    name = "ort"
 
-class OrtRunner:
     def __init__(self, export_dir: str | Path, precision: str = "fp32", providers: str = "auto", threads: int = 0):
         ort = import_ort()
         self.export_dir = Path(export_dir)
         self.manifest = read_manifest(self.export_dir)
         if precision not in self.manifest["precisions"]:
             raise UserError(f"{export_dir} has no {precision} graphs (it has {', '.join(self.manifest['precisions'])})")
-        self.precision = precision
-        self.cfg = OISConfig.from_dict(self.manifest["config"])
         self.providers = choose_providers(providers)
-        self.on_gpu = self.providers[0] != "CPUExecutionProvider"
+        on_gpu = self.providers[0] != "CPUExecutionProvider"
+        super().__init__(manifest_config(self.manifest), precision, "cuda" if on_gpu else "cpu",
+                         weights_notes(self.manifest))
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads
         options.log_severity_level = 3
@@ -139,16 +135,14 @@ class OrtRunner:
                 raise UserError(f"cannot load {path}: {str(e).strip().splitlines()[0]}") from None
             check_metadata(path, self.sessions[role].get_modelmeta().custom_metadata_map, self.manifest, role, precision)
         self.input_types = {i.name: NUMPY_TYPES[i.type] for s in self.sessions.values() for i in s.get_inputs()}
-        self.device = "cuda" if self.on_gpu else "cpu"
 
-    @property
-    def name(self) -> str:
-        return f"ort-{self.providers[0].replace('ExecutionProvider', '').lower()}"
+    def close(self) -> None:
+        self.sessions = {}
 
     def _feed(self, name: str, value: np.ndarray) -> np.ndarray:
         return np.ascontiguousarray(value, dtype=self.input_types[name])
 
-    def encode(self, image: np.ndarray):
+    def _encode(self, image: np.ndarray):
         session = self.sessions["encoder"]
         if not self.on_gpu:
             return dict(zip(ENCODER_OUTPUTS, session.run(list(ENCODER_OUTPUTS), {"image": self._feed("image", image)})))
@@ -159,7 +153,7 @@ class OrtRunner:
         session.run_with_iobinding(binding)
         return dict(zip(ENCODER_OUTPUTS, binding.get_outputs()))
 
-    def decode(self, state, coords: np.ndarray, labels: np.ndarray, prev_mask: np.ndarray) -> np.ndarray:
+    def _decode(self, state, coords: np.ndarray, labels: np.ndarray, prev_mask: np.ndarray) -> np.ndarray:
         session = self.sessions["decoder"]
         clicks = {
             "point_coords": self._feed("point_coords", coords),
@@ -170,7 +164,10 @@ class OrtRunner:
             return session.run(list(DECODER_OUTPUTS), {**state, **clicks})[0].astype(np.float32)
         binding = session.io_binding()
         for name, value in state.items():
-            binding.bind_ortvalue_input(name, value)
+            if isinstance(value, np.ndarray):
+                binding.bind_cpu_input(name, value)
+            else:
+                binding.bind_ortvalue_input(name, value)
         for name, value in clicks.items():
             binding.bind_cpu_input(name, value)
         binding.bind_output("mask_logits", "cpu")
@@ -178,10 +175,14 @@ class OrtRunner:
         return binding.copy_outputs_to_cpu()[0].astype(np.float32)
 
     def state_to_numpy(self, state) -> dict[str, np.ndarray]:
-        return {k: (v.numpy() if hasattr(v, "numpy") else v) for k, v in state.items()}
+        return {k: np.asarray(v.numpy() if hasattr(v, "numpy") else v, np.float32) for k, v in state.items()}
 
-    def weights_notes(self) -> list[str]:
-        w = self.manifest.get("weights", {})
-        if w.get("format") == "random":
-            return [f"weights: graphs exported from random init (seed {w.get('seed', 0)}): outputs are meaningless"]
-        return [f"weights: graphs exported from {w.get('path')} ({w.get('format')})"]
+    def state_from_numpy(self, arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return {k: self._feed(k, v) for k, v in arrays.items()}
+
+
+def open_runner(spec) -> OrtRunner:
+    providers = BACKEND_PROVIDERS[spec.backend] or spec.device or "auto"
+    runner = OrtRunner(spec.export_dir, spec.precision, providers=providers, threads=spec.threads)
+    runner.name = spec.backend
+    return runner

@@ -17,8 +17,8 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from .errors import UserError
-from .preprocess import read_image
+from ..errors import UserError
+from ..runtime.preprocess import read_image
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 # (layout name, image folder, mask folder), most specific first

@@ -1,8 +1,9 @@
-"""Latency harness (DESIGN §6): encoder, decoder per click, seconds per click over a simulated
-session, and Segment-Anything-Task (SAT) latency on a 16x16 grid of single positive clicks.
+"""Latency harness (docs/design.md §6): encoder, decoder per click, seconds per click over a
+simulated session, and Segment-Anything-Task (SAT) latency on a 16x16 grid of single positive
+clicks.
 
-Warm-up runs are excluded; GPU work is synchronised before clocks are read (the runners return
-host arrays, which synchronises ONNX Runtime; torch runners synchronise explicitly).
+Warm-up runs are excluded; device work is synchronised before clocks are read
+(Runner.synchronize), and per-call times come from the runner's timing hook.
 """
 
 from __future__ import annotations
@@ -14,9 +15,10 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from .evaluation import Clicker, PRED_THRESHOLD
-from .preprocess import to_input
-from .provenance import machine_info, now_utc, tool_versions
+from ..errors import UserError
+from ..provenance import machine_info, now_utc, tool_versions
+from ..runtime.preprocess import to_input
+from .clicker import PRED_THRESHOLD, Clicker
 
 SAT_GRID = 16
 # Prompt sets per decoder call in batched SAT: all 256 on a GPU; on a CPU, 256 at once spills the
@@ -26,19 +28,11 @@ RESULTS_FILE = "bench.jsonl"
 REPORT_START, REPORT_END = "<!-- bench-report:start -->", "<!-- bench-report:end -->"
 
 
-def _sync(runner) -> None:
-    device = getattr(runner, "device", None)
-    if str(device).startswith("cuda") and hasattr(runner, "model"):
-        import torch
-
-        torch.cuda.synchronize()
-
-
 def _timed(runner, fn, *args, **kwargs):
-    """(fn's result, its wall time in ms with the runner's GPU work finished)."""
+    """(fn's result, its wall time in ms with the runner's device work finished)."""
     start = time.perf_counter()
     out = fn(*args, **kwargs)
-    _sync(runner)
+    runner.synchronize()
     return out, (time.perf_counter() - start) * 1000
 
 
@@ -61,14 +55,10 @@ def sat_clicks(frame) -> np.ndarray:
     return frame.to_input(grid)
 
 
-def on_gpu(runner) -> bool:
-    return bool(getattr(runner, "on_gpu", False)) or str(getattr(runner, "device", "")).startswith("cuda")
-
-
 def run_bench(predictor, image: np.ndarray, clicks: int = 20, repeats: int = 5, sat: bool = True,
               sat_chunk: int | None = None, progress=None) -> dict:
     runner, cfg = predictor.runner, predictor.cfg
-    sat_chunk = sat_chunk or SAT_CHUNK["gpu" if on_gpu(runner) else "cpu"]
+    sat_chunk = sat_chunk or SAT_CHUNK["gpu" if runner.on_gpu else "cpu"]
     size = cfg.input_size
     step = progress or (lambda text: None)
     tensor, frame = to_input(image, size)
@@ -79,12 +69,10 @@ def run_bench(predictor, image: np.ndarray, clicks: int = 20, repeats: int = 5, 
 
     step(f"{clicks}-click sessions")
     decode_times: list[float] = []
-    inner = runner.decode
 
-    def timed_decode(*args):
-        out, ms = _timed(runner, inner, *args)
-        decode_times.append(ms)
-        return out
+    def record_decode(kind: str, ms: float) -> None:
+        if kind == "decode":
+            decode_times.append(ms)
 
     target = session_target(*image.shape[:2])
 
@@ -100,11 +88,11 @@ def run_bench(predictor, image: np.ndarray, clicks: int = 20, repeats: int = 5, 
         return total
 
     session()  # warm-up
-    runner.decode = timed_decode
+    remove_hook = runner.add_timing_hook(record_decode)
     try:
         spc = [session() / clicks for _ in range(max(1, repeats // 2))]
     finally:
-        runner.decode = inner
+        remove_hook()
     result = {
         "encoder_ms": float(np.median(encoder)),
         "decoder_ms": {"p50": float(np.percentile(decode_times, 50)), "p90": float(np.percentile(decode_times, 90))},
@@ -141,7 +129,7 @@ def run_bench(predictor, image: np.ndarray, clicks: int = 20, repeats: int = 5, 
 
 def bench_record(predictor, backend: str, precision: str, result: dict) -> dict:
     runner = predictor.runner
-    device = getattr(runner, "providers", None) or str(getattr(runner, "device", "cpu"))
+    device = getattr(runner, "providers", None) or runner.device
     machine = machine_info()
     return {
         "backend": backend,
@@ -157,6 +145,8 @@ def bench_record(predictor, backend: str, precision: str, result: dict) -> dict:
 
 
 def append_result(record: dict, results_dir: Path) -> Path:
+    if results_dir.exists() and not results_dir.is_dir():
+        raise UserError(f"--results-dir {results_dir} exists and is not a folder")
     results_dir.mkdir(parents=True, exist_ok=True)
     path = results_dir / RESULTS_FILE
     with open(path, "a") as f:
@@ -188,28 +178,6 @@ def report_table(records: list[dict]) -> str:
             f"{fmt(r.get('sat_batched_ms'))} | {fmt(r.get('sat_sequential_ms'))} | {r['date'][:10]} |"
         )
     return "\n".join(lines)
-
-
-def report_chart(records: list[dict], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    latest = {(r["preset"], r["backend"], r["precision"], r["device"]): r for r in records}
-    labels = [f"{p}\n{b} {q}" for p, b, q, _ in latest]
-    fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(labels)), 4))
-    x = np.arange(len(labels))
-    ax.bar(x - 0.2, [r["decoder_ms"]["p50"] for r in latest.values()], 0.4, label="decoder p50 (ms)")
-    ax.bar(x + 0.2, [r["spc_ms"] for r in latest.values()], 0.4, label="SPC (ms)")
-    ax.set_xticks(x, labels, fontsize=7)
-    ax.set_yscale("log")
-    ax.set_ylabel("ms (log)")
-    ax.legend()
-    ax.set_title("ois-deploy latency")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
 
 
 def update_readme(readme: Path, table: str) -> bool:

@@ -1,10 +1,7 @@
-"""Interactive evaluation (DESIGN §6, the SegNext/RITM protocol), backend-independent.
-
-Next click: FN = gt & ~pred, FP = ~gt & pred; L2 distance transform of each, padded by 1;
-already clicked pixels excluded; positive at the FN maximum when it exceeds the FP maximum,
-else negative at the FP maximum. The first click (empty prediction) is the interior-most point
-of the object. Prediction = probability > 0.49, and the probability is fed back as prev_mask.
-Every object gets all its clicks (no early stop), so NoC and mIoU@k come from one run.
+"""Interactive evaluation metrics (docs/design.md §6, the SegNext/RITM protocol): sessions of
+the simulated user (clicker.py) on any backend, NoC, NoF, mIoU@k, seconds per click, and
+task-level parity of two backends over the same objects. Every object gets all its clicks (no
+early stop), so NoC and mIoU@k come from one run.
 """
 
 from __future__ import annotations
@@ -14,45 +11,12 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import cv2
 import numpy as np
 
-from .errors import UserError
+from ..errors import UserError
+from .clicker import PRED_THRESHOLD, Click, Clicker
 
-PRED_THRESHOLD = 0.49
 IOU_THRESHOLDS = (0.85, 0.90, 0.95)
-
-
-@dataclass
-class Click:
-    x: int  # column, original image pixels
-    y: int  # row
-    positive: bool
-
-
-class Clicker:
-    """Simulated user for one object."""
-
-    def __init__(self, gt: np.ndarray):
-        self.gt = gt.astype(bool)
-        self.not_clicked = np.ones_like(self.gt)
-
-    def next_click(self, pred: np.ndarray) -> Click:
-        pred = pred.astype(bool)
-        fn = distance_to_border(self.gt & ~pred) * self.not_clicked
-        fp = distance_to_border(~self.gt & pred) * self.not_clicked
-        positive = fn.max() > fp.max()
-        dist = fn if positive else fp
-        y, x = np.unravel_index(int(np.argmax(dist)), dist.shape)  # first maximum, row-major
-        self.not_clicked[y, x] = False
-        return Click(int(x), int(y), bool(positive))
-
-
-def distance_to_border(region: np.ndarray) -> np.ndarray:
-    """L2 distance of each region pixel to the nearest non-region pixel, the image border
-    counting as outside (the padding by 1)."""
-    padded = np.pad(region.astype(np.uint8), 1)
-    return cv2.distanceTransform(padded, cv2.DIST_L2, cv2.DIST_MASK_PRECISE)[1:-1, 1:-1]
 
 
 def iou(pred: np.ndarray, gt: np.ndarray) -> float:
@@ -143,3 +107,27 @@ def summarise(results: list[ObjectResult], max_clicks: int = 20) -> dict:
     summary["spc_ms"] = 1000 * total / clicks
     summary["decoder_ms"] = 1000 * sum(sum(r.decode_seconds) for r in results) / clicks
     return summary
+
+
+def evaluate_samples(predictor, samples, max_clicks: int, progress=None) -> list[ObjectResult]:
+    """One session per sample (datasets.Sample); progress() after each object."""
+    results = []
+    for sample in samples:
+        image, gt = sample.load()
+        results.append(run_object(predictor, image, gt, sample.name, max_clicks))
+        if progress:
+            progress()
+    return results
+
+
+def task_parity(results: list[ObjectResult], others: list[ObjectResult], max_clicks: int) -> dict:
+    """Two backends' sessions over the same objects: identical click sequences, the largest
+    per-click IoU difference, and each side's NoC@90."""
+    same = [[(c.x, c.y, c.positive) for c in a.clicks] == [(c.x, c.y, c.positive) for c in b.clicks]
+            for a, b in zip(results, others)]
+    return {
+        "identical_click_sequences": int(sum(same)),
+        "objects": len(same),
+        "max_iou_difference": float(max(abs(x - y) for a, b in zip(results, others) for x, y in zip(a.ious, b.ious))),
+        "NoC@90": (summarise(results, max_clicks)["NoC@90"], summarise(others, max_clicks)["NoC@90"]),
+    }

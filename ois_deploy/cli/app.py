@@ -1,0 +1,23 @@
+"""The typer app that every command module registers on, and the options they share."""
+
+from __future__ import annotations
+
+import typer
+
+from ..presets import PRESETS
+
+app = typer.Typer(
+    add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, help="Deploy OIS interactive segmentation."
+)
+
+PresetOpt = typer.Option(None, "--preset", "-p", help=f"One of: {', '.join(PRESETS)}.")
+CheckpointOpt = typer.Option(
+    None, "--checkpoint", "-c",
+    help="Weights: ois-deploy or Depth Anything V2 file, or 'random' (default: the preset's bundled weights, if any).",
+)
+JsonOpt = typer.Option(None, "--json", help="Write results as JSON to PATH; '-' for stdout.")
+BackendOpt = typer.Option(None, "--backend",
+                          help="torch, torch-cuda (PyTorch), ort, ort-cuda, ort-trt or trt (export folder). "
+                               "Default: torch for a preset, ort for an export folder.")
+DeviceOpt = typer.Option(None, "--device", help="torch: cpu (default) or cuda; ort: auto (default), cpu, cuda or tensorrt.")
+PrecisionOpt = typer.Option("fp32", "--precision", help="fp32 or fp16.")

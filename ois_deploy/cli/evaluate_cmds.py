@@ -1,0 +1,162 @@
+"""Commands that measure a model: eval (the interactive protocol) and bench (latency)."""
+
+from __future__ import annotations
+
+import json as jsonlib
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from ..errors import UserError
+from ..io import atomic_write_bytes, write_json
+from .app import BackendOpt, CheckpointOpt, DeviceOpt, JsonOpt, PrecisionOpt, app
+from .console import console_for, counted_progress, note, progress_steps, table
+
+ASSETS = Path(__file__).resolve().parents[1] / "assets"
+
+
+def run_eval(predictor, samples, max_clicks: int, console, label: str):
+    """The evaluation's sessions under a progress bar."""
+    from ..evaluate.metrics import evaluate_samples
+
+    bar, task = counted_progress(console, len(samples), f"eval {label}")
+    with bar:
+        return evaluate_samples(predictor, samples, max_clicks, progress=lambda: bar.advance(task))
+
+
+@app.command(name="eval")
+def evaluate(
+    model: str = typer.Argument(..., help="A preset name (PyTorch) or an export folder."),
+    dataset: str = typer.Option(..., "--dataset", "-d", help="DAVIS, HQSeg44K-val or images/+masks/ folder."),
+    backend: Optional[str] = BackendOpt,
+    precision: str = PrecisionOpt,
+    checkpoint: Optional[str] = CheckpointOpt,
+    device: Optional[str] = DeviceOpt,
+    max_clicks: int = typer.Option(20, "--max-clicks", min=1, max=24),
+    limit: Optional[int] = typer.Option(None, "--limit", min=1, help="Evaluate the first N objects only."),
+    json: Optional[str] = JsonOpt,
+    save_clicks: Optional[str] = typer.Option(None, "--save-clicks", help="Write the clicks and IoUs as JSON lines."),
+    plot: Optional[str] = typer.Option(None, "--plot", help="Write the mIoU-vs-clicks curve as PNG."),
+    compare_backend: Optional[str] = typer.Option(None, "--compare-backend", help="Also run this backend; report task-level parity."),
+    compare_precision: str = typer.Option("fp32", "--compare-precision", help="Precision of the --compare-backend run (the reference: fp32)."),
+    order_attention: Optional[str] = typer.Option(None, "--order-attention",
+                                                  help="Override the model's order-aware attention: bias, mask or off (ablation; torch backends)."),
+):
+    """NoC@85/90/95, NoF, mIoU@k and seconds per click with simulated clicks (SegNext protocol)."""
+    from ..evaluate.datasets import load_dataset
+    from ..evaluate.metrics import summarise, task_parity
+    from ..provenance import machine_info, now_utc, tool_versions
+    from ..runtime.predictor import Predictor
+
+    layout, samples = load_dataset(dataset)
+    samples = samples[:limit] if limit else samples
+    for path in (json, save_clicks, plot):  # fail before the long run, not after it
+        if path and path != "-" and not Path(path).parent.is_dir():
+            raise UserError(f"output folder does not exist: {Path(path).parent}")
+    predictor = Predictor.open(model, backend, precision, checkpoint, device, order_attention=order_attention)
+    note(*predictor.notes)
+    backend_name = predictor.backend
+    err = console_for(None, stderr=True)
+    results = run_eval(predictor, samples, max_clicks, err, backend_name)
+    summary = summarise(results, max_clicks)
+    report = {"summary": summary, "backend": backend_name, "precision": precision, "model": model,
+              "checkpoint": checkpoint, "order_attention": predictor.cfg.decoder.order_attention,
+              "dataset": str(dataset), "layout": layout, "objects": len(results),
+              "machine": machine_info(), "versions": tool_versions(), "date": now_utc()}
+
+    if compare_backend:
+        other = Predictor.open(model, compare_backend, compare_precision, checkpoint, device, order_attention=order_attention)
+        parity = task_parity(results, run_eval(other, samples, max_clicks, err, compare_backend), max_clicks)
+        noc_here, noc_there = parity.pop("NoC@90")
+        report["compare"] = {"backend": compare_backend, "precision": compare_precision, **parity,
+                             "NoC@90": {backend_name: noc_here, compare_backend: noc_there}}
+
+    out = console_for(json)
+    m = summary["mIoU@k"]
+    row = [*(f"{summary[k]:.2f}" for k in ("NoC@85", "NoC@90", "NoC@95")),
+           *(str(summary[k]) for k in ("NoF@85", "NoF@90", "NoF@95")),
+           f"{m[0]:.4f}", f"{m[min(4, len(m) - 1)]:.4f}", f"{summary['spc_ms']:.1f}"]
+    out.print(table(f"{model} on {dataset} ({layout}, {len(results)} objects), {backend_name} {precision}",
+                    ["NoC@85", "NoC@90", "NoC@95", "NoF@85", "NoF@90", "NoF@95", "mIoU@1", "mIoU@5", "SPC ms"], [row], left=0))
+    if "compare" in report:
+        c = report["compare"]
+        out.print(f"task parity vs {c['backend']} {c['precision']}: {c['identical_click_sequences']}/{c['objects']} identical click "
+                  f"sequences, max per-click IoU difference {c['max_iou_difference']:.4f}, NoC@90 {c['NoC@90']}")
+    if save_clicks:
+        atomic_write_bytes(save_clicks, "".join(jsonlib.dumps(r.to_json()) + "\n" for r in results).encode())
+    if plot:
+        from ..evaluate.plots import write_curve
+
+        write_curve(plot, summary["mIoU@k"], f"{model} ({backend_name} {precision})")
+    if json:
+        write_json(report, json)
+
+
+@app.command()
+def bench(
+    model: Optional[str] = typer.Argument(None, help="A preset name (PyTorch) or an export folder."),
+    backend: Optional[str] = BackendOpt,
+    precision: str = PrecisionOpt,
+    checkpoint: Optional[str] = CheckpointOpt,
+    device: Optional[str] = DeviceOpt,
+    image: Optional[str] = typer.Option(None, "--image", help="Image to time on (default: the bundled demo image)."),
+    clicks: int = typer.Option(20, "--clicks", min=1, max=24),
+    repeats: int = typer.Option(5, "--repeats", min=1),
+    sat: bool = typer.Option(True, "--sat/--no-sat", help="Also time the 16x16 Segment-Anything-Task."),
+    sat_chunk: Optional[int] = typer.Option(None, "--sat-chunk", min=1, max=256,
+                                            help="Prompt sets per decoder call in batched SAT (default 256 on a GPU, 32 on a CPU)."),
+    results_dir: Optional[str] = typer.Option(None, "--results-dir",
+                                              help="Append the record to DIR/bench.jsonl (default: print only); --report reads it."),
+    report: bool = typer.Option(False, "--report", help="Render the performance table and chart from --results-dir."),
+    readme: Optional[str] = typer.Option(None, "--readme", help="With --report: also write the table into this README's report block."),
+    json: Optional[str] = JsonOpt,
+):
+    """Encoder and per-click decoder latency, seconds per click, and SAT latency (batched, sequential)."""
+    from ..evaluate.bench import REPORT_END, REPORT_START, append_result, bench_record, load_results, report_table, run_bench
+    from ..runtime.predictor import Predictor
+    from ..runtime.preprocess import read_image
+
+    out = console_for(json)
+    results = Path(results_dir) if results_dir else None
+    if report:
+        from ..evaluate.plots import report_chart
+
+        if results is None:
+            raise UserError("--report needs --results-dir DIR (the folder holding bench.jsonl)")
+        records = load_results(results)
+        if not records:
+            raise UserError(f"no benchmark results in {results} (run ois-deploy bench MODEL --results-dir {results} first)")
+        text = report_table(records)
+        report_chart(records, results / "report.png")
+        atomic_write_bytes(results / "report.md", (text + "\n").encode())
+        updated = bool(readme) and update_readme_or_fail(readme, text, REPORT_START, REPORT_END)
+        out.print(text)
+        note(f"wrote {results / 'report.md'}, {results / 'report.png'}" + (f", {readme}" if updated else ""))
+        return
+    if model is None:
+        raise UserError("give a MODEL (preset name or export folder), or --report")
+    rgb = read_image(image or ASSETS / "demo.png")
+    predictor = Predictor.open(model, backend, precision, checkpoint, device)
+    note(*predictor.notes)
+    backend_name = predictor.backend
+    bar, step, finish = progress_steps(console_for(None, stderr=True))
+    with bar:
+        result = run_bench(predictor, rgb, clicks, repeats, sat, sat_chunk, progress=step)
+        finish()
+    record = bench_record(predictor, backend_name, precision, result)
+    out.print(report_table([record]))
+    if "sat_batched_speedup" in record:
+        out.print(f"SAT batched is {record['sat_batched_speedup']:.2f}x faster than sequential")
+    if results is not None:
+        note(f"appended to {append_result(record, results)}")
+    if json:
+        write_json(record, json)
+
+
+def update_readme_or_fail(readme: str, text: str, start: str, end: str) -> bool:
+    from ..evaluate.bench import update_readme
+
+    if not update_readme(Path(readme), text):
+        raise UserError(f"{readme} has no report block ({start} ... {end})")
+    return True

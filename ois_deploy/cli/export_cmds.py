@@ -1,0 +1,142 @@
+"""Commands from a model to checked graphs and engines: export, lint, build, verify."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+
+from ..errors import UserError
+from ..io import write_json
+from .app import CheckpointOpt, JsonOpt, PresetOpt, app
+from .console import console_for, progress_steps, table
+
+
+def parse_precisions(text: str) -> tuple[str, ...]:
+    choices = {"fp32": ("fp32",), "fp16": ("fp16",), "both": ("fp32", "fp16")}
+    if text not in choices:
+        raise UserError(f"precision must be fp32, fp16 or both, not {text!r}")
+    return choices[text]
+
+
+def print_lint(console: Console, reports) -> bool:
+    ok = True
+    for r in reports:
+        console.print(f"lint {r.graph}: " + ("ok" if r.ok else f"{len(r.problems)} problem(s)"))
+        for problem in r.problems:
+            console.print(f"  - {problem}")
+        for note in r.notes:
+            console.print(f"  note: {note}")
+        ok &= r.ok
+    return ok
+
+
+@app.command()
+def export(
+    out: str = typer.Option(..., "--out", "-o", help="Folder for the graphs and manifest.json."),
+    preset: Optional[str] = PresetOpt,
+    checkpoint: Optional[str] = CheckpointOpt,
+    precision: str = typer.Option("both", "--precision", help="fp32, fp16 or both."),
+    opset: Optional[int] = typer.Option(None, "--opset", help="ONNX opset (default 18; 23 with --attention fused)."),
+    attention: str = typer.Option("matmul", "--attention", help="matmul (MatMul-Add-Softmax-MatMul) or fused (ONNX Attention)."),
+):
+    """Export the encoder and decoder graphs (FP32 and/or FP16), then lint them."""
+    from ..export.lint import lint_export
+    from ..export.onnx import ExportRequest, export_model
+    from ..model.weights import load_model, print_notes, weights_provenance
+
+    target = Path(out)
+    request = ExportRequest(target, parse_precisions(precision), opset or (23 if attention == "fused" else 18), attention)
+    precisions = request.precisions
+    model, report = load_model(preset, checkpoint)
+    print_notes(report)
+    weights = weights_provenance(report)
+    console = console_for(None, stderr=True)
+    bar, step, finish = progress_steps(console)
+    with bar:
+        manifest = export_model(model, weights, request, progress=step)
+        step("lint")
+        reports = lint_export(target, precisions)
+        finish()
+    if not print_lint(console, reports):
+        raise UserError(f"exported graphs in {out} failed lint (listed above)")
+    console.print(f"exported {', '.join(manifest['graphs'])} and manifest.json to {out}")
+
+
+@app.command()
+def build(
+    folder: str = typer.Argument(..., help="Export folder (ois-deploy export --out DIR)."),
+    precision: str = typer.Option("fp16", "--precision", help="Which graphs to build from: fp16 or fp32."),
+    max_clicks: Optional[int] = typer.Option(None, "--max-clicks", help="Interactive profile: N up to this (default: the preset's)."),
+    max_prompts: int = typer.Option(256, "--max-prompts", help="SAT profile: P up to this."),
+    timing_cache: Optional[str] = typer.Option(None, "--timing-cache", help="Timing cache file, reused and updated."),
+    workspace: Optional[float] = typer.Option(None, "--workspace", help="Builder workspace limit, GiB."),
+    opt_level: Optional[int] = typer.Option(None, "--opt-level", help="Builder optimisation level 0-5."),
+    rebuild: bool = typer.Option(False, "--rebuild", help="Build even if the recorded engines fit this machine."),
+):
+    """Build TensorRT engines (strongly typed) from the exported graphs; record them in the manifest."""
+    from ..export.tensorrt import build_engines
+
+    if precision not in ("fp16", "fp32"):
+        raise UserError(f"precision must be fp16 or fp32, not {precision!r}")
+    console = console_for(None, stderr=True)
+    bar, step, finish = progress_steps(console)
+    with bar:
+        manifest = build_engines(folder, precision, max_clicks, max_prompts, timing_cache, workspace, opt_level, rebuild,
+                                 progress=step)
+        finish()
+    e = manifest["engines"]
+    console.print(f"engines in {folder}: {', '.join(e['files'])} ({e['precision']}, TensorRT {e['tensorrt']}, {e['gpu']})")
+
+
+@app.command()
+def lint(folder: str = typer.Argument(..., help="Export folder.")):
+    """Check exported graphs: onnx checker, TensorRT-parsable ops, forbidden patterns, FP32 islands, dynamic axes."""
+    from ..export.lint import lint_export
+
+    console = console_for(None)
+    if not print_lint(console, lint_export(folder)):
+        raise UserError(f"graphs in {folder} failed lint (listed above)")
+
+
+@app.command()
+def verify(
+    folder: str = typer.Argument(..., help="Export folder."),
+    backend: str = typer.Option("ort", "--backend", help="Backend to check against PyTorch FP32."),
+    precision: Optional[str] = typer.Option(None, "--precision", help="fp32, fp16 or both (default: what was exported)."),
+    images: Optional[str] = typer.Option(None, "--images", help="Folder of real images (default: bundled ones)."),
+    checkpoint: Optional[str] = CheckpointOpt,
+    rel_l2_fp32: Optional[float] = typer.Option(None, "--rel-l2-fp32", help="Tolerance override."),
+    rel_l2_fp16: Optional[float] = typer.Option(None, "--rel-l2-fp16", help="Tolerance override."),
+    iou_mean: Optional[float] = typer.Option(None, "--iou-mean", help="Minimum mean mask IoU override."),
+    json: Optional[str] = JsonOpt,
+):
+    """Compare a backend with the PyTorch FP32 model; exit 1 above tolerance."""
+    from ..verify import verify as run_verify
+
+    tolerances: dict = {"fp32": {}, "fp16": {}}
+    if rel_l2_fp32 is not None:
+        tolerances["fp32"]["rel_l2"] = rel_l2_fp32
+    if rel_l2_fp16 is not None:
+        tolerances["fp16"]["rel_l2"] = rel_l2_fp16
+    if iou_mean is not None:
+        for p in tolerances:
+            tolerances[p]["mask_iou_mean"] = iou_mean
+    console = console_for(json)
+    bar, step, finish = progress_steps(console_for(None, stderr=True))
+    with bar:
+        result = run_verify(folder, backend, parse_precisions(precision) if precision else None, images, checkpoint,
+                            tolerances, progress=step)
+        finish()
+    fmt = lambda v, f: "-" if v is None else format(v, f)  # noqa: E731
+    rows = [[r["precision"], r["output"], fmt(r["max_abs"], ".2e"), fmt(r["rel_l2"], ".2e"), str(r["nonfinite"]),
+             fmt(r["mask_iou_mean"], ".4f"), fmt(r["mask_iou_min"], ".4f")] for r in result["results"]]
+    console.print(table(f"parity: {result['backend']} ({', '.join(result['providers'])}) vs PyTorch FP32, {result['preset']}",
+                        ["precision", "output", "max abs", "rel L2", "non-finite", "IoU mean", "IoU min"], rows, left=2))
+    console.print("PASSED" if result["passed"] else "FAILED: " + "; ".join(result["failures"]))
+    if json:
+        write_json(result, json)
+    if not result["passed"]:
+        raise typer.Exit(1)

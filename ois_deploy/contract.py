@@ -1,0 +1,118 @@
+"""The graph contract shared by the exporter and every runtime (docs/design.md §3), without torch.
+
+An export folder holds an encoder graph (once per image) and a click decoder graph (once per
+click) per precision, and manifest.json recording the preset's config, the weights' identity and
+a SHA-256 per file. Runtimes read the folder through this module only: names, shapes, dynamic
+axes and file names are defined here once.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from .errors import UserError
+from .io import atomic_write_bytes
+from .presets import OISConfig
+from .provenance import sha256_file
+
+MANIFEST = "manifest.json"
+FORMAT = "ois-deploy-export/1"
+ENCODER_INPUTS = ("image",)
+# The image state: encoder outputs, and the decoder's first inputs (model.ImageState's fields).
+ENCODER_OUTPUTS = ("image_embed", "pyramid_l1", "pyramid_l2", "pyramid_l3", "depth")
+CLICK_INPUTS = ("point_coords", "point_labels", "prev_mask")
+DECODER_INPUTS = ENCODER_OUTPUTS + CLICK_INPUTS
+DECODER_OUTPUTS = ("mask_logits",)
+PRECISIONS = ("fp32", "fp16")
+MAX_BATCH = 16
+MAX_PROMPTS = 256  # a 16x16 Segment-Anything-Task grid in one decoder call
+NORMALISATION = "RGB 0..255 in; ImageNet mean/std applied inside the encoder"
+
+
+def graph_file(role: str, precision: str) -> str:
+    return f"{role}.onnx" if precision == "fp32" else f"{role}.{precision}.onnx"
+
+
+def state_shapes(cfg: OISConfig) -> dict[str, tuple[int, ...]]:
+    """Shapes of one image's encoder outputs (batch 1), the decoder's image-state inputs."""
+    g, s = cfg.grid, cfg.input_size
+    f = cfg.depth_head.features
+    return {
+        "image_embed": (1, cfg.decoder.width, g, g),
+        "pyramid_l1": (1, f, 4 * g, 4 * g),
+        "pyramid_l2": (1, f, 2 * g, 2 * g),
+        "pyramid_l3": (1, f, g, g),
+        "depth": (1, 1, s, s),
+    }
+
+
+def dynamic_axes(cfg: OISConfig) -> dict:
+    """Per graph: the named dynamic dimensions with their (min, max), and which input axes use them."""
+    return {
+        "encoder": {"dims": {"B": (1, MAX_BATCH)}, "inputs": {"image": {0: "B"}}},
+        "decoder": {
+            "dims": {"P": (1, MAX_PROMPTS), "N": (1, cfg.decoder.max_clicks)},
+            "inputs": {
+                **{name: None for name in ENCODER_OUTPUTS},
+                "point_coords": {0: "P", 1: "N"},
+                "point_labels": {0: "P", 1: "N"},
+                "prev_mask": {0: "P"},
+            },
+        },
+    }
+
+
+def write_manifest(out_dir: Path, manifest: dict) -> None:
+    atomic_write_bytes(Path(out_dir) / MANIFEST, (json.dumps(manifest, indent=2) + "\n").encode())
+
+
+def read_manifest(out_dir: str | os.PathLike) -> dict:
+    path = Path(out_dir) / MANIFEST
+    if not Path(out_dir).is_dir():
+        raise UserError(f"export folder not found: {out_dir}")
+    if not path.is_file():
+        raise UserError(f"no {MANIFEST} in {out_dir}: not an ois-deploy export folder")
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise UserError(f"cannot read {path}: {e}") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise UserError(f"{path} is not an ois-deploy export manifest")
+    return manifest
+
+
+def is_export_folder(path: str | os.PathLike) -> bool:
+    return (Path(path) / MANIFEST).is_file()
+
+
+def manifest_config(manifest: dict) -> OISConfig:
+    return OISConfig.from_dict(manifest["config"])
+
+
+def check_graph(path: Path, manifest: dict) -> None:
+    """Refuse a graph that is not the one the manifest recorded (edited, swapped, corrupted)."""
+    if not path.is_file():
+        raise UserError(f"graph missing: {path}")
+    recorded = manifest["graphs"].get(path.name, {}).get("sha256")
+    if recorded is None:
+        raise UserError(f"{path.name} is not listed in {path.parent}/{MANIFEST}")
+    if sha256_file(path) != recorded:
+        raise UserError(f"{path} does not match its manifest (hash differs): re-export the folder")
+
+
+def check_metadata(path: Path, meta: dict, manifest: dict, role: str, precision: str) -> None:
+    """A graph must say it is this role and precision of this preset and these weights."""
+    expected = {"ois.role": role, "ois.precision": precision, "ois.preset": manifest["preset"],
+                "ois.model_hash": manifest["model_hash"]}
+    for key, want in expected.items():
+        if meta.get(key) != want:
+            raise UserError(f"{path.name} has {key}={meta.get(key)!r} but the folder is for {want!r}: mixed exports")
+
+
+def weights_notes(manifest: dict) -> list[str]:
+    w = manifest.get("weights", {})
+    if w.get("format") == "random":
+        return [f"weights: graphs exported from random init (seed {w.get('seed', 0)}): outputs are meaningless"]
+    return [f"weights: graphs exported from {w.get('path')} ({w.get('format')})"]

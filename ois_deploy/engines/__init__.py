@@ -1,1 +1,0 @@
-"""Inference engines built from the exported graphs (ONNX Runtime, TensorRT)."""

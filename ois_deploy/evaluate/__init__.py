@@ -1,0 +1,1 @@
+"""Evaluation: the simulated clicker and metrics, dataset layouts, latency bench, plots."""

@@ -1,0 +1,85 @@
+"""Backend name -> its module, capabilities and the extra that installs it.
+
+Adding a backend: one module in this package with a Runner subclass and an `open_runner(spec)`
+function, and one entry below. Modules are imported only when their backend is opened, so a
+runtime without PyTorch never imports it.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..contract import is_export_folder
+from ..errors import UserError
+from .base import Runner
+
+
+@dataclass(frozen=True)
+class Backend:
+    name: str
+    module: str  # ois_deploy.runtime.<module>, with open_runner(spec)
+    needs_export: bool  # runs an export folder's graphs (else a preset, or an export's reference model)
+    needs_gpu: bool
+    precisions: tuple[str, ...]
+    extra: str  # pip install 'ois-deploy[extra]'
+    summary: str
+
+
+@dataclass(frozen=True)
+class RunnerSpec:
+    """What to open: model is a preset name or an export folder."""
+
+    backend: str
+    model: str
+    precision: str = "fp32"
+    checkpoint: str | None = None
+    device: str | None = None  # torch: cpu/cuda; ort: auto/cpu/cuda/tensorrt (ONNX Runtime providers)
+    threads: int = 0  # intra-op threads (0: the backend's default)
+    order_attention: str | None = None  # override of the model's mode (torch backends; ablations)
+
+    @property
+    def export_dir(self) -> Path | None:
+        return Path(self.model) if is_export_folder(self.model) else None
+
+
+BACKENDS: dict[str, Backend] = {
+    b.name: b
+    for b in (
+        Backend("torch", "torch_backend", False, False, ("fp32", "fp16"), "export", "PyTorch reference model"),
+        Backend("torch-cuda", "torch_backend", False, True, ("fp32", "fp16"), "export", "PyTorch on a CUDA GPU, CUDA graphs per click"),
+        Backend("ort", "ort_backend", True, False, ("fp32", "fp16"), "cpu", "ONNX Runtime, providers chosen automatically"),
+        Backend("ort-cuda", "ort_backend", True, True, ("fp32", "fp16"), "gpu", "ONNX Runtime, CUDA execution provider"),
+        Backend("ort-trt", "ort_backend", True, True, ("fp32", "fp16"), "gpu", "ONNX Runtime, TensorRT execution provider"),
+        Backend("trt", "trt_backend", True, True, ("fp32", "fp16"), "gpu", "TensorRT engines (ois-deploy build)"),
+    )
+}
+
+
+def get_backend(name: str) -> Backend:
+    try:
+        return BACKENDS[name]
+    except KeyError:
+        raise UserError(f"unknown backend {name!r}; available: {', '.join(BACKENDS)}") from None
+
+
+def default_backend(model: str) -> str:
+    return "ort" if is_export_folder(model) else "torch"
+
+
+def open_runner(spec: RunnerSpec) -> Runner:
+    """The runner of spec.backend for spec.model, after the checks every backend shares."""
+    backend = get_backend(spec.backend)
+    if spec.precision not in backend.precisions:
+        raise UserError(f"precision must be one of {', '.join(backend.precisions)} for {backend.name}, not {spec.precision!r}")
+    model = Path(spec.model)
+    if model.is_dir() and not is_export_folder(model):
+        raise UserError(f"{spec.model} is a folder without manifest.json: not an export folder")
+    if backend.needs_export and spec.export_dir is None:
+        raise UserError(f"backend {backend.name} needs an export folder, and {spec.model!r} is not one "
+                        "(ois-deploy export --out DIR)")
+    if spec.order_attention is not None and backend.module != "torch_backend":
+        raise UserError("an order-attention override applies to the torch backends only (graphs fix it at export)")
+    module = importlib.import_module(f"{__package__}.{backend.module}")
+    return module.open_runner(spec)
