@@ -56,21 +56,67 @@ def as_rgb(image: np.ndarray) -> np.ndarray:
     raise UserError(f"image must be HxW, HxWx3 or HxWx4, got shape {image.shape}")
 
 
-def read_image(path: str | Path) -> np.ndarray:
-    """Read an image file as RGB uint8 (grayscale, 16-bit and RGBA converted)."""
+DEFAULT_MAX_PIXELS = 100_000_000
+# EXIF orientation -> (transpose first, then np.rot90 quarter turns counter-clockwise, then flip left-right)
+_ORIENTATIONS = {2: (False, 0, True), 3: (False, 2, False), 4: (False, 2, True), 5: (True, 0, False),
+                 6: (False, 3, False), 7: (True, 2, False), 8: (False, 1, False)}
+
+
+def image_header(data: bytes, name: str = "image") -> tuple[int, int, int]:
+    """(width, height, EXIF orientation 1-8) from the file's header, without decoding pixels."""
+    import io
+
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            orientation = img.getexif().get(0x0112, 1) if img.format in ("JPEG", "TIFF", "WEBP", "PNG") else 1
+            return img.width, img.height, orientation if orientation in range(1, 9) else 1
+    except Image.DecompressionBombError as e:
+        raise UserError(f"{name} is too large to read safely: {e}") from None
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError):
+        raise UserError(f"cannot read {name}: not a supported image file (PNG, JPEG, BMP, TIFF, WebP)") from None
+
+
+def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, name: str = "image") -> np.ndarray:
+    """Image file bytes -> RGB uint8 as an image viewer shows it (EXIF orientation applied;
+    grayscale, 16-bit and RGBA converted). The pixel count is checked from the header before the
+    pixels are decoded."""
+    if not data:
+        raise UserError(f"{name} is empty")
+    width, height, orientation = image_header(data, name)
+    if width * height > max_pixels:
+        raise UserError(f"{name} is {width}x{height} = {width * height:,} pixels, over the limit of {max_pixels:,}")
+    if data[:2] == b"\xff\xd8" and not data.rstrip(b"\x00").endswith(b"\xff\xd9"):
+        raise UserError(f"cannot read {name}: the JPEG data is truncated")
+    image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
+    if image is None or image.size == 0:
+        raise UserError(f"cannot read {name}: the file is corrupt or truncated")
+    if image.dtype == np.uint16:
+        image = (image // 257).astype(np.uint8)
+    if image.ndim == 3 and image.shape[2] == 4:
+        image = cv2.cvtColor(image, cv2.COLOR_BGRA2RGBA)
+    elif image.ndim == 3 and image.shape[2] == 3:
+        image = cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+    image = as_rgb(image)
+    if orientation in _ORIENTATIONS:
+        transpose, turns, flip = _ORIENTATIONS[orientation]
+        image = image.transpose(1, 0, 2) if transpose else image
+        image = np.rot90(image, turns) if turns else image
+        image = np.ascontiguousarray(image[:, ::-1] if flip else image)
+    return image
+
+
+def read_image(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+    """Read an image file as RGB uint8, as decode_image does."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"image not found: {path}")
-    data = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
-    if data is None:
-        raise UserError(f"cannot read image {path}: not a supported image file")
-    if data.dtype == np.uint16:
-        data = (data // 257).astype(np.uint8)
-    if data.ndim == 3 and data.shape[2] == 4:
-        data = cv2.cvtColor(data, cv2.COLOR_BGRA2RGBA)
-    elif data.ndim == 3 and data.shape[2] == 3:
-        data = cv2.cvtColor(data, cv2.COLOR_BGR2RGB)
-    return as_rgb(data)
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise UserError(f"cannot read image {path}: {e.strerror}") from None
+    return decode_image(data, max_pixels, name=f"image {path}")
 
 
 def fit_to_frame(array: np.ndarray, frame: Frame) -> np.ndarray:
