@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 TORCH_PIN ?= torch==2.13.0
 DEMO_IMAGE := ois_deploy/assets/demo.png
 
-.PHONY: install demo test clean
+.PHONY: install web demo test clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -15,7 +15,19 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install --quiet -e ".[cpu,export,train,plot,dev]"
 	touch $@
 
-install: $(VENV)/.installed
+# The browser client's onnxruntime-web, pinned in package-lock.json, copied out of node_modules
+# into ois_deploy/web/vendor/ (git-ignored), where `serve` serves it: never from a CDN.
+WEB_VENDOR := ois_deploy/web/vendor
+ORT_DIST := node_modules/onnxruntime-web/dist
+$(WEB_VENDOR)/.installed: package.json package-lock.json
+	npm ci --no-audit --no-fund
+	mkdir -p $(WEB_VENDOR)
+	cp $(ORT_DIST)/ort.wasm.min.mjs $(ORT_DIST)/ort-wasm-simd-threaded.mjs $(ORT_DIST)/ort-wasm-simd-threaded.wasm $(WEB_VENDOR)/
+	touch $@
+
+web: $(WEB_VENDOR)/.installed
+
+install: $(VENV)/.installed web
 
 # The main job, on the embedded default: ois-tiny with its bundled trained weights. Export the
 # graphs, lint them, verify them with ONNX Runtime against PyTorch, and segment the bundled image
@@ -34,4 +46,4 @@ test: install
 	$(PY) -m pytest -q
 
 clean:
-	rm -rf $(VENV) artifacts
+	rm -rf $(VENV) artifacts node_modules $(WEB_VENDOR)
