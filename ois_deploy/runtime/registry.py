@@ -70,6 +70,13 @@ def default_backend(model: str) -> str:
 
 def open_runner(spec: RunnerSpec) -> Runner:
     """The runner of spec.backend for spec.model, after the checks every backend shares."""
+    backend = check_spec(spec)
+    module = importlib.import_module(f"{__package__}.{backend.module}")
+    return module.open_runner(spec)
+
+
+def check_spec(spec: RunnerSpec) -> Backend:
+    """The checks every backend shares, without opening anything (UserError if one fails)."""
     backend = get_backend(spec.backend)
     if spec.precision not in backend.precisions:
         raise UserError(f"precision must be one of {', '.join(backend.precisions)} for {backend.name}, not {spec.precision!r}")
@@ -81,5 +88,4 @@ def open_runner(spec: RunnerSpec) -> Runner:
                         "(ois-deploy export --out DIR)")
     if spec.order_attention is not None and backend.module != "torch_backend":
         raise UserError("an order-attention override applies to the torch backends only (graphs fix it at export)")
-    module = importlib.import_module(f"{__package__}.{backend.module}")
-    return module.open_runner(spec)
+    return backend
