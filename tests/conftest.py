@@ -1,5 +1,4 @@
 import ast
-import os
 from pathlib import Path
 
 import numpy as np
@@ -7,15 +6,14 @@ import pytest
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-# The steering repo's shared/ sits beside the project's root (also in CI).
-FIXTURES = Path(os.environ.get("OIS_FIXTURES", REPO.parent / "shared" / "fixtures"))
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
 DAV2_KEYS = FIXTURES / "depth_anything_v2"
 
 
 def dav2_key_shapes(variant: str) -> dict[str, tuple[int, ...]]:
     """Key -> shape of an official Depth Anything V2 checkpoint, from the fixture lists."""
     path = DAV2_KEYS / f"{variant}_state_dict_keys.tsv"
-    assert path.is_file(), f"fixture missing: {path} (set OIS_FIXTURES to shared/fixtures)"
+    assert path.is_file(), f"fixture missing: {path}"
     shapes = {}
     for line in path.read_text().splitlines():
         if line.strip():
