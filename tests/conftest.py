@@ -5,7 +5,6 @@ import numpy as np
 import pytest
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 DAV2_KEYS = FIXTURES / "depth_anything_v2"
 
