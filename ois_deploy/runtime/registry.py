@@ -53,6 +53,8 @@ BACKENDS: dict[str, Backend] = {
         Backend("ort-cuda", "ort_backend", True, True, ("fp32", "fp16"), "gpu", "ONNX Runtime, CUDA execution provider"),
         Backend("ort-trt", "ort_backend", True, True, ("fp32", "fp16"), "gpu", "ONNX Runtime, TensorRT execution provider"),
         Backend("trt", "trt_backend", True, True, ("fp32", "fp16"), "gpu", "TensorRT engines (ois-deploy build)"),
+        Backend("ort-web", "ort_web_backend", True, False, ("fp32", "fp16"), "dev",
+                "Decoder in headless Chromium through onnxruntime-web (WASM), encoder in ONNX Runtime; parity"),
     )
 }
 
