@@ -20,8 +20,10 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import logging
 import math
 import signal
+import sys
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass, replace
@@ -295,16 +297,33 @@ def build_app(spec: RunnerSpec, opts: RayOptions):
 
 
 # -- running it ------------------------------------------------------------------------------
-def start_ray(address: str | None) -> None:
-    """Connect to a Ray cluster at address, or start a local instance (address None)."""
+def serve_on_ray(spec: RunnerSpec, opts: RayOptions, host: str, port: int, address: str | None) -> None:
+    """`ois-deploy serve --ray`: deploy, print the URL, and on SIGINT/SIGTERM remove the
+    application (Serve lets requests in flight finish); a local Ray instance stops with it."""
+    from ..cli.serve_cmd import bind_socket
+
+    build_app(spec, opts)  # bad arguments end as one line before Ray starts
+    with bind_socket(host, port) as sock:  # a port in use is a one-line error; 0 picks a free one
+        port = sock.getsockname()[1]
+    logging.getLogger("ray.serve").setLevel(logging.WARNING)
     try:
-        ray.init(address=address or "local", include_dashboard=False, logging_level="WARNING",
-                 log_to_driver=False)
+        ray.init(address=address or "local", include_dashboard=False, logging_level="WARNING", log_to_driver=False)
     except (ConnectionError, ValueError, RuntimeError) as e:
         raise UserError(f"cannot connect to Ray at {address}: {str(e).splitlines()[0]}") from None
+    try:
+        print(f"ray: {'connected to' if address else 'started a local instance at'} "
+              f"{ray.get_runtime_context().gcs_address}", file=sys.stderr, flush=True)
+        url = deploy(spec, opts, host, port)
+        # The URL on stdout, flushed: scripts and tests read it (every replica is up).
+        print(f"serving {spec.model} ({spec.backend} {spec.precision}) on Ray Serve, {opts.replicas} "
+              f"replica{'s' if opts.replicas > 1 else ''}, at {url}", flush=True)
+        wait_for_signal()
+    finally:
+        shutdown(local=address is None)
+    print("stopped", file=sys.stderr)
 
 
-def deploy(spec: RunnerSpec, opts: RayOptions, host: str, port: int) -> str:
+def deploy(spec: RunnerSpec, opts: RayOptions, host: str = "127.0.0.1", port: int = 8000) -> str:
     """Deploy on the connected Ray instance; returns the URL once every replica is up."""
     need = {"CPU": opts.replicas * opts.cpus_per_replica, "GPU": opts.replicas * opts.gpus_per_replica}
     have = ray.cluster_resources()
@@ -332,7 +351,8 @@ def wait_for_signal() -> None:
 def shutdown(local: bool) -> None:
     """Remove the application (requests in flight finish); a local instance stops too."""
     try:
-        serve.delete(APP_NAME)
+        if serve.status().applications.get(APP_NAME):
+            serve.delete(APP_NAME)
         if local:
             serve.shutdown()
     finally:
