@@ -1,0 +1,126 @@
+"""The browser client end to end, in a real headless Chromium (Debian's, driven by Playwright):
+`ois-deploy serve` on the ois-tiny export, the page at /, clicks in server and browser (WASM)
+mode against Predictor's masks for the same clicks; and `verify --backend ort-web`."""
+
+from __future__ import annotations
+
+import json
+import re
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from ois_deploy.runtime import ort_web_backend
+
+WEB = Path(ort_web_backend.WEB_DIR)
+DEMO = WEB.parent / "assets" / "demo.png"
+pytest.importorskip("playwright", reason="Playwright's Python package is not installed (pip install 'ois-deploy[dev]')")
+pytest.importorskip("fastapi", reason="the serve extra is not installed")
+if not Path(ort_web_backend.CHROMIUM).is_file():
+    pytest.skip(f"no Chromium at {ort_web_backend.CHROMIUM} (apt-get install chromium)", allow_module_level=True)
+if not (WEB / "vendor" / ort_web_backend.ORT_MODULE).is_file():
+    pytest.skip("onnxruntime-web is not in ois_deploy/web/vendor (make web)", allow_module_level=True)
+
+from playwright.sync_api import sync_playwright  # noqa: E402
+
+from ois_deploy.runtime.predictor import Predictor  # noqa: E402
+from ois_deploy.runtime.preprocess import read_image  # noqa: E402
+from ois_deploy.serve.masks import rle_decode  # noqa: E402
+
+pytestmark = pytest.mark.slow
+CLICKS = [(122, 188, True), (200, 60, False), (60, 200, True)]  # front ellipse, not the back one
+
+
+@pytest.fixture(scope="module")
+def chromium():
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=ort_web_backend.CHROMIUM, args=ort_web_backend.CHROMIUM_ARGS)
+        yield browser
+        browser.close()
+
+
+def start_serve(export_dir: Path, precision: str):
+    """`ois-deploy serve` on a free loopback port; returns (process, URL) from its first line."""
+    proc = subprocess.Popen([sys.executable, "-m", "ois_deploy", "serve", str(export_dir), "--port", "0",
+                             "--precision", precision], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    for line in proc.stdout:
+        if match := re.search(r"http://\S+", line):
+            return proc, match.group(0)
+    proc.wait()
+    raise AssertionError(f"serve did not start: {proc.stderr.read()}")
+
+
+@pytest.fixture(scope="module", params=["fp32", "fp16"])
+def server(request, tiny_export):
+    proc, url = start_serve(tiny_export, request.param)
+    yield url, request.param
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=30) == 0
+
+
+def iou(a: np.ndarray, b: np.ndarray) -> float:
+    union = (a | b).sum()
+    return 1.0 if union == 0 else float((a & b).sum() / union)
+
+
+SESSION_JS = """async ([clicks, precision]) => {
+  const blob = await (await fetch("/demo.png")).blob();
+  const info = await ois.setImage(blob);
+  const out = { info, isolated: crossOriginIsolated, server: [], browser: [] };
+  for (const [x, y, p] of clicks) out.server.push(await ois.click(x, y, p));
+  ois.reset();
+  ois.precision = precision;
+  await ois.setMode("browser");
+  for (const [x, y, p] of clicks) out.browser.push(await ois.click(x, y, p));
+  out.undo = await ois.undo();
+  out.redo = await ois.click(...clicks[clicks.length - 1]);
+  out.threads = ois.wasmThreads;
+  out.stateBytes = ois.stateBytes;
+  return out;
+}"""
+
+
+def test_page_segments_in_both_modes(server, chromium, tiny_export):
+    url, precision = server
+    page = chromium.new_page()
+    errors = []
+    page.on("console", lambda m: m.type == "error" and errors.append(m.text))
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    page.goto(url + "/")
+    page.wait_for_function("window.ois !== undefined")
+    out = page.evaluate(SESSION_JS, [CLICKS, precision])
+    assert errors == []
+    assert out["info"]["width"] == 480 and out["info"]["height"] == 360
+    assert out["isolated"] is True and out["threads"] >= 1  # COOP/COEP from serve: WASM may use threads
+    assert out["stateBytes"] > 1_000_000  # ois-tiny's state, float32
+
+    predictor = Predictor.open(str(tiny_export), backend="ort", precision=precision)
+    predictor.set_image(read_image(DEMO))
+    expected = [predictor.click(*c).mask for c in CLICKS]
+    for want, server_result, browser_result in zip(expected, out["server"], out["browser"]):
+        assert server_result["mode"] == "server" and browser_result["mode"] == "browser"
+        assert server_result["area"] == int(want.sum())
+        assert iou(rle_decode(server_result["mask"]), want) >= 0.999
+        got = rle_decode(browser_result["mask"])
+        assert browser_result["area"] == int(got.sum())
+        assert iou(got, want) >= 0.98
+    assert out["undo"]["mask"] == out["browser"][1]["mask"]  # undo: the mask of the first two clicks
+    assert out["redo"]["mask"] == out["browser"][2]["mask"]
+    page.close()
+
+
+def test_verify_ort_web(tiny_export, tmp_path):
+    """verify --backend ort-web: the decoder in Chromium against PyTorch FP32, ort's tolerances."""
+    report = tmp_path / "verify.json"
+    done = subprocess.run([sys.executable, "-m", "ois_deploy", "verify", str(tiny_export), "--backend", "ort-web",
+                           "--json", str(report)], capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stdout + done.stderr
+    result = json.loads(report.read_text())
+    assert result["passed"] and result["backend"] == "ort-web"
+    precisions = {row["precision"] for row in result["results"]}
+    assert precisions == {"fp32", "fp16"}
+    assert any("onnxruntime-web" in p for p in result["providers"])
