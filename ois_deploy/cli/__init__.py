@@ -12,7 +12,7 @@ import typer
 from ..errors import UserError, exit_with
 from .app import app
 # Importing the command modules registers their commands, in this order in --help.
-from . import model_cmds, export_cmds, evaluate_cmds, train_cmds  # noqa: F401,E402,I001
+from . import model_cmds, export_cmds, evaluate_cmds, train_cmds, serve_cmd  # noqa: F401,E402,I001
 
 # Optional top-level modules -> the extra that installs them.
 EXTRAS = {

@@ -1,0 +1,104 @@
+"""`ois-deploy serve`: the HTTP API v1 (docs/serving.md) on uvicorn."""
+
+from __future__ import annotations
+
+import socket
+import sys
+from typing import Optional
+
+import typer
+
+from ..errors import UserError
+from .app import BackendOpt, DeviceOpt, PrecisionOpt, app
+from .console import note
+
+
+def bind_socket(host: str, port: int) -> socket.socket:
+    """A listening socket on host:port (port 0: a free one), so that the URL printed is the real
+    one and a port in use is a one-line error before anything is served."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as e:
+        raise UserError(f"cannot resolve host {host!r}: {e.strerror}") from None
+    family, kind, proto, _, address = infos[0]
+    sock = socket.socket(family, kind, proto)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind(address)
+        sock.listen(2048)
+    except OSError as e:
+        sock.close()
+        raise UserError(f"cannot listen on {host}:{port}: {e.strerror}") from None
+    sock.set_inheritable(True)
+    return sock
+
+
+def url_of(sock: socket.socket) -> str:
+    host, port = sock.getsockname()[:2]
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
+
+def run_uvicorn(asgi_app, sock: socket.socket) -> None:
+    """Serve until SIGINT/SIGTERM; uvicorn then stops accepting and finishes requests in flight."""
+    import signal
+
+    import uvicorn
+
+    # uvicorn handles SIGINT/SIGTERM while it runs, then re-raises the signal under the handlers it
+    # found: these make that a clean return (exit 0 after a graceful stop) instead of a kill.
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: None)
+    config = uvicorn.Config(asgi_app, log_level="warning", access_log=False, timeout_graceful_shutdown=30)
+    uvicorn.Server(config).run(sockets=[sock])
+
+
+@app.command()
+def serve(
+    model: str = typer.Argument(..., help="Export folder (any backend) or preset name (torch backends)."),
+    backend: Optional[str] = BackendOpt,
+    precision: str = PrecisionOpt,
+    device: Optional[str] = DeviceOpt,
+    host: str = typer.Option("127.0.0.1", "--host", help="Address to bind; 0.0.0.0 exposes the server to the network."),
+    port: int = typer.Option(8000, "--port", min=0, max=65535, help="TCP port; 0 picks a free one."),
+    cache_mb: float = typer.Option(1024, "--cache-mb", min=0, help="Bound of the image-state cache, MiB (LRU)."),
+    max_body_mb: float = typer.Option(50, "--max-body-mb", min=0, help="Largest request body, MiB (413 above)."),
+    max_image_pixels: int = typer.Option(40_000_000, "--max-image-pixels", min=1,
+                                         help="Largest image, width x height (413 above, checked before decoding)."),
+    api_key: Optional[str] = typer.Option(None, "--api-key", envvar="OIS_API_KEY", show_envvar=True,
+                                          help="Require Authorization: Bearer KEY (all routes but /healthz, /readyz)."),
+    allow_origin: list[str] = typer.Option([], "--allow-origin", help="Origin allowed cross-origin requests; repeat."),
+    threads: int = typer.Option(0, "--threads", min=0, help="Intra-op threads per model call (0: the backend's default)."),
+    ray: bool = typer.Option(False, "--ray", help="Deploy on Ray Serve: replicas behind one endpoint (extra: ray)."),
+    replicas: int = typer.Option(1, "--replicas", min=1, help="With --ray: model replicas."),
+    ray_address: Optional[str] = typer.Option(None, "--ray-address", help="With --ray: a Ray cluster (default: start a local one)."),
+    cpus_per_replica: float = typer.Option(1, "--cpus-per-replica", min=0, help="With --ray: CPUs each replica reserves."),
+    gpus_per_replica: float = typer.Option(0, "--gpus-per-replica", min=0, help="With --ray: GPUs each replica reserves."),
+):
+    """Serve a model over HTTP: post an image once, then post click sequences for masks."""
+    from ..runtime.registry import RunnerSpec, default_backend, open_runner
+    from ..serve.app import create_app
+    from ..serve.service import SegmentationService
+
+    import fastapi, uvicorn  # noqa: F401,E401  (a missing extra ends here, as one line)
+
+    if api_key is not None and not api_key.strip():
+        raise UserError("--api-key (or OIS_API_KEY) is empty")
+    spec = RunnerSpec(backend or default_backend(model), model, precision, device=device, threads=threads)
+    if ray:
+        from ..serve.ray_app import RayOptions, serve_on_ray
+
+        return serve_on_ray(spec, RayOptions(replicas, cpus_per_replica, gpus_per_replica, cache_mb, max_image_pixels,
+                                             api_key, tuple(allow_origin), max_body_mb), host, port, ray_address)
+    runner = open_runner(spec)
+    note(*runner.notes)
+    service = SegmentationService(runner, cache_mb=cache_mb, max_image_pixels=max_image_pixels,
+                                  export_dir=spec.export_dir)
+    asgi_app = create_app(service, api_key=api_key, allow_origins=allow_origin, max_body_mb=max_body_mb)
+    sock = bind_socket(host, port)
+    # The URL on stdout, flushed: scripts and tests read it (the socket already listens).
+    print(f"serving {runner.cfg.name} ({runner.name} {runner.precision}) at {url_of(sock)}", flush=True)
+    try:
+        run_uvicorn(asgi_app, sock)
+    finally:
+        service.close()
+    print("stopped", file=sys.stderr)

@@ -1,0 +1,264 @@
+"""The segmentation service behind the HTTP API, without any web framework.
+
+Images are encoded once and kept by content hash in an LRU cache bounded in bytes; each mask
+request sends the whole click sequence so far. The service keeps the fed-back probability of
+recent prefixes of each image's click sequences, so a request that extends a known sequence by
+one click costs one decode; any other sequence (a new session, an undo past the kept prefixes,
+an entry re-posted after eviction) is replayed click by click from the empty mask. Either way the
+decoder sees exactly the inputs `Predictor` gives it for the same clicks, so the masks are
+identical (`decode_clicks` is the one code path).
+
+All methods that run the model are async and do their work in a worker thread, so the event
+loop is never blocked. The HTTP app (app.py) calls only the async methods below; another object
+with the same methods (a proxy to Ray Serve replicas) can stand in for this class.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import threading
+import time
+from collections import OrderedDict
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import anyio.to_thread
+import numpy as np
+
+from ..contract import ENCODER_OUTPUTS, is_export_folder, read_manifest
+from ..errors import UserError
+from ..runtime.base import Runner
+from ..runtime.predictor import Encoded, decode_clicks, empty_prev, encode_image
+from ..runtime.preprocess import decode_image, image_header
+from .masks import FORMATS, encode_mask
+
+log = logging.getLogger("ois_deploy.serve")
+
+MAX_PREFIXES = 8  # fed-back masks kept per image: the current sequence's last prefixes (extend, undo)
+Click = tuple[float, float, bool]
+
+
+class ApiError(Exception):
+    """A request the service refuses: HTTP status and a one-line message."""
+
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
+        self.message = " ".join(str(message).split())
+
+
+@dataclass
+class _Entry:
+    encoded: Encoded
+    state_bytes: int
+    prefixes: OrderedDict = field(default_factory=OrderedDict)  # tuple(clicks) -> prev [1,1,S,S]
+
+    @property
+    def nbytes(self) -> int:
+        return self.state_bytes + sum(p.nbytes for p in self.prefixes.values())
+
+
+def _state_nbytes(runner: Runner, state) -> int:
+    sizes = [getattr(v, "nbytes", None) for v in state.values()]
+    if all(isinstance(s, int) for s in sizes):
+        return sum(sizes)
+    return sum(a.nbytes for a in runner.state_to_numpy(state).values())  # device tensors
+
+
+class SegmentationService:
+    def __init__(self, runner: Runner, cache_mb: float = 1024, max_image_pixels: int = 40_000_000,
+                 export_dir: str | Path | None = None):
+        self.runner = runner
+        self.cfg = runner.cfg
+        self.max_clicks = self.cfg.decoder.max_clicks
+        self.capacity = int(cache_mb * (1 << 20))
+        self.max_image_pixels = int(max_image_pixels)
+        export_dir = export_dir if export_dir is not None else getattr(runner, "export_dir", None)
+        self.export_dir = Path(export_dir) if export_dir is not None and is_export_folder(export_dir) else None
+        self.manifest = read_manifest(self.export_dir) if self.export_dir else None
+        self._cache: OrderedDict[str, _Entry] = OrderedDict()
+        self._bytes = 0
+        self._lock = threading.Lock()  # guards the cache and the counters
+        # ONNX Runtime sessions run concurrently from several threads; PyTorch models, and any
+        # runner that says it is not thread-safe, run one call at a time.
+        serial = not runner.thread_safe or runner.name.startswith("torch")
+        self._run_lock = threading.Lock() if serial else nullcontext()
+        self._closed = False
+        self.counters = {"hits": 0, "misses": 0, "evictions": 0, "encodes": 0, "decodes": 0}
+
+    # -- the API -----------------------------------------------------------------------------
+    async def add_image(self, data: bytes) -> dict:
+        return await anyio.to_thread.run_sync(self._add_image, bytes(data))
+
+    async def masks(self, image_id: str, clicks: list[Click], fmt: str = "rle") -> dict:
+        return await anyio.to_thread.run_sync(self._masks, image_id, list(clicks), fmt)
+
+    async def state(self, image_id: str) -> bytes:
+        return await anyio.to_thread.run_sync(self._state, image_id)
+
+    async def delete(self, image_id: str) -> None:
+        with self._lock:
+            entry = self._cache.pop(image_id, None)
+            if entry is None:
+                raise self._not_found(image_id)
+            self._bytes -= entry.nbytes
+
+    async def model_file(self, name: str) -> bytes:
+        """A decoder graph listed in the manifest (the only files served)."""
+        graphs = self._decoder_graphs()
+        if name not in graphs:
+            raise ApiError(404, f"no model file {name!r}; served: {', '.join(graphs) or 'none'}")
+        return await anyio.to_thread.run_sync((self.export_dir / name).read_bytes)
+
+    async def stats(self) -> dict:
+        """Cache and model counters, for /metrics."""
+        with self._lock:
+            return {"entries": len(self._cache), "bytes": self._bytes, "capacity_bytes": self.capacity, **self.counters}
+
+    def model_info(self) -> dict:
+        return {
+            "backend": self.runner.name,
+            "precision": self.runner.precision,
+            "preset": self.cfg.name,
+            "input_size": self.cfg.input_size,
+            "max_clicks": self.max_clicks,
+            "formats": list(FORMATS),
+            "decoder_graphs": {meta["precision"]: f"/v1/model/{name}" for name, meta in self._decoder_graphs().items()},
+            "manifest": self.manifest,
+        }
+
+    def ready(self) -> bool:
+        return not self._closed  # the graphs are loaded before the service exists
+
+    def close(self) -> None:
+        self._closed = True
+        self.runner.close()
+
+    # -- work, in worker threads -------------------------------------------------------------
+    def _add_image(self, data: bytes) -> dict:
+        image_id = hashlib.sha256(data).hexdigest()
+        with self._lock:
+            entry = self._cache.get(image_id)
+            if entry is not None:
+                self._cache.move_to_end(image_id)
+                self.counters["hits"] += 1
+                frame = entry.encoded.frame
+                return {"image_id": image_id, "width": frame.width, "height": frame.height, "encoder_ms": 0.0,
+                        "cached": True}
+        try:
+            if not data:
+                raise UserError("the image is empty: send the image file's bytes as the request body")
+            width, height, _ = image_header(data)
+            if width * height > self.max_image_pixels:
+                raise ApiError(413, f"the image is {width}x{height} = {width * height:,} pixels, over this server's "
+                                    f"limit of {self.max_image_pixels:,}")
+            image = decode_image(data, self.max_image_pixels)
+        except UserError as e:
+            raise ApiError(400, str(e)) from None
+        start = time.perf_counter()
+        with self._run_lock:
+            encoded = encode_image(self.runner, image)
+        encoder_ms = (time.perf_counter() - start) * 1000
+        with self._lock:
+            self.counters["encodes"] += 1
+            if image_id not in self._cache:  # a concurrent upload of the same bytes may have won
+                self.counters["misses"] += 1
+                entry = _Entry(encoded, _state_nbytes(self.runner, encoded.state))
+                self._cache[image_id] = entry
+                self._bytes += entry.nbytes
+            self._cache.move_to_end(image_id)
+            self._evict()
+        return {"image_id": image_id, "width": encoded.frame.width, "height": encoded.frame.height,
+                "encoder_ms": round(encoder_ms, 3), "cached": False}
+
+    def _masks(self, image_id: str, clicks: list[Click], fmt: str) -> dict:
+        if fmt not in FORMATS:
+            raise ApiError(400, f"unknown format {fmt!r}; use one of {', '.join(FORMATS)}")
+        entry = self._get(image_id)
+        frame = entry.encoded.frame
+        if not 1 <= len(clicks) <= self.max_clicks:
+            raise ApiError(400, f"give between 1 and {self.max_clicks} clicks, got {len(clicks)}")
+        seq = []
+        for x, y, positive in clicks:
+            if not (math.isfinite(x) and math.isfinite(y)):
+                raise ApiError(400, f"click coordinates must be finite numbers, got ({x}, {y})")
+            try:
+                frame.check_click(x, y)
+            except UserError as e:
+                raise ApiError(400, str(e)) from None
+            seq.append((float(x), float(y), bool(positive)))
+        # The longest kept prefix of this sequence (at most all but its last click).
+        start, prev = 0, None
+        with self._lock:
+            for k in range(len(seq) - 1, 0, -1):
+                prev = entry.prefixes.get(tuple(seq[:k]))
+                if prev is not None:
+                    entry.prefixes.move_to_end(tuple(seq[:k]))
+                    start = k
+                    break
+        prev = empty_prev(self.runner) if prev is None else prev
+        new = []
+        t0 = time.perf_counter()
+        for k in range(start, len(seq)):
+            with self._run_lock:
+                prediction, prev = decode_clicks(self.runner, entry.encoded, seq[:k + 1], prev)
+            new.append((tuple(seq[:k + 1]), prev))
+        decoder_ms = (time.perf_counter() - t0) * 1000
+        with self._lock:
+            self.counters["decodes"] += len(new)
+            if self._cache.get(image_id) is entry:  # still cached: keep the new prefixes
+                before = entry.nbytes
+                for key, p in new[-MAX_PREFIXES:]:
+                    entry.prefixes[key] = p
+                    entry.prefixes.move_to_end(key)
+                while len(entry.prefixes) > MAX_PREFIXES:
+                    entry.prefixes.popitem(last=False)
+                self._bytes += entry.nbytes - before
+                self._evict()
+        mask = prediction.mask
+        return {"image_id": image_id, "width": frame.width, "height": frame.height, "clicks": len(seq),
+                "decoder_ms": round(decoder_ms, 3), "decodes": len(new), "area": int(mask.sum()),
+                "format": fmt, "mask": encode_mask(mask, fmt)}
+
+    def _state(self, image_id: str) -> bytes:
+        from safetensors.numpy import save
+
+        entry = self._get(image_id)
+        with self._run_lock:
+            arrays = self.runner.state_to_numpy(entry.encoded.state)
+        frame = entry.encoded.frame
+        meta = {"image_id": image_id, "width": str(frame.width), "height": str(frame.height),
+                "input_size": str(frame.size), "preset": self.cfg.name, "precision": self.runner.precision}
+        return save({name: np.ascontiguousarray(arrays[name]) for name in ENCODER_OUTPUTS}, metadata=meta)
+
+    # -- cache -------------------------------------------------------------------------------
+    def _get(self, image_id: str) -> _Entry:
+        with self._lock:
+            entry = self._cache.get(image_id)
+            if entry is None:
+                self.counters["misses"] += 1
+                raise self._not_found(image_id)
+            self.counters["hits"] += 1
+            self._cache.move_to_end(image_id)
+            return entry
+
+    def _evict(self) -> None:
+        """Drop least recently used images until the cache fits; the most recent one always stays
+        (requests in flight keep their own reference to an evicted entry)."""
+        while self._bytes > self.capacity and len(self._cache) > 1:
+            _, entry = self._cache.popitem(last=False)
+            self._bytes -= entry.nbytes
+            self.counters["evictions"] += 1
+
+    @staticmethod
+    def _not_found(image_id: str) -> ApiError:
+        return ApiError(404, f"unknown image {image_id}: it was never posted, was deleted or was evicted from the "
+                             "cache; POST the image to /v1/images again")
+
+    def _decoder_graphs(self) -> dict[str, dict]:
+        if not self.manifest:
+            return {}
+        return {name: meta for name, meta in self.manifest["graphs"].items() if meta.get("role") == "decoder"}
