@@ -4,7 +4,7 @@
 //   const ois = new OisClient(location.origin, { apiKey });
 //   const { imageId, width, height } = await ois.setImage(blob);
 //   ois.setMode("browser");                      // or "server" (the default)
-//   const { mask, area, ms } = await ois.click(x, y, true);
+//   const { mask, area, ms } = await ois.click(x, y, true);  // also decoderMs, mode
 //
 // Server mode posts the whole click sequence to /v1/images/{id}/masks. Browser mode downloads the
 // image state (/v1/images/{id}/state, safetensors) and the decoder graph once, and runs the
@@ -319,7 +319,9 @@ export class OisClient {
 
   result() {
     const last = this.history[this.history.length - 1];
-    return last ? { mask: last.mask, area: last.area, ms: last.ms, mode: last.mode } : null;
+    if (!last) return null;
+    const { mask, area, ms, decoderMs, mode } = last;
+    return { mask, area, ms, decoderMs, mode };
   }
 
   async _serverClick() {
@@ -346,9 +348,11 @@ export class OisClient {
     const last = this.history[this.history.length - 1];
     if (n > 1 && last?.prev) prev = last.prev;
     else if (n > 1) return this._replay(start);
+    const decodeStart = performance.now();
     const logits = await this.decoder.run(img.state, coords, labels, prev, 1, n, S);
+    const decoderMs = performance.now() - decodeStart;
     const { mask, area, prev: next } = postprocess(logits.data, logits.dims[3], frame);
-    return { mask: encodeRle(mask, img.height, img.width), area, ms: performance.now() - start, mode: "browser", prev: next };
+    return { mask: encodeRle(mask, img.height, img.width), area, ms: performance.now() - start, decoderMs, mode: "browser", prev: next };
   }
 
   async _replay(start) {
