@@ -11,6 +11,7 @@ from __future__ import annotations
 import hmac
 import inspect
 import logging
+import os
 import time
 from pathlib import Path
 from typing import Any, Literal, Union
@@ -48,10 +49,10 @@ class ImageInfo(BaseModel):
     cached: bool
 
 
-class Click(BaseModel):
-    x: float = Field(allow_inf_nan=False, description="Column, in image pixels (0 <= x < width).")
-    y: float = Field(allow_inf_nan=False, description="Row, in image pixels (0 <= y < height).")
-    positive: bool = Field(True, description="true: on the object; false: background.")
+class Click(BaseModel):  # strict: JSON types as the schema says them (no "1" for 1, no 0 for false)
+    x: float = Field(strict=True, allow_inf_nan=False, description="Column, in image pixels (0 <= x < width).")
+    y: float = Field(strict=True, allow_inf_nan=False, description="Row, in image pixels (0 <= y < height).")
+    positive: bool = Field(True, strict=True, description="true: on the object; false: background.")
 
 
 class MasksRequest(BaseModel):
@@ -292,12 +293,24 @@ def create_app(service, *, api_key: str | None = None, allow_origins=(), max_bod
 
 
 def mount_static(app: FastAPI, directory: Path) -> None:
-    """Serve `directory` at / (index.html for /), behind the API routes. The browser client's
-    hook: ois_deploy/web/ is mounted by create_app when it exists."""
-    if Path(directory).is_dir():
-        demo = Path(__file__).resolve().parents[1] / "assets" / "demo.png"  # the page's "Demo image"
-        app.add_api_route("/demo.png", lambda: FileResponse(demo, media_type="image/png"), include_in_schema=False)
-        app.mount("/", StaticFiles(directory=directory, html=True), name="web")
+    """Serve `directory` at / (index.html for /), behind the API routes: the browser client's
+    hook (create_app mounts ois_deploy/web/ when it exists). A GET/HEAD catch-all route rather
+    than a Mount, so that a wrong method on an API path still gets that route's 405 and Allow."""
+    if not Path(directory).is_dir():
+        return
+    files = StaticFiles(directory=directory, html=True)  # refuses paths outside the directory
+    demo = Path(__file__).resolve().parents[1] / "assets" / "demo.png"  # the page's "Demo image" button
+    app.router.add_route("/demo.png", lambda request: FileResponse(demo, media_type="image/png"),
+                         methods=["GET", "HEAD"], include_in_schema=False)
+
+    async def web(request: Request):
+        for route in app.routes:  # an API path with another method: 405, as without this route
+            if route.name != "web" and getattr(route, "methods", None) and route.path_regex.match(request.url.path):
+                raise HTTPException(405, headers={"Allow": ", ".join(sorted(route.methods))})
+        path = os.path.normpath(os.path.join(*request.path_params["path"].split("/")))
+        return await files.get_response(path, request.scope)
+
+    app.router.add_route("/{path:path}", web, methods=["GET", "HEAD"], name="web", include_in_schema=False)
 
 
 def _error_handlers(app: FastAPI) -> None:
