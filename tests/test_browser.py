@@ -124,3 +124,37 @@ def test_verify_ort_web(tiny_export, tmp_path):
     precisions = {row["precision"] for row in result["results"]}
     assert precisions == {"fp32", "fp16"}
     assert any("onnxruntime-web" in p for p in result["providers"])
+
+
+def test_page_ui(server, chromium):
+    """The page as a person uses it: demo image, left click, shift-click and right click, undo, reset."""
+    url, _ = server
+    page = chromium.new_page()
+    errors = []
+    page.on("console", lambda m: m.type == "error" and errors.append(m.text))
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    page.goto(url + "/")
+    page.click("#demo")
+    page.wait_for_function("document.getElementById('s-image').textContent === '480x360'")
+    box = page.locator("#canvas").bounding_box()
+
+    def click(x, y, clicks, **how):
+        page.mouse.move(box["x"] + x + 0.5, box["y"] + y + 0.5)
+        page.mouse.down(**how)
+        page.mouse.up(**how)
+        page.wait_for_function(f"document.getElementById('s-clicks').textContent === '{clicks}'")
+
+    click(122, 188, 1)
+    page.keyboard.down("Shift")
+    click(200, 60, 2)
+    page.keyboard.up("Shift")
+    click(240, 230, 3, button="right")
+    assert page.evaluate("ois.clicks") == [[122, 188, True], [200, 60, False], [240, 230, False]]
+    assert int(page.text_content("#s-area").split()[0]) > 1000
+    page.click("#undo")
+    page.wait_for_function("document.getElementById('s-clicks').textContent === '2'")
+    page.click("#reset")
+    page.wait_for_function("document.getElementById('s-clicks').textContent === '0'")
+    assert page.text_content("#s-area") == "–"
+    assert errors == []
+    page.close()
