@@ -226,7 +226,7 @@ def create_app(service, *, api_key: str | None = None, allow_origins=(), max_bod
         clicks = [(c.x, c.y, c.positive) for c in body.clicks]
         result = await service.masks(image_id, clicks, body.format)
         metrics.decoder.observe(result["decoder_ms"] / 1000)
-        return result
+        return JSONResponse(result)  # as MaskResponse says; not re-validated (RLE counts are long lists)
 
     @app.get("/v1/images/{image_id}/state", tags=["v1"], response_class=Response,
              responses={200: {"content": {"application/octet-stream": BINARY},

@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
+import os
 import threading
 import time
 from collections import OrderedDict
@@ -86,6 +87,9 @@ class SegmentationService:
         # runner that says it is not thread-safe, run one call at a time.
         serial = not runner.thread_safe or runner.name.startswith("torch")
         self._run_lock = threading.Lock() if serial else nullcontext()
+        # Uploads decode and encode at most this many at a time: a burst of them waits here instead
+        # of holding that many decoded images and encoder activations at once (memory bound).
+        self._encode_slots = threading.BoundedSemaphore(max(1, os.cpu_count() or 1))
         self._closed = False
         self.counters = {"hits": 0, "misses": 0, "evictions": 0, "encodes": 0, "decodes": 0}
 
@@ -155,13 +159,15 @@ class SegmentationService:
             if width * height > self.max_image_pixels:
                 raise ApiError(413, f"the image is {width}x{height} = {width * height:,} pixels, over this server's "
                                     f"limit of {self.max_image_pixels:,}")
-            image = decode_image(data, self.max_image_pixels)
+            with self._encode_slots:
+                image = decode_image(data, self.max_image_pixels)
+                start = time.perf_counter()
+                with self._run_lock:
+                    encoded = encode_image(self.runner, image)
+                encoder_ms = (time.perf_counter() - start) * 1000
+                del image
         except UserError as e:
             raise ApiError(400, str(e)) from None
-        start = time.perf_counter()
-        with self._run_lock:
-            encoded = encode_image(self.runner, image)
-        encoder_ms = (time.perf_counter() - start) * 1000
         with self._lock:
             self.counters["encodes"] += 1
             if image_id not in self._cache:  # a concurrent upload of the same bytes may have won
