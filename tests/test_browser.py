@@ -31,6 +31,8 @@ from ois_deploy.runtime.predictor import Predictor  # noqa: E402
 from ois_deploy.runtime.preprocess import read_image  # noqa: E402
 from ois_deploy.serve.masks import rle_decode  # noqa: E402
 
+coco = pytest.importorskip("pycocotools.mask", reason="pycocotools is not installed (pip install 'ois-deploy[dev]')")
+
 pytestmark = pytest.mark.slow
 CLICKS = [(122, 188, True), (200, 60, False), (60, 200, True)]  # front ellipse, not the back one
 
@@ -105,7 +107,8 @@ def test_page_segments_in_both_modes(server, chromium, tiny_export):
         assert server_result["mode"] == "server" and browser_result["mode"] == "browser"
         assert server_result["area"] == int(want.sum())
         assert iou(rle_decode(server_result["mask"]), want) >= 0.999
-        got = rle_decode(browser_result["mask"])
+        rle = browser_result["mask"]  # encoded in JS: read it as pycocotools does
+        got = coco.decode(coco.frPyObjects(rle, *rle["size"])).astype(bool)
         assert browser_result["area"] == int(got.sum())
         assert iou(got, want) >= 0.98
     assert out["undo"]["mask"] == out["browser"][1]["mask"]  # undo: the mask of the first two clicks
