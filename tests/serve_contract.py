@@ -218,13 +218,16 @@ def test_replay_identity(server, api, reference):
 
 def test_replay_after_eviction(small_cache_server, reference):
     """A cache smaller than one image state: every other image evicts it mid-session; the client
-    posts the image again and the sequence is replayed, identical to Predictor."""
-    (a, gt_a), (b, gt_b) = scene(5), scene(6)
-    clicks_a, clicks_b = clicker_session(reference, a, gt_a, 4), clicker_session(reference, b, gt_b, 4)
-    want_a, want_b = reference(a, clicks_a), reference(b, clicks_b)
+    posts the image again and the sequence is replayed, identical to Predictor. Three sessions:
+    a deployment with two caches (replicas, each image routed to one of them) evicts too."""
+    sessions = []
+    for seed in (5, 6, 13):
+        data, gt = scene(seed)
+        clicks = clicker_session(reference, data, gt, 4)
+        sessions.append((data, clicks, reference(data, clicks)))
     with small_cache_server.client() as client:
-        for k in range(1, 5):  # two annotators' sessions interleaved, click by click
-            for data, clicks, want in ((a, clicks_a, want_a), (b, clicks_b, want_b)):
+        for k in range(1, 5):  # three annotators' sessions interleaved, click by click
+            for data, clicks, want in sessions:
                 image_id = hashlib.sha256(data).hexdigest()
                 r = client.post(f"/v1/images/{image_id}/masks", json={"clicks": as_json(clicks[:k])})
                 if r.status_code == 404:

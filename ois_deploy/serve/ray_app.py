@@ -145,8 +145,12 @@ def replica_deployment(opts: RayOptions, max_images: int):
             return image_id
 
         async def add_image(self, data: bytes):
-            await self.hold(serve.get_multiplexed_model_id())
-            return await self._reply(self._run(self.service.add_image, data))
+            return await self._reply(self._add_image(data))
+
+        async def _add_image(self, data: bytes) -> dict:
+            info = await self._run(self.service.add_image, data)
+            await self.hold(info["image_id"])  # tells the router
+            return info
 
         async def masks(self, image_id: str, clicks: list, fmt: str):
             return await self._reply(self._for_image(image_id, self.service.masks, image_id, clicks, fmt))
@@ -171,7 +175,6 @@ def replica_deployment(opts: RayOptions, max_images: int):
             """The call, on the image's state held here or else fetched from the store and
             encoded. The store is asked at once, in parallel: it marks the image as recently used
             (so an image in use outlives idle ones there) and says whether it was deleted."""
-            await self.hold(image_id)
             status = self.store.status.remote(image_id)  # sent now, awaited below
             try:
                 result, hit = await self._run(method, *args), True
@@ -184,13 +187,14 @@ def replica_deployment(opts: RayOptions, max_images: int):
                     await self.service.delete(image_id)
                 raise self.service._not_found(image_id)
             self.affinity["affinity_hits" if hit else "affinity_misses"] += 1
-            if hit:
-                return result
-            data = await self.store.get.remote(image_id)
-            if data is None:
-                raise self.service._not_found(image_id)
-            await self._run(self.service.add_image, data)
-            return await self._run(method, *args)
+            if not hit:
+                data = await self.store.get.remote(image_id)
+                if data is None:
+                    raise self.service._not_found(image_id)
+                await self._run(self.service.add_image, data)
+                result = await self._run(method, *args)
+            await self.hold(image_id)  # tells the router (only for images known here)
+            return result
 
         async def _reply(self, work) -> tuple:
             """(kind, value, stats): every reply carries this replica's counters, which the
