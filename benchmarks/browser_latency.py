@@ -7,8 +7,9 @@ per image for ois-tiny, ois-s-1024 and ois-b-1024.
         [--screenshot docs/browser.png]
 
 Everything runs on this machine over loopback: `serve` (fp32) on a free port, Chromium from
-/usr/bin/chromium through Playwright. Per configuration: a fresh page, the demo image, one
-warm-up session, then --sessions sessions of the same 5 clicks; `ms` is what the client measures
+/usr/bin/chromium through Playwright. Per configuration: a page of its own with the demo image and
+one warm-up session; then --sessions rounds of the same 5 clicks, one session per configuration
+in turn (so that load from elsewhere falls on all alike); `ms` is what the client measures
 per click (server: the HTTP round trip; browser: decoder run plus resizing and RLE), `decoder_ms`
 the decoder alone. Sizes: the state from contract.state_shapes, the fp16 decoder graph measured
 for ois-tiny and estimated for the 1024 presets as 2 bytes per decoder parameter (counted on the
@@ -37,20 +38,23 @@ from ois_deploy.runtime import ort_web_backend
 
 RESULTS = Path(__file__).parent / "results"
 CLICKS = [(122, 188, True), (200, 60, False), (60, 200, True), (240, 230, False), (150, 250, True)]
-SESSION_JS = """async ([clicks, mode, precision, threads, sessions]) => {
+PREPARE_JS = """async ([clicks, mode, precision, threads]) => {
   const { OisClient } = await import("/ois-client.js");
   const c = new OisClient(location.origin, { precision, threads });
   await c.setImage(await (await fetch("/demo.png")).blob());
   await c.setMode(mode);
-  const ms = [], decoder = [];
-  for (let s = 0; s <= sessions; s++) {  // session 0 warms up
-    c.reset();
-    for (const [x, y, p] of clicks) {
-      const r = await c.click(x, y, p);
-      if (s > 0) { ms.push(r.ms); decoder.push(r.decoderMs); }
-    }
+  for (const [x, y, p] of clicks) await c.click(x, y, p);  // a warm-up session
+  window.bench = c;
+  return { threads: c.wasmThreads, isolated: crossOriginIsolated, stateBytes: c.stateBytes, graphBytes: c.graphBytes };
+}"""
+SESSION_JS = """async (clicks) => {
+  const c = window.bench, ms = [], decoder = [];
+  c.reset();
+  for (const [x, y, p] of clicks) {
+    const r = await c.click(x, y, p);
+    ms.push(r.ms); decoder.push(r.decoderMs);
   }
-  return { ms, decoder, threads: c.wasmThreads, isolated: crossOriginIsolated, stateBytes: c.stateBytes, graphBytes: c.graphBytes };
+  return { ms, decoder };
 }"""
 
 
@@ -142,15 +146,25 @@ def main() -> None:
     try:
         with sync_playwright() as p:
             browser = p.chromium.launch(executable_path=ort_web_backend.CHROMIUM, args=ort_web_backend.CHROMIUM_ARGS)
+            pages, info = [], []
             for mode, precision, threads in configs:
-                page = browser.new_page()  # a fresh page: WASM threads are fixed per page
+                page = browser.new_context().new_page()  # a page of its own: WASM threads are fixed per page
                 page.goto(url + "/")
                 page.wait_for_function("window.ois !== undefined")
-                r = page.evaluate(SESSION_JS, [CLICKS, mode, precision, threads, args.sessions])
-                page.close()
+                info.append(page.evaluate(PREPARE_JS, [CLICKS, mode, precision, threads]))
+                pages.append(page)
+            # Sessions interleaved across the configurations, so that load from elsewhere on the
+            # machine falls on all of them alike.
+            times = [{"ms": [], "decoder": []} for _ in configs]
+            for _ in range(args.sessions):
+                for page, t in zip(pages, times):
+                    r = page.evaluate(SESSION_JS, CLICKS)
+                    t["ms"] += r["ms"]
+                    t["decoder"] += r["decoder"]
+            for (mode, precision, threads), r, t in zip(configs, info, times):
                 row = {"mode": mode, "precision": precision if mode == "browser" else "fp32 (serve)",
                        "wasm_threads": r["threads"] if mode == "browser" else None, "cross_origin_isolated": r["isolated"],
-                       "ms": summary(r["ms"]), "decoder_ms": summary(r["decoder"])}
+                       "ms": summary(t["ms"]), "decoder_ms": summary(t["decoder"])}
                 if mode == "browser":
                     row.update(state_bytes=r["stateBytes"], graph_bytes=r["graphBytes"])
                 rows.append(row)
