@@ -19,11 +19,15 @@ $(VENV)/.installed: pyproject.toml
 # into ois_deploy/web/vendor/ (git-ignored), where `serve` serves it: never from a CDN.
 WEB_VENDOR := ois_deploy/web/vendor
 ORT_DIST := node_modules/onnxruntime-web/dist
+# Without npm this only says so: the page then runs in server mode, and the browser tests skip.
 $(WEB_VENDOR)/.installed: package.json package-lock.json
-	npm ci --no-audit --no-fund
-	mkdir -p $(WEB_VENDOR)
-	cp $(ORT_DIST)/ort.wasm.min.mjs $(ORT_DIST)/ort-wasm-simd-threaded.mjs $(ORT_DIST)/ort-wasm-simd-threaded.wasm $(WEB_VENDOR)/
-	touch $@
+	@if ! command -v npm >/dev/null; then \
+		echo "npm not found: the page's browser mode needs it (apt-get install npm, then make web)"; \
+	else \
+		npm ci --no-audit --no-fund && mkdir -p $(WEB_VENDOR) && \
+		cp $(ORT_DIST)/ort.wasm.min.mjs $(ORT_DIST)/ort-wasm-simd-threaded.mjs $(ORT_DIST)/ort-wasm-simd-threaded.wasm $(WEB_VENDOR)/ && \
+		touch $@; \
+	fi
 
 web: $(WEB_VENDOR)/.installed
 
