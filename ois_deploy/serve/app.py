@@ -22,6 +22,7 @@ from fastapi.responses import FileResponse, JSONResponse, Response
 from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException
 from starlette.middleware.cors import CORSMiddleware
+from starlette.requests import ClientDisconnect
 from starlette.staticfiles import StaticFiles
 
 from .. import __version__
@@ -335,6 +336,10 @@ def _error_handlers(app: FastAPI) -> None:
         where = ".".join(str(p) for p in first.get("loc", ()) if p != "body") or "body"
         more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
         return _json_response(422, f"{where}: {first.get('msg', 'invalid')}{more}")
+
+    @app.exception_handler(ClientDisconnect)
+    async def client_gone(request, exc: ClientDisconnect):  # mid-upload; nobody reads the answer
+        return _json_response(400, "the client disconnected before the body was complete")
 
     @app.exception_handler(Exception)
     async def server_fault(request, exc: Exception):

@@ -1,0 +1,499 @@
+"""Load and fault runs of `ois-deploy serve` (issue 25), on loopback, bounded in count and time.
+
+Each session posts a distinct generated scene (the held-out scenes of ois_deploy.train.scenes)
+and runs N clicks of the evaluation's clicker against the scene's largest object, every click
+sending the whole sequence so far. C clients (threads) take sessions from one queue.
+
+Runs, each on a fresh server (`python -m ois_deploy serve MODEL --port 0`):
+  http-C:        C = 1, 4, 16 clients, a large cache;
+  inprocess-C:   the same sessions in this process, one Predictor per session on one shared
+                 runner and C threads: what HTTP adds per click;
+  small-cache:   --cache-mb so small that states are evicted mid-session; clients post the image
+                 again on 404 and the server replays the sequence: zero errors, masks identical;
+  slow-clients:  the same with two more clients that upload at about 40 KB/s throughout: the
+                 others' clicks should not wait for them;
+  sigkill:       the server is killed with SIGKILL mid-run and restarted on the same port;
+                 clients retry (connection errors, then 404 -> post again): masks identical;
+  burst:         uploads only, many distinct images at once, small cache: peak RSS against the
+                 cache bound.
+Every mask is hashed; runs are compared mask for mask with the in-process run.
+
+Another deployment (Ray Serve) reuses the client side: `--url URL --label NAME` runs the http
+runs against a server that is already running (no start, kill or RSS unless --server-pid).
+
+  python benchmarks/load_serve.py --model artifacts/ois-tiny
+  python benchmarks/load_serve.py --url http://127.0.0.1:8000 --label ray-2 --clients 1,4 --out x.json
+
+Writes benchmarks/results/serve_load_<date>.json (machine, versions, date, load average).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import importlib.metadata
+import os
+import queue
+import re
+import select
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from ois_deploy.errors import UserError, run_script
+from ois_deploy.evaluate.clicker import Clicker
+from ois_deploy.io import write_json
+from ois_deploy.provenance import machine_info, now_utc, tool_versions
+from ois_deploy.serve.masks import rle_decode, rle_encode
+from ois_deploy.train.scenes import heldout_scene
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+# -- sessions --------------------------------------------------------------------------------
+@dataclass
+class Session:
+    index: int
+    data: bytes  # PNG
+    gt: np.ndarray
+
+
+def make_sessions(count: int, seed: int = 0) -> list[Session]:
+    sessions = []
+    for i in range(count):
+        scene = heldout_scene(seed, i)
+        ok, png = cv2.imencode(".png", cv2.cvtColor(scene.image, cv2.COLOR_RGB2BGR))
+        sessions.append(Session(i, png.tobytes(), max(scene.masks, key=lambda m: m.sum())))
+    return sessions
+
+
+def digest(mask: np.ndarray) -> str:
+    return hashlib.sha1(str(rle_encode(mask)["counts"]).encode()).hexdigest()[:16]
+
+
+@dataclass
+class Record:
+    """What the clients of one run measured."""
+
+    click_ms: list = field(default_factory=list)
+    upload_ms: list = field(default_factory=list)
+    overhead_ms: list = field(default_factory=list)  # per click: client latency - the server's decoder_ms
+    decodes: int = 0
+    errors: list = field(default_factory=list)
+    reuploads: int = 0
+    connection_retries: int = 0
+    masks: dict = field(default_factory=dict)  # "session:click" -> digest
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    @property
+    def clicks(self) -> int:
+        return len(self.click_ms)
+
+
+def run_clients(sessions: list[Session], clients: int, work) -> tuple[Record, float]:
+    """work(session, record) for every session, on `clients` threads; (record, seconds)."""
+    todo: queue.Queue = queue.Queue()
+    for s in sessions:
+        todo.put(s)
+    record = Record()
+
+    def client():
+        while True:
+            try:
+                s = todo.get_nowait()
+            except queue.Empty:
+                return
+            try:
+                work(s, record)
+            except Exception as e:  # an error of one session; the others go on
+                with record.lock:
+                    record.errors.append(f"session {s.index}: {type(e).__name__}: {e}")
+
+    threads = [threading.Thread(target=client) for _ in range(clients)]
+    start = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return record, time.perf_counter() - start
+
+
+# -- the HTTP client ---------------------------------------------------------------------------
+def http_work(url: str, clicks: int, deadline: float, on_click=None):
+    import httpx
+
+    local = threading.local()
+
+    def call(method: str, path: str, record: Record, **kwargs):
+        """One request, retried on connection errors (a server restarting) until the deadline."""
+        while True:
+            if not hasattr(local, "client"):
+                local.client = httpx.Client(base_url=url, timeout=120)
+            start = time.perf_counter()
+            try:
+                r = local.client.request(method, path, **kwargs)
+                return r, (time.perf_counter() - start) * 1000
+            except httpx.TransportError:
+                if time.monotonic() > deadline:
+                    raise
+                with record.lock:
+                    record.connection_retries += 1
+                local.client.close()
+                del local.client
+                time.sleep(0.2)
+
+    def upload(s: Session, record: Record) -> str:
+        r, ms = call("POST", "/v1/images", record, content=s.data)
+        if r.status_code != 200:
+            raise RuntimeError(f"upload: {r.status_code} {r.text}")
+        with record.lock:
+            record.upload_ms.append(ms)
+        return r.json()["image_id"]
+
+    def work(s: Session, record: Record) -> None:
+        image_id = upload(s, record)
+        clicker, pred, sequence = Clicker(s.gt), np.zeros_like(s.gt), []
+        for k in range(clicks):
+            c = clicker.next_click(pred)
+            sequence.append({"x": c.x, "y": c.y, "positive": c.positive})
+            while True:
+                r, ms = call("POST", f"/v1/images/{image_id}/masks", record, json={"clicks": sequence})
+                if r.status_code == 404:  # evicted, or a restarted server: post the image again
+                    with record.lock:
+                        record.reuploads += 1
+                    image_id = upload(s, record)
+                    continue
+                if r.status_code != 200:
+                    raise RuntimeError(f"click {k + 1}: {r.status_code} {r.text}")
+                break
+            body = r.json()
+            pred = rle_decode(body["mask"])
+            with record.lock:
+                record.click_ms.append(ms)
+                record.overhead_ms.append(ms - body["decoder_ms"])  # measured at the same moment: robust to load
+                record.decodes += body["decodes"]
+                record.masks[f"{s.index}:{k + 1}"] = digest(pred)
+            if on_click:
+                on_click()
+
+    return work
+
+
+def inprocess_work(runner, clicks: int):
+    from ois_deploy.runtime.predictor import Predictor
+    from ois_deploy.runtime.preprocess import decode_image
+
+    def work(s: Session, record: Record) -> None:
+        predictor = Predictor(runner)
+        start = time.perf_counter()
+        predictor.set_image(decode_image(s.data))  # decode + encode, as the server does per upload
+        with record.lock:
+            record.upload_ms.append((time.perf_counter() - start) * 1000)
+        clicker, pred = Clicker(s.gt), np.zeros_like(s.gt)
+        for k in range(clicks):
+            c = clicker.next_click(pred)
+            start = time.perf_counter()
+            pred = predictor.click(c.x, c.y, c.positive).mask
+            ms = (time.perf_counter() - start) * 1000
+            with record.lock:
+                record.click_ms.append(ms)
+                record.decodes += 1
+                record.masks[f"{s.index}:{k + 1}"] = digest(pred)
+
+    return work
+
+
+# -- the server process --------------------------------------------------------------------------
+class ServerProcess:
+    def __init__(self, model: str, args: list[str], port: int = 0):
+        self.model, self.args = model, args
+        self.proc, self.url = self._start(port)
+
+    def _start(self, port: int):
+        cmd = [sys.executable, "-m", "ois_deploy", "serve", self.model, "--port", str(port), *self.args]
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and proc.poll() is None:
+            if select.select([proc.stdout], [], [], 1)[0]:
+                match = re.search(r"http://\S+", proc.stdout.readline())
+                if match:
+                    return proc, match.group(0)
+        proc.kill()
+        raise UserError(f"the server did not start: {' '.join(cmd)}")
+
+    @property
+    def port(self) -> int:
+        return int(self.url.rsplit(":", 1)[1])
+
+    def status_mb(self, key: str) -> float:
+        """VmHWM (peak resident set) or VmRSS of the server process, MB."""
+        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) / 1024
+        return float("nan")
+
+    def kill_and_restart(self) -> float:
+        """SIGKILL, then a new server on the same port; seconds until it listens."""
+        self.proc.kill()
+        self.proc.wait()
+        start = time.perf_counter()
+        self.proc, self.url = self._start(self.port)
+        return time.perf_counter() - start
+
+    def stop(self) -> int:
+        self.proc.send_signal(signal.SIGTERM)
+        return self.proc.wait(timeout=60)
+
+
+def scrape(url: str) -> dict:
+    """ois_* counters and gauges from /metrics (histograms left out)."""
+    import httpx
+    from prometheus_client.parser import text_string_to_metric_families
+
+    values = {}
+    for family in text_string_to_metric_families(httpx.get(f"{url}/metrics", timeout=30).text):
+        if family.name.startswith("ois_") and family.type in ("counter", "gauge") and not family.name.startswith("ois_http"):
+            for s in family.samples:
+                if not s.name.endswith("_created"):
+                    values[s.name] = values.get(s.name, 0) + s.value
+    return values
+
+
+# -- runs --------------------------------------------------------------------------------------
+def percentiles(values: list[float]) -> dict:
+    if not values:
+        return {}
+    p = np.percentile(values, [50, 95, 99])
+    return {"p50": round(float(p[0]), 2), "p95": round(float(p[1]), 2), "p99": round(float(p[2]), 2),
+            "mean": round(float(np.mean(values)), 2), "n": len(values)}
+
+
+def summarise(label: str, kind: str, clients: int, record: Record, seconds: float, **extra) -> dict:
+    result = {"label": label, "kind": kind, "clients": clients, "sessions": len({k.split(":")[0] for k in record.masks}),
+              "clicks": record.clicks, "seconds": round(seconds, 2), "clicks_per_s": round(record.clicks / seconds, 2),
+              "click_ms": percentiles(record.click_ms), "upload_ms": percentiles(record.upload_ms),
+              **({"http_overhead_ms": percentiles(record.overhead_ms)} if record.overhead_ms else {}),
+              "errors": len(record.errors), "error_messages": record.errors[:5], "reuploads": record.reuploads,
+              "connection_retries": record.connection_retries, "decodes": record.decodes, **extra}
+    metrics = extra.get("server_metrics") or {}
+    hits, misses = metrics.get("ois_cache_hits_total"), metrics.get("ois_cache_misses_total")
+    if hits is not None and misses is not None and hits + misses:
+        result["cache_hit_rate"] = round(hits / (hits + misses), 4)
+    label_line = f"{label:>14}: {record.clicks} clicks, {result['clicks_per_s']} clicks/s, click p50 " \
+                 f"{result['click_ms'].get('p50')} p99 {result['click_ms'].get('p99')} ms, errors {len(record.errors)}"
+    if record.overhead_ms:
+        label_line += f", HTTP overhead p50 {result['http_overhead_ms']['p50']} ms"
+    print(label_line, flush=True)
+    return result
+
+
+def same_masks(a: Record, b: Record) -> dict:
+    common = set(a.masks) & set(b.masks)
+    return {"compared": len(common), "identical": sum(a.masks[k] == b.masks[k] for k in common),
+            "all_identical": bool(common) and all(a.masks[k] == b.masks[k] for k in common)
+            and set(a.masks) == set(b.masks)}
+
+
+def slow_uploads(url: str, stop: threading.Event, data: bytes, chunk: int = 2048, pause: float = 0.05) -> list:
+    """Post `data` over and over, a chunk every `pause` seconds, until stop: a client on a slow
+    link. Its answers' status codes are returned."""
+    import httpx
+
+    def trickle():
+        for i in range(0, len(data), chunk):
+            yield data[i:i + chunk]
+            time.sleep(pause)
+
+    statuses = []
+    with httpx.Client(base_url=url, timeout=300) as client:
+        while not stop.is_set():
+            statuses.append(client.post("/v1/images", content=trickle()).status_code)
+    return statuses
+
+
+def http_run(label, model, sessions, clients, clicks, deadline, server_args, kill_after=None,
+             slow_clients=0) -> tuple[dict, Record]:
+    server = ServerProcess(model, server_args)
+    rss_start = server.status_mb("VmRSS")
+    stop, slow, slow_statuses = threading.Event(), [], []
+    for i in range(slow_clients):  # trickling uploads of the run's scenes while the clients click
+        data = sessions[-1 - i].data
+        slow.append(threading.Thread(target=lambda d=data: slow_statuses.extend(slow_uploads(server.url, stop, d))))
+        slow[-1].start()
+    killed = {}
+    total = len(sessions) * clicks
+    done = [0]
+    lock = threading.Lock()
+
+    def on_click():
+        with lock:
+            done[0] += 1
+            fire = kill_after is not None and not killed and done[0] >= kill_after * total
+            if fire:
+                killed["at_click"] = done[0]
+        if fire:  # outside the lock; the other clients see connection errors meanwhile
+            killed["peak_rss_mb_before_kill"] = round(server.status_mb("VmHWM"), 1)
+            killed["restart_s"] = round(server.kill_and_restart(), 2)
+
+    try:
+        record, seconds = run_clients(sessions, clients, http_work(server.url, clicks, deadline, on_click))
+        peak = server.status_mb("VmHWM")
+        metrics = scrape(server.url)
+    finally:
+        stop.set()
+        for t in slow:
+            t.join()
+        code = server.stop()
+    extra = {"server_args": server_args, "server_peak_rss_mb": round(peak, 1), "server_start_rss_mb": round(rss_start, 1),
+             "server_exit_code": code, "server_metrics": metrics}
+    if kill_after is not None:
+        extra["sigkill"] = killed
+    if slow_clients:
+        extra["slow_clients"] = {"count": slow_clients, "uploads_completed": len(slow_statuses),
+                                 "statuses": sorted(set(slow_statuses))}
+    return summarise(label, "http", clients, record, seconds, **extra), record
+
+
+def burst_run(model, sessions, clients, cache_mb, deadline) -> dict:
+    args = ["--cache-mb", str(cache_mb)]
+    server = ServerProcess(model, args)
+    rss_start = server.status_mb("VmRSS")
+    try:
+        work = http_work(server.url, 0, deadline)
+        run_clients(sessions[:1], 1, work)  # one upload first: the model's own first-run allocations
+        rss_warm = server.status_mb("VmRSS")
+        half = (len(sessions) + 1) // 2  # two bursts: a bounded process peaks no higher in the second
+        record, seconds = run_clients(sessions[1:half], clients, work)
+        peak_first = server.status_mb("VmHWM")
+        second, seconds2 = run_clients(sessions[half:], clients, work)
+        record.upload_ms += second.upload_ms
+        record.errors += second.errors
+        seconds += seconds2
+        peak = server.status_mb("VmHWM")
+        metrics = scrape(server.url)
+    finally:
+        server.stop()
+    result = {"label": "burst", "kind": "http", "clients": clients, "uploads": len(record.upload_ms),
+              "seconds": round(seconds, 2), "upload_ms": percentiles(record.upload_ms), "errors": len(record.errors),
+              "cache_mb": cache_mb, "server_start_rss_mb": round(rss_start, 1), "server_warm_rss_mb": round(rss_warm, 1),
+              "server_peak_rss_mb_first_half": round(peak_first, 1), "server_peak_rss_mb": round(peak, 1),
+              "growth_over_warm_mb": round(peak - rss_warm, 1),
+              "server_metrics": metrics}
+    print(f"{'burst':>14}: {len(record.upload_ms)} uploads, RSS {rss_start:.0f}, {rss_warm:.0f} after one, peak "
+          f"{peak_first:.0f} after the first half, {peak:.0f} MB after all "
+          f"(cache bound {cache_mb} MB), errors {len(record.errors)}", flush=True)
+    return result
+
+
+def model_identity(model: str | None) -> dict:
+    from ois_deploy.contract import is_export_folder, read_manifest
+
+    if not model or not is_export_folder(model):
+        return {"path": model}
+    manifest = read_manifest(model)
+    return {"path": model, "preset": manifest["preset"], "model_hash": manifest["model_hash"], "precision": "fp32"}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--model", default="artifacts/ois-tiny", help="Export folder (ois-deploy export --out DIR).")
+    ap.add_argument("--clients", default="1,4,16", help="Comma-separated client counts.")
+    ap.add_argument("--sessions", type=int, default=16, help="Sessions per run (distinct scenes).")
+    ap.add_argument("--clicks", type=int, default=20, help="Clicks per session.")
+    ap.add_argument("--threads", type=int, default=1, help="ONNX Runtime intra-op threads per call (server and in-process).")
+    ap.add_argument("--cache-mb", type=float, default=1024)
+    ap.add_argument("--small-cache-mb", type=float, default=1, help="The small-cache run's bound (under one state).")
+    ap.add_argument("--fault-clients", type=int, default=4, help="Clients of the small-cache and sigkill runs.")
+    ap.add_argument("--burst", type=int, default=128, help="Uploads of the burst run (0: no burst run).")
+    ap.add_argument("--url", help="Run the http runs against this running server instead (no faults, no in-process).")
+    ap.add_argument("--server-pid", type=int, help="With --url: the server's process id, for its peak RSS.")
+    ap.add_argument("--label", default="", help="Prefix of the run labels (e.g. ray-2).")
+    ap.add_argument("--timeout", type=float, default=1200, help="Give up retrying after this many seconds.")
+    ap.add_argument("--out", help="JSON path (default benchmarks/results/serve_load_<date>.json).")
+    args = ap.parse_args()
+    clients = [int(c) for c in args.clients.split(",")]
+    deadline = time.monotonic() + args.timeout
+    sessions = make_sessions(args.sessions)
+    prefix = f"{args.label}-" if args.label else ""
+    load_before = os.getloadavg()
+    runs, records = [], {}
+
+    if args.url:
+        for c in clients:
+            record, seconds = run_clients(sessions, c, http_work(args.url, args.clicks, deadline))
+            extra = {"url": args.url, "server_metrics": scrape(args.url)}
+            if args.server_pid:
+                status = Path(f"/proc/{args.server_pid}/status").read_text()
+                extra["server_peak_rss_mb"] = round(int(re.search(r"VmHWM:\s+(\d+)", status).group(1)) / 1024, 1)
+            runs.append(summarise(f"{prefix}http-{c}", "http", c, record, seconds, **extra))
+    else:
+        from ois_deploy.contract import is_export_folder
+        from ois_deploy.runtime.registry import RunnerSpec, open_runner
+
+        if not is_export_folder(args.model):
+            raise UserError(f"{args.model} is not an export folder: ois-deploy export --preset ois-tiny --out {args.model}")
+        server_args = ["--threads", str(args.threads), "--cache-mb", str(args.cache_mb)]
+        runner = open_runner(RunnerSpec("ort", args.model, "fp32", threads=args.threads))
+        for c in clients:
+            record, seconds = run_clients(sessions, c, inprocess_work(runner, args.clicks))
+            records[f"inprocess-{c}"] = record
+            runs.append(summarise(f"{prefix}inprocess-{c}", "inprocess", c, record, seconds))
+            result, records[f"http-{c}"] = http_run(f"{prefix}http-{c}", args.model, sessions, c, args.clicks, deadline,
+                                                    server_args)
+            result["masks_vs_inprocess"] = same_masks(records[f"http-{c}"], records[f"inprocess-{c}"])
+            runs.append(result)
+        runner.close()
+        reference = records[f"inprocess-{clients[0]}"]
+        fc = args.fault_clients
+        small = ["--threads", str(args.threads), "--cache-mb", str(args.small_cache_mb)]
+        result, record = http_run(f"{prefix}small-cache", args.model, sessions, fc, args.clicks, deadline, small)
+        result["masks_vs_inprocess"] = same_masks(record, reference)
+        runs.append(result)
+        result, record = http_run(f"{prefix}slow-clients", args.model, sessions, fc, args.clicks, deadline, server_args,
+                                  slow_clients=2)
+        result["masks_vs_inprocess"] = same_masks(record, reference)
+        runs.append(result)
+        result, record = http_run(f"{prefix}sigkill", args.model, sessions, fc, args.clicks, deadline, server_args,
+                                  kill_after=0.4)
+        result["masks_vs_inprocess"] = same_masks(record, reference)
+        runs.append(result)
+        if args.burst:
+            runs.append(burst_run(args.model, make_sessions(args.burst, seed=1), 16, 16, deadline))
+
+    by_label = {r["label"]: r for r in runs}
+    summary = {}
+    for c in clients:
+        h, i = by_label.get(f"{prefix}http-{c}"), by_label.get(f"{prefix}inprocess-{c}")
+        if h and i:
+            summary[f"click_p50_ms_http_minus_inprocess_{c}_clients"] = round(h["click_ms"]["p50"] - i["click_ms"]["p50"], 2)
+        if h:
+            summary[f"http_overhead_p50_ms_{c}_clients"] = h["http_overhead_ms"]["p50"]
+    one, four = by_label.get(f"{prefix}http-1"), by_label.get(f"{prefix}http-4")
+    if one and four:
+        summary["http_clicks_per_s_4_vs_1"] = round(four["clicks_per_s"] / one["clicks_per_s"], 2)
+    summary["errors"] = sum(r["errors"] for r in runs)
+    versions = tool_versions()
+    for name in ("fastapi", "uvicorn", "httpx", "prometheus-client"):
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            pass
+    result = {"date": now_utc(), "machine": machine_info(), "versions": versions,
+              "load_average": {"before": [round(v, 2) for v in load_before],
+                               "after": [round(v, 2) for v in os.getloadavg()]},
+              "model": model_identity(None if args.url else args.model), "clicks_per_session": args.clicks, "sessions": args.sessions,
+              "threads": args.threads, "summary": summary, "runs": runs}
+    out = args.out or str(RESULTS / f"serve_load_{now_utc()[:10]}.json")
+    write_json(result, out)
+    print(f"summary: {summary}\nwrote {out}")
+
+
+if __name__ == "__main__":
+    run_script(main)
