@@ -15,6 +15,7 @@ import hashlib
 import json
 import math
 import struct
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -238,6 +239,35 @@ def test_replay_after_eviction(small_cache_server, reference):
                 assert np.array_equal(coco_decode(r.json()["mask"]), want[k - 1])
         metrics = client.get("/metrics").text
     assert _sample(metrics, "ois_cache_evictions_total") > 0
+
+
+def test_slow_client_does_not_stall_others(server, api):
+    """An upload stalled half-way (a client on a slow link) holds no worker: another client's
+    upload and clicks are answered while it waits."""
+    (slow_data, _), (data, _) = scene(12), scene(13)
+    release, halfway, result = threading.Event(), threading.Event(), {}
+
+    def body():
+        yield slow_data[: len(slow_data) // 2]
+        halfway.set()
+        release.wait(120)
+        yield slow_data[len(slow_data) // 2:]
+
+    def slow():
+        with server.client() as client:
+            result["r"] = client.post("/v1/images", content=body())
+
+    thread = threading.Thread(target=slow)
+    thread.start()
+    try:
+        assert halfway.wait(60)
+        image_id = upload(api, data)["image_id"]
+        assert ask(api, image_id, [(10, 10, True), (50, 60, False)])["clicks"] == 2
+        assert thread.is_alive() and "r" not in result  # still waiting for the rest of its body
+    finally:
+        release.set()
+        thread.join(120)
+    assert result["r"].status_code == 200
 
 
 # -- state and model -------------------------------------------------------------------------
