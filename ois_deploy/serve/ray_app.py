@@ -6,11 +6,11 @@ Three deployments in one Serve application:
   through its object store, but pinned `ray.put` objects may be spilled to disk under memory
   pressure, and uploaded images are never written to disk.
 - `SegmentationReplica` (N replicas, F CPUs and G GPUs each): a runner and a `SegmentationService`.
-  Every request for an image carries the image id as Serve's multiplexed model id, so Serve
-  routes it to a replica that has recently held that image; a replica that does not hold it
-  (first contact, eviction, a restart, routing that lags) fetches the bytes from the store and
-  encodes them. The service then replays the click sequence, so the mask never depends on the
-  routing.
+  Every request for an image carries the image id as Serve's multiplexed model id, and the
+  deployment's request router (`ImageAffinityRouter`) sends it to the image's replica, chosen by
+  rendezvous hashing. A replica that does not hold the image (first contact, eviction, a replica
+  set that changed) fetches the bytes from the store and encodes them; the service then replays
+  the click sequence, so the mask never depends on the routing.
 - `Ingress` (one replica, no CPU): the same FastAPI app as `serve` (create_app), over
   `ReplicaProxy`, an object with the service's methods that forwards to the replicas, retries
   a request whose replica died, and sums the replicas' cache counters for /metrics.
@@ -21,7 +21,6 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
-import math
 import signal
 import sys
 import threading
@@ -32,12 +31,13 @@ import ray
 from ray import serve
 from ray.exceptions import RayActorError
 
-from ..contract import manifest_config, read_manifest, state_shapes
+from ray.serve.config import RequestRouterConfig
+from ray.serve.request_router import FIFOMixin, RequestRouter
+
 from ..errors import UserError
-from ..presets import get_preset
 from ..runtime.registry import RunnerSpec, check_spec
 from .metrics import STATS_SERIES
-from .service import MAX_PREFIXES, ApiError
+from .service import ApiError
 
 APP_NAME = "ois-deploy"
 RETRIES = 5  # attempts of a request whose replica died (Serve routes the next one to a live replica)
@@ -116,17 +116,30 @@ class ImageStore:
 
 
 # -- the replicas ----------------------------------------------------------------------------
-def images_per_cache(spec: RunnerSpec, cache_mb: float) -> int:
-    """How many images a replica's cache holds (state + fed-back masks, float32): the number of
-    image ids it tells the router it holds."""
-    cfg = manifest_config(read_manifest(spec.export_dir)) if spec.export_dir else get_preset(spec.model)
-    per_image = 4 * (sum(math.prod(s) for s in state_shapes(cfg).values()) + MAX_PREFIXES * cfg.input_size ** 2)
-    return max(1, int(cache_mb * (1 << 20) // per_image))
+class ImageAffinityRouter(FIFOMixin, RequestRouter):
+    """Each image's requests to one replica: the highest hash of (image id, replica id), known at
+    once by every router without any state (Serve's own multiplex routing learns where an image is
+    only after the replica reports it, ~0.1 s: the first clicks after an upload then reach another
+    replica, both end up holding the image, and clicks alternate between them, replaying the
+    sequence each time). A replica that joins or goes moves only its share of the images. Should
+    the image's replica be full, the next in hash order; requests without an image: the least
+    loaded replica."""
+
+    async def choose_replicas(self, candidate_replicas, pending_request=None):
+        image_id = pending_request.metadata.multiplexed_model_id if pending_request else ""
+        if not image_id:
+            return [candidate_replicas]
+
+        def score(replica) -> bytes:
+            return hashlib.blake2b(f"{image_id}/{replica.replica_id.unique_id}".encode(), digest_size=8).digest()
+
+        return [[r] for r in sorted(candidate_replicas, key=score, reverse=True)]
 
 
-def replica_deployment(opts: RayOptions, max_images: int):
+def replica_deployment(opts: RayOptions):
     @serve.deployment(num_replicas=opts.replicas, max_ongoing_requests=64,
-                      ray_actor_options={"num_cpus": opts.cpus_per_replica, "num_gpus": opts.gpus_per_replica})
+                      ray_actor_options={"num_cpus": opts.cpus_per_replica, "num_gpus": opts.gpus_per_replica},
+                      request_router_config=RequestRouterConfig(request_router_class=ImageAffinityRouter))
     class SegmentationReplica:
         def __init__(self, spec: RunnerSpec, store):
             from ..runtime.registry import open_runner
@@ -139,18 +152,8 @@ def replica_deployment(opts: RayOptions, max_images: int):
             self.affinity = {"affinity_hits": 0, "affinity_misses": 0}
             self.actor_id = ray.get_runtime_context().get_actor_id()
 
-        @serve.multiplexed(max_num_models_per_replica=max_images)
-        async def hold(self, image_id: str) -> str:
-            """Registers image_id with the router as held here (Serve's model multiplexing)."""
-            return image_id
-
         async def add_image(self, data: bytes):
-            return await self._reply(self._add_image(data))
-
-        async def _add_image(self, data: bytes) -> dict:
-            info = await self._run(self.service.add_image, data)
-            await self.hold(info["image_id"])  # tells the router
-            return info
+            return await self._reply(self._run(self.service.add_image, data))
 
         async def masks(self, image_id: str, clicks: list, fmt: str):
             return await self._reply(self._for_image(image_id, self.service.masks, image_id, clicks, fmt))
@@ -193,7 +196,6 @@ def replica_deployment(opts: RayOptions, max_images: int):
                     raise self.service._not_found(image_id)
                 await self._run(self.service.add_image, data)
                 result = await self._run(method, *args)
-            await self.hold(image_id)  # tells the router (only for images known here)
             return result
 
         async def _reply(self, work) -> tuple:
@@ -296,7 +298,7 @@ def build_app(spec: RunnerSpec, opts: RayOptions):
     check_spec(spec)  # bad arguments end here, as one line, before anything is deployed
     spec = replace(spec, threads=spec.threads or 1)
     store = ImageStore.bind(opts.cache_mb)
-    replicas = replica_deployment(opts, images_per_cache(spec, opts.cache_mb)).bind(spec, store)
+    replicas = replica_deployment(opts).bind(spec, store)
     return Ingress.bind(replicas, store, opts)
 
 
