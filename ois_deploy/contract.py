@@ -16,6 +16,7 @@ from .errors import UserError
 from .io import atomic_write_bytes
 from .presets import OISConfig
 from .provenance import sha256_file
+from .schema import Field, SchemaError, check
 
 MANIFEST = "manifest.json"
 FORMAT = "ois-deploy-export/1"
@@ -80,7 +81,52 @@ def read_manifest(out_dir: str | os.PathLike) -> dict:
         raise UserError(f"cannot read {path}: {e}") from None
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise UserError(f"{path} is not an ois-deploy export manifest")
+    validate_manifest(manifest, path)
     return manifest
+
+
+# What every runtime and tool reads from manifest.json; other keys (engines, versions, ...) may
+# be present. The config is checked by its own schema (presets.CONFIG_SCHEMA).
+MANIFEST_SCHEMA = {
+    "format": Field(str, choices=(FORMAT,)),
+    "preset": Field(str),
+    "input_size": Field(int, min=1),
+    "mask_size": Field(int, min=1),
+    "opset": Field(int, min=1),
+    "attention": Field(str, choices=("matmul", "fused")),
+    "precisions": Field(list),
+    "model_hash": Field(str),
+    "weights": Field(dict),
+    "graphs": Field(dict),
+    "config": Field(dict),
+}
+GRAPH_SCHEMA = {"role": Field(str, choices=("encoder", "decoder")), "precision": Field(str), "sha256": Field(str)}
+
+
+def validate_manifest(manifest: dict, path) -> None:
+    """Required keys, types, the config's own schema, and agreement between them; errors name
+    the field."""
+    def fail(message: str):
+        raise UserError(f"invalid manifest {path}: {message}")
+
+    try:
+        check(manifest, MANIFEST_SCHEMA, unknown=True)
+        for name, entry in manifest["graphs"].items():
+            check(entry, GRAPH_SCHEMA, where=f"graphs.{name}", unknown=True)
+    except SchemaError as e:
+        fail(str(e))
+    precisions = manifest["precisions"]
+    if not precisions or not all(isinstance(p, str) for p in precisions):
+        fail("precisions: expected a non-empty list of names")
+    cfg = OISConfig.from_dict(manifest["config"], source=f"manifest {path}")
+    for key, value in (("preset", cfg.name), ("input_size", cfg.input_size), ("mask_size", cfg.mask_size)):
+        if manifest[key] != value:
+            fail(f"{key}: {manifest[key]!r} but config says {value!r}")
+    for precision in precisions:
+        for role in ("encoder", "decoder"):
+            entry = manifest["graphs"].get(graph_file(role, precision))
+            if entry is None or (entry["role"], entry["precision"]) != (role, precision):
+                fail(f"graphs: no {role} graph {graph_file(role, precision)} for precision {precision}")
 
 
 def is_export_folder(path: str | os.PathLike) -> bool:
@@ -88,7 +134,7 @@ def is_export_folder(path: str | os.PathLike) -> bool:
 
 
 def manifest_config(manifest: dict) -> OISConfig:
-    return OISConfig.from_dict(manifest["config"])
+    return OISConfig.from_dict(manifest["config"], source="manifest")
 
 
 def check_graph(path: Path, manifest: dict) -> None:
@@ -102,13 +148,23 @@ def check_graph(path: Path, manifest: dict) -> None:
         raise UserError(f"{path} does not match its manifest (hash differs): re-export the folder")
 
 
-def check_metadata(path: Path, meta: dict, manifest: dict, role: str, precision: str) -> None:
-    """A graph must say it is this role and precision of this preset and these weights."""
+def metadata_problems(path: Path, meta: dict, manifest: dict, role: str, precision: str) -> list[str]:
+    """Where a graph's own metadata (metadata_props) disagrees with the manifest: role,
+    precision, preset, weights, and the sizes of the manifest's config."""
+    cfg = manifest_config(manifest)
     expected = {"ois.role": role, "ois.precision": precision, "ois.preset": manifest["preset"],
-                "ois.model_hash": manifest["model_hash"]}
-    for key, want in expected.items():
-        if meta.get(key) != want:
-            raise UserError(f"{path.name} has {key}={meta.get(key)!r} but the folder is for {want!r}: mixed exports")
+                "ois.model_hash": manifest["model_hash"], "ois.input_size": str(cfg.input_size),
+                "ois.patch_size": str(cfg.encoder.patch_size), "ois.mask_size": str(cfg.mask_size),
+                "ois.max_clicks": str(cfg.decoder.max_clicks)}
+    return [f"{path.name} has {key}={meta.get(key)!r} but the manifest says {want!r}"
+            for key, want in expected.items() if meta.get(key) != want]
+
+
+def check_metadata(path: Path, meta: dict, manifest: dict, role: str, precision: str) -> None:
+    """A graph must say it is this role and precision of this preset, these weights and sizes."""
+    problems = metadata_problems(path, meta, manifest, role, precision)
+    if problems:
+        raise UserError(f"{problems[0]}: mixed exports or an edited manifest")
 
 
 def weights_notes(manifest: dict) -> list[str]:

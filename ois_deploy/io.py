@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import shutil
+import signal
 import sys
 import tempfile
 from pathlib import Path
@@ -53,7 +56,7 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
 def encode_image(path: str | Path, rgb_or_gray: np.ndarray) -> bytes:
     """Encode an image for `path` by its extension (checked before any work is written)."""
     suffix = Path(path).suffix.lower()
-    if suffix not in (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"):
+    if suffix not in IMAGE_SUFFIXES:
         raise UserError(f"cannot write image {path}: use a .png, .jpg, .bmp, .tif or .webp name")
     img = rgb_or_gray if rgb_or_gray.ndim == 2 else cv2.cvtColor(rgb_or_gray, cv2.COLOR_RGB2BGR)
     ok, buf = cv2.imencode(suffix, img)
@@ -70,3 +73,199 @@ def write_json(obj, path: str) -> None:
         sys.stdout.flush()
     else:
         atomic_write_bytes(path, text.encode())
+
+
+# --- Output paths, checked before any work (every command calls check_outputs first) ---
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
+
+
+def _writable_folder(folder: Path) -> bool:
+    """os.access, then a real probe: access() trusts mode bits that ACLs, read-only mounts or
+    dropped capabilities may overrule."""
+    if not os.access(folder, os.W_OK | os.X_OK):
+        return False
+    try:
+        fd, probe = tempfile.mkstemp(dir=folder, prefix=".ois-deploy-probe.")
+    except OSError:
+        return False
+    os.close(fd)
+    os.unlink(probe)
+    return True
+
+
+def _check_parent(path: Path, what: str) -> None:
+    parent = path.parent
+    if not parent.is_dir():
+        raise UserError(f"{what}: output folder does not exist: {parent}")
+    if not _writable_folder(parent):
+        raise UserError(f"{what}: cannot write in {parent} (permission denied)")
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        return (a.exists() and b.exists() and os.path.samefile(a, b)) or a.resolve() == b.resolve()
+    except OSError:
+        return False
+
+
+def check_output_file(path: str, what: str = "output", inputs=(), image: bool = False) -> Path:
+    """An output file: not empty, not a folder, in an existing writable folder, not an input.
+    `-` (stdout) is for --json only and is left to the caller."""
+    if not str(path).strip():
+        raise UserError(f"{what}: the output path is empty")
+    p = Path(path)
+    if p.is_dir():
+        raise UserError(f"{what}: {p} is a folder, not a file")
+    if image and p.suffix.lower() not in IMAGE_SUFFIXES:
+        raise UserError(f"{what}: cannot write image {p}: use a .png, .jpg, .bmp, .tif or .webp name")
+    _check_parent(p, what)
+    for source in inputs:
+        if source is None or not str(source).strip():
+            continue
+        if _same_file(p, Path(source)):
+            raise UserError(f"{what}: {p} is also an input; give another output path")
+        if Path(source).is_dir() and Path(source).resolve() in p.resolve().parents:
+            raise UserError(f"{what}: {p} is inside the input folder {source}; give another output path")
+    return p
+
+
+def check_output_folder(path: str, what: str = "output folder", replace: str | None = None) -> Path:
+    """An output folder: an existing writable folder, or one that can be made in an existing
+    writable folder. replace: a folder that is replaced as a whole must be empty or hold
+    `replace` (the marker file of what is written there, e.g. manifest.json)."""
+    if not str(path).strip():
+        raise UserError(f"{what}: the output path is empty")
+    p = Path(path)
+    if p.exists() and not p.is_dir():
+        raise UserError(f"{what}: {p} exists and is not a folder")
+    if p.is_dir() and replace is not None and any(p.iterdir()) and not (p / replace).is_file():
+        raise UserError(f"{what}: {p} is a folder that holds other files (no {replace}); refusing to replace it")
+    if p.is_dir() and replace is None:
+        if not _writable_folder(p):
+            raise UserError(f"{what}: cannot write in {p} (permission denied)")
+    else:
+        _check_parent(p, what)
+    return p
+
+
+def check_outputs(*paths: str | None) -> None:
+    """No two outputs of one command may be the same path."""
+    seen = {}
+    for path in paths:
+        if path is None or path == "-":
+            continue
+        key = os.path.abspath(path)
+        if key in seen:
+            raise UserError(f"{path} is given as two outputs")
+        seen[key] = path
+
+
+# --- Folders written whole: staged beside the target, swapped in when complete, locked ---
+
+_HELD_LOCKS: set[str] = set()
+
+
+@contextlib.contextmanager
+def folder_lock(target: Path):
+    """An exclusive lock on `target` (flock on a sibling .NAME.lock), refused at once if another
+    process holds it; re-entrant within this process."""
+    import fcntl
+
+    target = Path(target)
+    lock_path = target.parent / f".{target.name}.lock"
+    key = os.path.abspath(lock_path)
+    if key in _HELD_LOCKS:
+        yield
+        return
+    while True:
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o666 & ~_umask())
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise UserError(f"another process is writing {target} (lock {lock_path} is held); try again when it ends") from None
+        # The holder before us may have removed the file after we opened it: lock the current one.
+        try:
+            if os.fstat(fd).st_ino == os.stat(lock_path).st_ino:
+                break
+        except FileNotFoundError:
+            pass
+        os.close(fd)
+    _HELD_LOCKS.add(key)
+    try:
+        with _sigterm_as_interrupt():  # so that SIGTERM, too, goes through the clean-ups below
+            yield
+    finally:
+        _HELD_LOCKS.discard(key)
+        Path(lock_path).unlink(missing_ok=True)  # while still locked, so no one else holds it
+        os.close(fd)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+@contextlib.contextmanager
+def _signals_deferred():
+    """Hold SIGINT/SIGTERM during a few renames, so that Ctrl-C cannot land between them."""
+    signals = {signal.SIGINT, signal.SIGTERM}
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, signals)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt():
+    """SIGTERM ends the process through the same clean-up as Ctrl-C (main thread only)."""
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def replace_folder(staging: Path, target: Path) -> None:
+    """Move the complete `staging` onto `target`: an old target is renamed aside, the new one
+    renamed in, then the old one removed. Signals are held meanwhile."""
+    with _signals_deferred():
+        if target.exists():
+            aside = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.old."))
+            os.rename(target, aside)  # onto the empty folder mkdtemp made
+            try:
+                os.rename(staging, target)
+            except BaseException:
+                os.rename(aside, target)
+                raise
+            shutil.rmtree(aside, ignore_errors=True)
+        else:
+            os.rename(staging, target)
+
+
+@contextlib.contextmanager
+def staged_folder(target: str | Path):
+    """Yield a temp folder beside `target` to write into; on success it replaces `target`
+    whole. On an error, Ctrl-C or SIGTERM the staging folder is removed and `target` is left as
+    it was. Holds folder_lock(target) throughout."""
+    target = Path(target)
+    with folder_lock(target):
+        staging = staging_dir_beside(target)
+        try:
+            yield staging
+            replace_folder(staging, target)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise

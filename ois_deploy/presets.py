@@ -6,6 +6,7 @@ import dataclasses
 from dataclasses import dataclass, field
 
 from .errors import UserError
+from .schema import Field, SchemaError, check
 
 PATCH = 14
 ORDER_ATTENTION_MODES = ("bias", "mask", "off")
@@ -111,7 +112,10 @@ class OISConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict) -> "OISConfig":
+    def from_dict(cls, d: dict, source: str = "checkpoint") -> "OISConfig":
+        """A config read from a file, validated against CONFIG_SCHEMA (types, ranges, divisibility,
+        a parameter-count estimate) before any model is built from it; errors name the field."""
+        validate_config(d, source)
         try:
             enc = dict(d["encoder"])
             enc["intermediate_layers"] = tuple(enc["intermediate_layers"])
@@ -125,7 +129,88 @@ class OISConfig:
                 **rest,
             )
         except (KeyError, TypeError, ValueError) as e:
-            raise UserError(f"invalid model config in checkpoint: {e}") from None
+            raise UserError(f"invalid model config in {source}: {e}") from None
+
+
+# The config as a file holds it (to_dict): field -> type and range. Limits are far above every
+# preset and keep a hostile file from allocating a huge model before it fails.
+MAX_PARAMS = 2e9
+_POS, _FRACTION = dict(min=1e-12), dict(min=0.0, max=1.0)
+CONFIG_SCHEMA = {
+    "name": Field(str),
+    "input_size": Field(int, min=PATCH, max=4096),
+    "depth_eps": Field(float, False, min=1e-12, max=1.0),
+    "encoder": Field(dict),
+    "encoder.variant": Field(str, choices=("vits", "vitb", "vitl", "tiny")),
+    "encoder.embed_dim": Field(int, min=1, max=4096),
+    "encoder.depth": Field(int, min=1, max=64),
+    "encoder.num_heads": Field(int, min=1, max=256),
+    "encoder.intermediate_layers": Field((list, int), min=0, max=63, length=4),
+    "encoder.mlp_ratio": Field(float, False, min=0.25, max=16),
+    "encoder.patch_size": Field(int, False, min=1, max=64),
+    "encoder.pretrained_grid": Field(int, False, min=1, max=256),
+    "encoder.layerscale_init": Field(float, False, min=-1e3, max=1e3),
+    "encoder.pos_interp_offset": Field(float, False, min=-1.0, max=1.0),
+    "depth_head": Field(dict),
+    "depth_head.features": Field(int, min=1, max=4096),
+    "depth_head.out_channels": Field((list, int), min=1, max=4096, length=4),
+    "depth_head.output_at_fusion_grid": Field(bool, False),
+    "decoder": Field(dict, False),
+    "decoder.width": Field(int, False, min=1, max=4096),
+    "decoder.num_heads": Field(int, False, min=1, max=256),
+    "decoder.object_blocks": Field(int, False, min=0, max=64),
+    "decoder.order_blocks": Field(int, False, min=0, max=64),
+    "decoder.mlp_ratio": Field(float, False, min=0.25, max=16),
+    "decoder.order_attention": Field(str, False, choices=ORDER_ATTENTION_MODES),
+    "decoder.order_mask_threshold": Field(float, False, **_FRACTION),
+    "decoder.sigma_init": Field(float, False, min=-100, max=100),
+    "decoder.object_mask_threshold": Field(float, False, **_FRACTION),
+    "decoder.max_clicks": Field(int, False, min=1, max=256),
+    "decoder.mask_scale": Field(int, False, choices=(4, 8)),
+    "decoder.mask_prompts": Field(bool, False),
+    "decoder.pixel_stem": Field(int, False, min=0, max=1024),
+    "decoder.token_skip": Field(bool, False),
+    "decoder.disk_radius_at_1024": Field(float, False, **_POS, max=1024),
+    "decoder.fourier_scale": Field(float, False, **_POS, max=1e4),
+    "decoder.mask_value": Field(float, False, min=-6e4, max=0),  # finite in fp16
+    "decoder.order_eps": Field(float, False, **_POS, max=1.0),
+}
+
+
+def estimate_params(d: dict) -> float:
+    """A rough upper estimate of the parameter count of a (schema-checked) config dict."""
+    enc, head, dec = d["encoder"], d["depth_head"], d.get("decoder", {})
+    dim, ratio, patch = enc["embed_dim"], enc.get("mlp_ratio", 4.0), enc.get("patch_size", PATCH)
+    vit = enc["depth"] * (4 + 2 * ratio) * dim**2 + 3 * patch**2 * dim + (enc.get("pretrained_grid", 37) ** 2 + 1) * dim
+    f, oc = head["features"], head["out_channels"]
+    dpt = sum(dim * c + 16 * c * c + 9 * c * f for c in oc) + 40 * 9 * f * f
+    width = dec.get("width", 256)
+    blocks = dec.get("object_blocks", 1) + dec.get("order_blocks", 1)
+    decoder = 2 * blocks * (8 + 2 * dec.get("mlp_ratio", 4.0)) * width**2 + dpt / 2 + 9 * dim * width
+    return vit + dpt + decoder
+
+
+def validate_config(d: dict, source: str = "checkpoint") -> None:
+    where = f"model config in {source}"
+    try:
+        check(d, CONFIG_SCHEMA)
+        enc, dec = d["encoder"], d.get("decoder", {})
+        if enc["embed_dim"] % enc["num_heads"]:
+            raise SchemaError(f"encoder.num_heads: {enc['num_heads']} does not divide encoder.embed_dim {enc['embed_dim']}")
+        width, heads = dec.get("width", 256), dec.get("num_heads", 8)
+        if width % heads:
+            raise SchemaError(f"decoder.num_heads: {heads} does not divide decoder.width {width}")
+        patch = enc.get("patch_size", PATCH)
+        if d["input_size"] % patch:
+            raise SchemaError(f"input_size: {d['input_size']} is not a multiple of encoder.patch_size {patch}")
+        bad = [i for i in enc["intermediate_layers"] if i >= enc["depth"]]
+        if bad:
+            raise SchemaError(f"encoder.intermediate_layers: {bad[0]} is not a block of a depth-{enc['depth']} encoder")
+        params = estimate_params(d)
+        if params > MAX_PARAMS:
+            raise SchemaError(f"encoder/decoder sizes: about {params:.2g} parameters, over the limit of {MAX_PARAMS:.0g}")
+    except SchemaError as e:
+        raise SchemaError(f"invalid {where}: {e}") from None
 
 
 def snap_to_patch(size: int, patch: int = PATCH) -> int:

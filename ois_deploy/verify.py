@@ -22,7 +22,7 @@ from .errors import UserError
 from .model.weights import reference_model
 from .provenance import machine_info, now_utc, tool_versions
 from .runtime.predictor import Predictor
-from .runtime.preprocess import read_image, sigmoid
+from .runtime.preprocess import DEFAULT_MAX_PIXELS, read_image, sigmoid
 from .runtime.registry import RunnerSpec, open_runner
 from .runtime.torch_backend import TorchRunner
 
@@ -149,7 +149,8 @@ def session_clicks(rng: np.random.Generator, height: int, width: int, count: int
     return clicks
 
 
-def compare_sessions(reference, runner, precision: str, images: list[Path], rng) -> Metric:
+def compare_sessions(reference, runner, precision: str, images: list[Path], rng,
+                     max_image_pixels: int = DEFAULT_MAX_PIXELS) -> Metric:
     """Part (b): click sessions on real images through the Predictor. Both sides decode each
     click from the same previous mask, the reference's: the object-aware bias thresholds the
     pooled previous mask, so with each side feeding back its own mask a 1e-3 difference can flip
@@ -157,7 +158,7 @@ def compare_sessions(reference, runner, precision: str, images: list[Path], rng)
     Divergence over whole sessions is task-level parity: `eval --compare-backend`."""
     metric = Metric(precision, "session/mask_logits")
     for path in images:
-        image = read_image(path)
+        image = read_image(path, max_image_pixels)
         clicks = [(x, y, bool(label)) for x, y, label in session_clicks(rng, image.shape[0], image.shape[1], SESSION_CLICKS)]
         ref, got = Predictor(reference), Predictor(runner)
         ref.set_image(image)
@@ -191,6 +192,7 @@ def verify(
     tolerances: dict | None = None,
     seed: int = 0,
     progress=None,
+    max_image_pixels: int = DEFAULT_MAX_PIXELS,
 ) -> dict:
     """Compare a backend's graphs with the PyTorch FP32 model. Returns the JSON result."""
     manifest = read_manifest(export_dir)
@@ -212,7 +214,7 @@ def verify(
             step(f"{precision}: graphs on random inputs")
             metrics = compare_graphs(reference, runner, precision, rng)
             step(f"{precision}: click sessions on {len(image_paths)} images")
-            metrics.append(compare_sessions(reference, runner, precision, image_paths, rng))
+            metrics.append(compare_sessions(reference, runner, precision, image_paths, rng, max_image_pixels))
         except UserError:
             raise
         except Exception as e:  # a backend that cannot run its graph is a verdict, not a crash

@@ -21,3 +21,13 @@ BackendOpt = typer.Option(None, "--backend",
                                "Default: torch for a preset, ort for an export folder.")
 DeviceOpt = typer.Option(None, "--device", help="torch: cpu (default) or cuda; ort: auto (default), cpu, cuda or tensorrt.")
 PrecisionOpt = typer.Option("fp32", "--precision", help="fp32 or fp16.")
+MaxImagePixelsOpt = typer.Option(100_000_000, "--max-image-pixels", min=1,
+                                 help="Refuse images with more pixels than this (read from the file's header before decoding).")
+
+
+def check_json(path: str | None, inputs=()) -> None:
+    """--json PATH is checked before any work; '-' is stdout."""
+    from ..io import check_output_file
+
+    if path is not None and path != "-":
+        check_output_file(path, "--json", inputs=inputs)

@@ -9,20 +9,23 @@ from typing import Optional
 import typer
 
 from ..errors import UserError
-from ..io import atomic_write_bytes, write_json
-from .app import BackendOpt, CheckpointOpt, DeviceOpt, JsonOpt, PrecisionOpt, app
+from ..io import atomic_write_bytes, check_output_file, check_output_folder, check_outputs, write_json
+from .app import BackendOpt, CheckpointOpt, DeviceOpt, JsonOpt, MaxImagePixelsOpt, PrecisionOpt, app, check_json
 from .console import console_for, counted_progress, note, progress_steps, table
 
 ASSETS = Path(__file__).resolve().parents[1] / "assets"
 
 
-def run_eval(predictor, samples, max_clicks: int, console, label: str):
-    """The evaluation's sessions under a progress bar."""
+def run_eval(predictor, samples, max_clicks: int, console, label: str, max_image_pixels: int = 100_000_000,
+             skipped: list | None = None):
+    """The evaluation's sessions under a progress bar; names of objects with an empty ground
+    truth go to `skipped`."""
     from ..evaluate.metrics import evaluate_samples
 
     bar, task = counted_progress(console, len(samples), f"eval {label}")
     with bar:
-        return evaluate_samples(predictor, samples, max_clicks, progress=lambda: bar.advance(task))
+        return evaluate_samples(predictor, samples, max_clicks, progress=lambda: bar.advance(task),
+                                max_image_pixels=max_image_pixels, skipped=skipped)
 
 
 @app.command(name="eval")
@@ -42,6 +45,7 @@ def evaluate(
     compare_precision: str = typer.Option("fp32", "--compare-precision", help="Precision of the --compare-backend run (the reference: fp32)."),
     order_attention: Optional[str] = typer.Option(None, "--order-attention",
                                                   help="Override the model's order-aware attention: bias, mask or off (ablation; torch backends)."),
+    max_image_pixels: int = MaxImagePixelsOpt,
 ):
     """NoC@85/90/95, NoF, mIoU@k and seconds per click with simulated clicks (SegNext protocol)."""
     from ..evaluate.datasets import load_dataset
@@ -49,25 +53,35 @@ def evaluate(
     from ..provenance import machine_info, now_utc, tool_versions
     from ..runtime.predictor import Predictor
 
+    # Every output is checked before the long run, not after it.
+    check_outputs(json, save_clicks, plot)
+    check_json(json, inputs=[dataset])
+    if save_clicks is not None:
+        check_output_file(save_clicks, "--save-clicks", inputs=[dataset])
+    if plot is not None:
+        check_output_file(plot, "--plot", inputs=[dataset], image=True)
     layout, samples = load_dataset(dataset)
     samples = samples[:limit] if limit else samples
-    for path in (json, save_clicks, plot):  # fail before the long run, not after it
-        if path and path != "-" and not Path(path).parent.is_dir():
-            raise UserError(f"output folder does not exist: {Path(path).parent}")
     predictor = Predictor.open(model, backend, precision, checkpoint, device, order_attention=order_attention)
     note(*predictor.notes)
     backend_name = predictor.backend
     err = console_for(None, stderr=True)
-    results = run_eval(predictor, samples, max_clicks, err, backend_name)
+    skipped: list[str] = []
+    results = run_eval(predictor, samples, max_clicks, err, backend_name, max_image_pixels, skipped)
+    if skipped:
+        shown = ", ".join(skipped[:5]) + (f" and {len(skipped) - 5} more" if len(skipped) > 5 else "")
+        note(f"skipped {len(skipped)} object(s) with an empty ground-truth mask: {shown}")
+    if not results:
+        raise UserError(f"no object in {dataset} has a non-empty ground-truth mask")
     summary = summarise(results, max_clicks)
     report = {"summary": summary, "backend": backend_name, "precision": precision, "model": model,
               "checkpoint": checkpoint, "order_attention": predictor.cfg.decoder.order_attention,
-              "dataset": str(dataset), "layout": layout, "objects": len(results),
+              "dataset": str(dataset), "layout": layout, "objects": len(results), "skipped_empty_gt": len(skipped),
               "machine": machine_info(), "versions": tool_versions(), "date": now_utc()}
 
     if compare_backend:
         other = Predictor.open(model, compare_backend, compare_precision, checkpoint, device, order_attention=order_attention)
-        parity = task_parity(results, run_eval(other, samples, max_clicks, err, compare_backend), max_clicks)
+        parity = task_parity(results, run_eval(other, samples, max_clicks, err, compare_backend, max_image_pixels), max_clicks)
         noc_here, noc_there = parity.pop("NoC@90")
         report["compare"] = {"backend": compare_backend, "precision": compare_precision, **parity,
                              "NoC@90": {backend_name: noc_here, compare_backend: noc_there}}
@@ -111,14 +125,18 @@ def bench(
     report: bool = typer.Option(False, "--report", help="Render the performance table and chart from --results-dir."),
     readme: Optional[str] = typer.Option(None, "--readme", help="With --report: also write the table into this README's report block."),
     json: Optional[str] = JsonOpt,
+    max_image_pixels: int = MaxImagePixelsOpt,
 ):
     """Encoder and per-click decoder latency, seconds per click, and SAT latency (batched, sequential)."""
     from ..evaluate.bench import REPORT_END, REPORT_START, append_result, bench_record, load_results, report_table, run_bench
     from ..runtime.predictor import Predictor
     from ..runtime.preprocess import read_image
 
+    check_json(json, inputs=[image])
+    results = check_output_folder(results_dir, "--results-dir") if results_dir is not None else None
+    if report and results is not None:
+        check_outputs(json, str(results / "report.md"), str(results / "report.png"), readme)
     out = console_for(json)
-    results = Path(results_dir) if results_dir else None
     if report:
         from ..evaluate.plots import report_chart
 
@@ -136,7 +154,7 @@ def bench(
         return
     if model is None:
         raise UserError("give a MODEL (preset name or export folder), or --report")
-    rgb = read_image(image or ASSETS / "demo.png")
+    rgb = read_image(image or ASSETS / "demo.png", max_image_pixels)
     predictor = Predictor.open(model, backend, precision, checkpoint, device)
     note(*predictor.notes)
     backend_name = predictor.backend

@@ -10,7 +10,7 @@ from rich.console import Console
 
 from ..errors import UserError
 from ..io import write_json
-from .app import CheckpointOpt, JsonOpt, PresetOpt, app
+from .app import CheckpointOpt, JsonOpt, MaxImagePixelsOpt, PresetOpt, app, check_json
 from .console import console_for, progress_steps, table
 
 
@@ -47,21 +47,29 @@ def export(
     from ..export.onnx import ExportRequest, export_model
     from ..model.weights import load_model, print_notes, weights_provenance
 
-    target = Path(out)
+    from ..contract import MANIFEST
+    from ..io import check_output_folder, folder_lock
+
+    target = check_output_folder(out, "--out", replace=MANIFEST)  # before any work; "" is refused
     request = ExportRequest(target, parse_precisions(precision), opset or (23 if attention == "fused" else 18), attention)
     precisions = request.precisions
-    model, report = load_model(preset, checkpoint)
-    print_notes(report)
-    weights = weights_provenance(report)
     console = console_for(None, stderr=True)
-    bar, step, finish = progress_steps(console)
-    with bar:
-        manifest = export_model(model, weights, request, progress=step)
+    reports = []
+
+    def lint_staged(staging: Path) -> None:  # a folder that fails lint does not replace the old one
         step("lint")
-        reports = lint_export(target, precisions)
-        finish()
-    if not print_lint(console, reports):
-        raise UserError(f"exported graphs in {out} failed lint (listed above)")
+        reports.extend(lint_export(staging, precisions))
+        if not print_lint(console, reports):
+            raise UserError(f"exported graphs for {out} failed lint (listed above); {out} is unchanged")
+
+    with folder_lock(target):  # a second export to the same folder is refused now, not after loading
+        model, report = load_model(preset, checkpoint)
+        print_notes(report)
+        weights = weights_provenance(report)
+        bar, step, finish = progress_steps(console)
+        with bar:
+            manifest = export_model(model, weights, request, progress=step, check=lint_staged)
+            finish()
     console.print(f"exported {', '.join(manifest['graphs'])} and manifest.json to {out}")
 
 
@@ -112,9 +120,12 @@ def verify(
     rel_l2_fp16: Optional[float] = typer.Option(None, "--rel-l2-fp16", help="Tolerance override."),
     iou_mean: Optional[float] = typer.Option(None, "--iou-mean", help="Minimum mean mask IoU override."),
     json: Optional[str] = JsonOpt,
+    max_image_pixels: int = MaxImagePixelsOpt,
 ):
     """Compare a backend with the PyTorch FP32 model; exit 1 above tolerance."""
     from ..verify import verify as run_verify
+
+    check_json(json, inputs=[folder])
 
     tolerances: dict = {"fp32": {}, "fp16": {}}
     if rel_l2_fp32 is not None:
@@ -128,7 +139,7 @@ def verify(
     bar, step, finish = progress_steps(console_for(None, stderr=True))
     with bar:
         result = run_verify(folder, backend, parse_precisions(precision) if precision else None, images, checkpoint,
-                            tolerances, progress=step)
+                            tolerances, progress=step, max_image_pixels=max_image_pixels)
         finish()
     fmt = lambda v, f: "-" if v is None else format(v, f)  # noqa: E731
     rows = [[r["precision"], r["output"], fmt(r["max_abs"], ".2e"), fmt(r["rel_l2"], ".2e"), str(r["nonfinite"]),

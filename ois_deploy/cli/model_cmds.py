@@ -10,8 +10,8 @@ import typer
 
 from .. import __version__
 from ..errors import UserError
-from ..io import atomic_write_bytes, encode_image, write_json
-from .app import BackendOpt, CheckpointOpt, DeviceOpt, JsonOpt, PrecisionOpt, PresetOpt, app
+from ..io import atomic_write_bytes, check_output_file, check_outputs, encode_image, write_json
+from .app import BackendOpt, CheckpointOpt, DeviceOpt, JsonOpt, MaxImagePixelsOpt, PrecisionOpt, PresetOpt, app, check_json
 from .console import console_for, note, table
 
 PAPER_PARAMS = {"ois-b-1024": 107_880_000, "ois-b-2048": 107_880_000}
@@ -23,6 +23,7 @@ def info(preset: Optional[str] = PresetOpt, checkpoint: Optional[str] = Checkpoi
     from ..model import count_parameters
     from ..model.weights import CheckpointMismatch, load_model, print_notes, resolve_checkpoint
 
+    check_json(json)
     out = console_for(json)
     try:
         # Without weights, the meta device gives shapes and counts without allocating memory.
@@ -98,13 +99,18 @@ def predict(
     model: Optional[str] = typer.Option(None, "--model", "-m", help="Export folder (for the ort and trt backends)."),
     precision: str = PrecisionOpt,
     device: Optional[str] = DeviceOpt,
+    max_image_pixels: int = MaxImagePixelsOpt,
 ):
     """Segment the object under the clicks; each click sees the mask of the clicks before it."""
     from ..runtime.predictor import Predictor
     from ..runtime.preprocess import read_image
 
+    check_outputs(out, overlay)
+    check_output_file(out, "--out", inputs=[image], image=True)
+    if overlay is not None:
+        check_output_file(overlay, "--overlay", inputs=[image], image=True)
     clicks = [parse_click(c) for c in click]
-    rgb = read_image(image)
+    rgb = read_image(image, max_image_pixels)
     predictor = Predictor.open(model or preset or "ois-tiny", backend or ("ort" if model else "torch"), precision,
                                checkpoint, device)
     note(*predictor.notes)

@@ -10,6 +10,7 @@ import typer
 from rich.console import Console
 
 from ..errors import UserError
+from ..io import check_output_file, check_output_folder, check_outputs
 from ..train.settings import TrainSettings  # its defaults are the train command's
 from .app import app
 from .console import console_for, counted_progress
@@ -53,6 +54,8 @@ def train(
     from ..presets import ORDER_ATTENTION_MODES, get_preset
 
     get_preset(preset)
+    if not out.strip():
+        raise UserError("--out: the output path is empty")
     if order_attention not in ORDER_ATTENTION_MODES:
         raise UserError(f"--order-attention must be one of {', '.join(ORDER_ATTENTION_MODES)}")
     settings = TrainSettings(
@@ -60,6 +63,9 @@ def train(
         max_extra_clicks=max_extra_clicks, order_attention=order_attention,
     )
     log_path = log or out + ".log.jsonl"
+    check_outputs(out, log_path)
+    check_output_file(out, "--out")
+    check_output_file(log_path, "--log")
     console = console_for(None, stderr=True)
     summary = train_with_progress(preset, settings, out, log_path, console)
     console.print(f"wrote {out} and {log_path} ({summary['seconds']:.0f} s, {steps} steps, seed {seed})")
@@ -75,11 +81,9 @@ def scenes(
     from ..io import staging_dir_beside
     from ..train.scenes import write_davis
 
-    target = Path(out)
-    if target.exists():
-        raise UserError(f"{target} already exists: give a new folder")
-    if not target.parent.is_dir():
-        raise UserError(f"output folder does not exist: {target.parent}")
+    if out.strip() and Path(out).exists():
+        raise UserError(f"{out} already exists: give a new folder")
+    target = check_output_folder(out, "--out")
     staging = staging_dir_beside(target)  # nothing half-written
     try:
         console = console_for(None, stderr=True)

@@ -16,6 +16,7 @@ import cv2
 import numpy as np
 
 from ..errors import UserError
+from ..io import atomic_write_bytes
 from ..provenance import machine_info, now_utc, tool_versions
 from ..runtime.preprocess import to_input
 from .clicker import PRED_THRESHOLD, Clicker
@@ -149,8 +150,8 @@ def append_result(record: dict, results_dir: Path) -> Path:
         raise UserError(f"--results-dir {results_dir} exists and is not a folder")
     results_dir.mkdir(parents=True, exist_ok=True)
     path = results_dir / RESULTS_FILE
-    with open(path, "a") as f:
-        f.write(json.dumps(record) + "\n")
+    old = path.read_bytes() if path.is_file() else b""
+    atomic_write_bytes(path, old + (json.dumps(record) + "\n").encode())  # never a half line
     return path
 
 
@@ -189,5 +190,5 @@ def update_readme(readme: Path, table: str) -> bool:
         return False
     head, rest = text.split(REPORT_START, 1)
     _, tail = rest.split(REPORT_END, 1)
-    readme.write_text(f"{head}{REPORT_START}\n{table}\n{REPORT_END}{tail}")
+    atomic_write_bytes(readme, f"{head}{REPORT_START}\n{table}\n{REPORT_END}{tail}".encode())
     return True

@@ -18,7 +18,7 @@ import cv2
 import numpy as np
 
 from ..errors import UserError
-from ..runtime.preprocess import read_image
+from ..runtime.preprocess import DEFAULT_MAX_PIXELS, read_image
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 # (layout name, image folder, mask folder), most specific first
@@ -43,8 +43,9 @@ class Sample:
     image_path: Path
     mask_path: Path
 
-    def load(self) -> tuple[np.ndarray, np.ndarray]:
-        image = read_image(self.image_path)
+    def load(self, max_image_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[np.ndarray, np.ndarray]:
+        """(RGB image as displayed, bool mask); images over max_image_pixels are refused unread."""
+        image = read_image(self.image_path, max_image_pixels)
         mask = read_mask(self.mask_path)
         if mask.shape != image.shape[:2]:
             raise UserError(f"mask {self.mask_path} is {mask.shape[1]}x{mask.shape[0]}, its image "

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import UserError
+from ..runtime.preprocess import DEFAULT_MAX_PIXELS
 from .clicker import PRED_THRESHOLD, Click, Clicker
 
 IOU_THRESHOLDS = (0.85, 0.90, 0.95)
@@ -109,12 +110,18 @@ def summarise(results: list[ObjectResult], max_clicks: int = 20) -> dict:
     return summary
 
 
-def evaluate_samples(predictor, samples, max_clicks: int, progress=None) -> list[ObjectResult]:
-    """One session per sample (datasets.Sample); progress() after each object."""
+def evaluate_samples(predictor, samples, max_clicks: int, progress=None, max_image_pixels: int = DEFAULT_MAX_PIXELS,
+                     skipped: list | None = None) -> list[ObjectResult]:
+    """One session per sample (datasets.Sample); progress() after each object. An object whose
+    ground truth is empty has nothing to click on: it is skipped (its name appended to `skipped`)."""
     results = []
     for sample in samples:
-        image, gt = sample.load()
-        results.append(run_object(predictor, image, gt, sample.name, max_clicks))
+        image, gt = sample.load(max_image_pixels)
+        if not gt.any():
+            if skipped is not None:
+                skipped.append(sample.name)
+        else:
+            results.append(run_object(predictor, image, gt, sample.name, max_clicks))
         if progress:
             progress()
     return results

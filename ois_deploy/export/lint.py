@@ -22,10 +22,12 @@ from ..contract import (
     ENCODER_INPUTS,
     ENCODER_OUTPUTS,
     graph_file,
+    metadata_problems,
     read_manifest,
     state_shapes,
 )
 from ..presets import OISConfig
+from ..provenance import sha256_file
 
 # ONNX ops TensorRT 10's parser imports that these graphs may use.
 TENSORRT_OPS = frozenset(
@@ -140,6 +142,11 @@ def lint_graph(path: Path, role: str, precision: str, manifest: dict) -> LintRep
         return report
     model = onnx.shape_inference.infer_shapes(onnx.load(str(path)), strict_mode=False)
     graph = model.graph
+    # The manifest's record of this file and the graph's own metadata must agree with the folder.
+    recorded = manifest["graphs"].get(path.name, {}).get("sha256")
+    if recorded != sha256_file(path):
+        report.problems.append(f"sha256 differs from manifest.json ({'not listed' if recorded is None else 'edited or swapped'})")
+    report.problems += metadata_problems(path, {p.key: p.value for p in model.metadata_props}, manifest, role, precision)
 
     names_in = ENCODER_INPUTS if role == "encoder" else DECODER_INPUTS
     names_out = ENCODER_OUTPUTS if role == "encoder" else DECODER_OUTPUTS

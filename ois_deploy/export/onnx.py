@@ -24,6 +24,7 @@ from ..contract import (
     DECODER_OUTPUTS,
     ENCODER_INPUTS,
     FORMAT,
+    MANIFEST,
     ENCODER_OUTPUTS,
     MAX_PROMPTS,
     NORMALISATION,
@@ -34,6 +35,7 @@ from ..contract import (
     write_manifest,
 )
 from ..errors import UserError
+from ..io import check_output_folder, staged_folder
 from ..model import OIS, ImageState
 from ..model.attention import set_attention_impl
 from ..model.precision import to_fp16
@@ -160,17 +162,25 @@ class ExportRequest:
             raise UserError("--attention fused needs the ONNX Attention op: use --opset 23 or above")
         if not 17 <= self.opset <= 23:
             raise UserError(f"opset {self.opset} is not supported: use 17 to 23")
-        if self.out_dir.exists() and not self.out_dir.is_dir():
-            raise UserError(f"{self.out_dir} exists and is not a folder")
+        check_output_folder(str(self.out_dir), "export --out", replace=MANIFEST)
 
 
-def export_model(model: OIS, weights: dict, request: ExportRequest, progress=None) -> dict:
+def export_model(model: OIS, weights: dict, request: ExportRequest, progress=None, check=None) -> dict:
     """Export the graphs of `model` into request.out_dir and write manifest.json. Returns the manifest.
 
     weights: how the model's weights came about (path, format, sha256), recorded in the manifest.
+    The folder is written whole: staged beside out_dir, checked by `check(staging)` if given
+    (lint), then swapped in, replacing an old export only then; a lock refuses a second export
+    to the same folder meanwhile (io.staged_folder).
     """
-    out = request.out_dir
-    out.mkdir(parents=True, exist_ok=True)
+    with staged_folder(request.out_dir) as staging:
+        manifest = _write_export(model, weights, request, staging, progress)
+        if check is not None:
+            check(staging)
+    return manifest
+
+
+def _write_export(model: OIS, weights: dict, request: ExportRequest, out: Path, progress=None) -> dict:
     cfg = model.cfg
     model = copy.deepcopy(model).float().eval()
     set_attention_impl(model, "sdpa" if request.attention == "fused" else "matmul")

@@ -92,8 +92,29 @@ def _dav2_variant(state_dict: dict) -> str | None:
     return DAV2_EMBED_DIMS.get(int(cls.shape[-1])) if cls is not None else None
 
 
+def check_values(state: dict, path) -> None:
+    """Every tensor floating point and finite: int, bool or NaN weights would load into the float
+    parameters and give empty or full masks without a word. The error names the first bad ones."""
+    def listed(names: list[str]) -> str:
+        return ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+
+    not_float = [f"{k} ({str(v.dtype).replace('torch.', '')})" for k, v in state.items() if not v.is_floating_point()]
+    if not_float:
+        raise UserError(f"checkpoint {path} has tensors that are not floating point: {listed(not_float)}")
+    nonfinite = [k for k, v in state.items() if not bool(torch.isfinite(v).all())]
+    if nonfinite:
+        raise UserError(f"checkpoint {path} has NaN or infinite values in: {listed(nonfinite)}")
+
+
 def read_checkpoint(path: str | os.PathLike) -> LoadedFile:
-    """Read a weights file safely and tell its format from the content."""
+    """Read a weights file safely and tell its format from the content; its config and its
+    values are checked (schema, floating point, finite)."""
+    loaded = _read_checkpoint(Path(path))
+    check_values(loaded.state_dict, path)
+    return loaded
+
+
+def _read_checkpoint(path: Path) -> LoadedFile:
     path = Path(path)
     if not path.is_file():
         raise UserError(f"checkpoint not found: {path}")
@@ -111,6 +132,8 @@ def read_checkpoint(path: str | os.PathLike) -> LoadedFile:
         else:
             obj = torch.load(path, map_location="cpu", weights_only=True)
             if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict) and isinstance(obj.get("config"), dict):
+                if not all(isinstance(v, torch.Tensor) for v in obj["state_dict"].values()):
+                    raise UserError(f"checkpoint {path} is not a state_dict of tensors")
                 return LoadedFile("ois-torch", obj["state_dict"], OISConfig.from_dict(obj["config"]))
             state = obj if isinstance(obj, dict) else {}
     except UserError:
@@ -272,12 +295,20 @@ def state_dict_hash(model: OIS) -> str:
 def reference_model(manifest: dict, checkpoint: str | None = None) -> OIS:
     """The PyTorch FP32 model an export folder's graphs were made from; refuses one that is not."""
     weights = manifest.get("weights", {})
+    if checkpoint:  # the weights given are checked, whatever the manifest says they were
+        if str(checkpoint) != RANDOM_WEIGHTS and not Path(checkpoint).is_file():
+            raise UserError(f"checkpoint not found: {checkpoint}")
+        model, _ = load_model(manifest["preset"] if str(checkpoint) == RANDOM_WEIGHTS else None, checkpoint)
+        if state_dict_hash(model) != manifest["model_hash"]:
+            raise UserError(f"checkpoint {checkpoint}: its weights differ from those the export was made from "
+                            f"(model hash {state_dict_hash(model)}, the export's {manifest['model_hash']})")
+        return model
     if weights.get("format") == "random":
         model, _ = load_model(manifest["preset"], RANDOM_WEIGHTS)
-    elif weights.get("bundled") and not checkpoint:  # this install's copy; the hash below checks it
+    elif weights.get("bundled"):  # this install's copy; the hash below checks it
         model, _ = load_model(manifest["preset"])
     else:
-        path = checkpoint or weights.get("path")
+        path = weights.get("path")
         if not path or not Path(path).is_file():
             raise UserError(f"the reference checkpoint {path} is not here: pass --checkpoint")
         model, _ = load_model(None, path)

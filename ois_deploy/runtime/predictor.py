@@ -14,7 +14,7 @@ import numpy as np
 
 from ..errors import UserError
 from .base import Runner
-from .preprocess import Frame, as_rgb, logits_to_image, logits_to_input_frame, sigmoid, to_input
+from .preprocess import DEFAULT_MAX_PIXELS, Frame, as_rgb, logits_to_image, logits_to_input_frame, sigmoid, to_input
 from .registry import RunnerSpec, default_backend, open_runner
 
 Click = tuple[float, float, bool]  # (x column, y row) in original image pixels, positive
@@ -76,10 +76,14 @@ class Predictor:
 
     A Predictor holds one session and is not to be shared between threads; open one per user.
     Its runner may be shared by several Predictors across threads where `runner.thread_safe`
-    (ONNX Runtime, PyTorch on the CPU)."""
+    (ONNX Runtime, PyTorch on the CPU).
 
-    def __init__(self, runner: Runner):
+    max_image_pixels: set_image refuses larger images (read_image checks files the same way,
+    from the header, before decoding)."""
+
+    def __init__(self, runner: Runner, max_image_pixels: int = DEFAULT_MAX_PIXELS):
         self.runner = runner
+        self.max_image_pixels = max_image_pixels
         self.cfg = runner.cfg
         self.backend = runner.name
         self.notes = runner.notes
@@ -90,20 +94,24 @@ class Predictor:
     @classmethod
     def open(cls, model: str = "ois-tiny", backend: str | None = None, precision: str = "fp32",
              checkpoint: str | None = None, device: str | None = None, threads: int = 0,
-             order_attention: str | None = None) -> "Predictor":
+             order_attention: str | None = None, max_image_pixels: int = DEFAULT_MAX_PIXELS) -> "Predictor":
         """A Predictor for MODEL, a preset name (torch backends) or an export folder (any backend;
         default ort). device: torch cpu/cuda; ort auto/cpu/cuda/tensorrt. precision fp32 or fp16.
         order_attention: override of the model's order-attention mode (torch backends)."""
         spec = RunnerSpec(backend or default_backend(str(model)), str(model), precision, checkpoint, device, threads,
                           order_attention)
-        return cls(open_runner(spec))
+        return cls(open_runner(spec), max_image_pixels)
 
     @property
     def max_clicks(self) -> int:
         return self.cfg.decoder.max_clicks
 
     def set_image(self, image: np.ndarray) -> None:
-        """HxW, HxWx3 or HxWx4 uint8 of any size. Encodes once; clears the clicks."""
+        """HxW, HxWx3 or HxWx4 uint8 up to max_image_pixels. Encodes once; clears the clicks."""
+        shape = np.shape(image)
+        if len(shape) >= 2 and shape[0] * shape[1] > self.max_image_pixels:
+            raise UserError(f"image is {shape[1]}x{shape[0]} = {shape[0] * shape[1]:,} pixels, "
+                            f"over the limit of {self.max_image_pixels:,}")
         self._encoded = encode_image(self.runner, image)
         self.frame = self._encoded.frame
         self.reset()

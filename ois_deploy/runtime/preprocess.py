@@ -65,12 +65,19 @@ _ORIENTATIONS = {2: (False, 0, True), 3: (False, 2, False), 4: (False, 2, True),
 def image_header(data: bytes, name: str = "image") -> tuple[int, int, int]:
     """(width, height, EXIF orientation 1-8) from the file's header, without decoding pixels."""
     import io
+    import warnings
 
     from PIL import Image, UnidentifiedImageError
 
     try:
-        with Image.open(io.BytesIO(data)) as img:
-            orientation = img.getexif().get(0x0112, 1) if img.format in ("JPEG", "TIFF", "WEBP", "PNG") else 1
+        with warnings.catch_warnings():  # the pixel limit is ours (decode_image): no bomb warning on stderr
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data))
+        with img:
+            # A PNG's eXIf chunk after the pixel data is found only by decoding them all (Pillow's
+            # getexif loads the image): such an orientation is not read, the pixels stay unread.
+            exif_read = img.format in ("JPEG", "TIFF", "WEBP") or (img.format == "PNG" and "exif" in img.info)
+            orientation = img.getexif().get(0x0112, 1) if exif_read else 1
             return img.width, img.height, orientation if orientation in range(1, 9) else 1
     except Image.DecompressionBombError as e:
         raise UserError(f"{name} is too large to read safely: {e}") from None

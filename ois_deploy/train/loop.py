@@ -269,6 +269,17 @@ def train(preset: str | OISConfig, settings: TrainSettings, out: str | Path, log
     start = time.perf_counter()
     tmp_log = log_path.with_name(log_path.name + ".tmp")
     size = model.cfg.input_size
+    try:
+        summary = _train_steps(model, optimizer, settings, start, tmp_log, size, progress)
+        save_checkpoint(model, out, training=summary)
+        tmp_log.replace(log_path)
+    except BaseException:  # Ctrl-C or an error: no half-written log left beside the outputs
+        tmp_log.unlink(missing_ok=True)
+        raise
+    return summary
+
+
+def _train_steps(model, optimizer, settings: TrainSettings, start: float, tmp_log: Path, size: int, progress) -> dict:
     # One worker prepares step n+1's scenes and clicks while step n trains: that host work is
     # single-threaded, so it fills the gaps between the model's parallel ops. Each step's input
     # depends only on its seed words, so this changes no result.
@@ -291,6 +302,4 @@ def train(preset: str | OISConfig, settings: TrainSettings, out: str | Path, log
         "torch": torch.__version__,
         "machine": f"{platform.machine()} {platform.processor() or ''} ({torch.get_num_threads()} threads)".strip(),
     }
-    save_checkpoint(model, out, training=summary)
-    tmp_log.replace(log_path)
     return summary
