@@ -14,11 +14,18 @@ from .app import CheckpointOpt, JsonOpt, MaxImagePixelsOpt, PresetOpt, app, chec
 from .console import console_for, progress_steps, table
 
 
-def parse_precisions(text: str) -> tuple[str, ...]:
-    choices = {"fp32": ("fp32",), "fp16": ("fp16",), "both": ("fp32", "fp16")}
-    if text not in choices:
-        raise UserError(f"precision must be fp32, fp16 or both, not {text!r}")
-    return choices[text]
+PRECISION_NAMES = ("fp32", "fp16", "int8")
+
+
+def parse_precisions(text: str, export: bool = False) -> tuple[str, ...]:
+    """fp32, fp16, int8, both (fp32 and fp16), all, or a comma list such as fp32,int8. For an
+    export, int8 brings fp32: the int8 graphs are quantized from the fp32 ones."""
+    names = {"both": ["fp32", "fp16"], "all": list(PRECISION_NAMES)}.get(text) or [p.strip() for p in text.split(",")]
+    if not all(p in PRECISION_NAMES for p in names):
+        raise UserError(f"precision must be fp32, fp16, int8, both, all or a comma list of them, not {text!r}")
+    if export and "int8" in names:
+        names.append("fp32")
+    return tuple(p for p in PRECISION_NAMES if p in names)
 
 
 def print_lint(console: Console, reports) -> bool:
@@ -38,7 +45,7 @@ def export(
     out: str = typer.Option(..., "--out", "-o", help="Folder for the graphs and manifest.json."),
     preset: Optional[str] = PresetOpt,
     checkpoint: Optional[str] = CheckpointOpt,
-    precision: str = typer.Option("both", "--precision", help="fp32, fp16 or both."),
+    precision: str = typer.Option("both", "--precision", help="fp32, fp16, int8 (with fp32), both (fp32+fp16), all, or a list: fp32,int8."),
     opset: Optional[int] = typer.Option(None, "--opset", help="ONNX opset (default 18; 23 with --attention fused)."),
     attention: str = typer.Option("matmul", "--attention", help="matmul (MatMul-Add-Softmax-MatMul) or fused (ONNX Attention)."),
 ):
@@ -51,7 +58,7 @@ def export(
     from ..io import check_output_folder, folder_lock
 
     target = check_output_folder(out, "--out", replace=MANIFEST)  # before any work; "" is refused
-    request = ExportRequest(target, parse_precisions(precision), opset or (23 if attention == "fused" else 18), attention)
+    request = ExportRequest(target, parse_precisions(precision, export=True), opset or (23 if attention == "fused" else 18), attention)
     precisions = request.precisions
     console = console_for(None, stderr=True)
     reports = []
@@ -113,7 +120,7 @@ def lint(folder: str = typer.Argument(..., help="Export folder.")):
 def verify(
     folder: str = typer.Argument(..., help="Export folder."),
     backend: str = typer.Option("ort", "--backend", help="Backend to check against PyTorch FP32."),
-    precision: Optional[str] = typer.Option(None, "--precision", help="fp32, fp16 or both (default: what was exported)."),
+    precision: Optional[str] = typer.Option(None, "--precision", help="fp32, fp16, int8, both, all or a list (default: what was exported)."),
     images: Optional[str] = typer.Option(None, "--images", help="Folder of real images (default: bundled ones)."),
     checkpoint: Optional[str] = CheckpointOpt,
     rel_l2_fp32: Optional[float] = typer.Option(None, "--rel-l2-fp32", help="Tolerance override."),
@@ -127,7 +134,7 @@ def verify(
 
     check_json(json, inputs=[folder])
 
-    tolerances: dict = {"fp32": {}, "fp16": {}}
+    tolerances: dict = {"fp32": {}, "fp16": {}, "int8": {}}
     if rel_l2_fp32 is not None:
         tolerances["fp32"]["rel_l2"] = rel_l2_fp32
     if rel_l2_fp16 is not None:

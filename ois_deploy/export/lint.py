@@ -40,6 +40,7 @@ TENSORRT_OPS = frozenset(
     Sigmoid Sign Sin Size Slice Softmax Softplus Split Sqrt Squeeze Sub Sum Tanh Tile Transpose
     Unsqueeze Where Xor""".split()
 )
+QDQ_OPS = frozenset({"QuantizeLinear", "DequantizeLinear"})  # int8 graphs (TensorRT imports them as Q/DQ layers)
 FORBIDDEN_OPS = frozenset({"OneHot", "NonZero", "Loop", "If", "Scan", "Unique", "Compress"})
 FUSED_ATTENTION_OP = "Attention"  # opset 23, emitted by --attention fused
 # Inputs that TensorRT treats as shape tensors: they must not depend on input *values*.
@@ -182,6 +183,8 @@ def node_problems(model, precision: str, fused: bool = False) -> list[str]:
         if node.op_type in FORBIDDEN_OPS:
             problems.append(f"{where}: forbidden op (data-dependent shape or control flow)")
         elif node.op_type == FUSED_ATTENTION_OP and fused:
+            pass
+        elif node.op_type in QDQ_OPS and precision == "int8":
             pass
         elif node.op_type not in TENSORRT_OPS or node.domain not in ("", "ai.onnx"):
             problems.append(f"{where}: op not in TensorRT's ONNX parser support")

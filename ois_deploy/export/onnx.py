@@ -188,7 +188,7 @@ def _write_export(model: OIS, weights: dict, request: ExportRequest, out: Path, 
     dynamic = dynamic_axes(cfg)
     graphs = {}
     step = progress or (lambda text: None)
-    for precision in request.precisions:
+    for precision in (p for p in request.precisions if p != "int8"):  # int8 is made from fp32, below
         variant = model if precision == "fp32" else to_fp16(model)
         enc_args, dec_args = example_inputs(variant)
         for role, module, args, names_in, names_out in (
@@ -237,5 +237,9 @@ def _write_export(model: OIS, weights: dict, request: ExportRequest, out: Path, 
         "versions": tool_versions(),
         "date": now_utc(),
     }
+    if "int8" in request.precisions:  # quantize the fp32 graphs just written (export/quantize.py)
+        from .quantize import quantize_export
+
+        manifest["int8"] = quantize_export(model, out, graphs, progress=step)
     write_manifest(out, manifest)
     return manifest

@@ -49,7 +49,7 @@ BACKENDS: dict[str, Backend] = {
     for b in (
         Backend("torch", "torch_backend", False, False, ("fp32", "fp16"), "export", "PyTorch reference model"),
         Backend("torch-cuda", "torch_backend", False, True, ("fp32", "fp16"), "export", "PyTorch on a CUDA GPU, CUDA graphs per click"),
-        Backend("ort", "ort_backend", True, False, ("fp32", "fp16"), "cpu", "ONNX Runtime, providers chosen automatically"),
+        Backend("ort", "ort_backend", True, False, ("fp32", "fp16", "int8"), "cpu", "ONNX Runtime, providers chosen automatically"),
         Backend("ort-cuda", "ort_backend", True, True, ("fp32", "fp16"), "gpu", "ONNX Runtime, CUDA execution provider"),
         Backend("ort-trt", "ort_backend", True, True, ("fp32", "fp16"), "gpu", "ONNX Runtime, TensorRT execution provider"),
         Backend("trt", "trt_backend", True, True, ("fp32", "fp16"), "gpu", "TensorRT engines (ois-deploy build)"),
