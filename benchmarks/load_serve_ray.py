@@ -52,7 +52,6 @@ def main() -> None:
     replica_counts = [int(r) for r in args.replicas.split(",")]
     clients = [int(c) for c in args.clients.split(",")]
     deadline = time.monotonic() + 1800
-    sessions = ls.make_sessions(args.sessions)
     load_before = os.getloadavg()
     runs, records = [], {}
     for r in replica_counts:
@@ -61,6 +60,7 @@ def main() -> None:
             ls.run_clients(ls.make_sessions(2, seed=9), 2, ls.http_work(server.url, 3, deadline))  # warm-up
             for c in clients:
                 before = ls.scrape(server.url)
+                sessions = ls.make_sessions(args.sessions, seed=c)  # new images for each client count
                 record, seconds = ls.run_clients(sessions, c, ls.http_work(server.url, args.clicks, deadline))
                 metrics = delta(ls.scrape(server.url), before)
                 run = ls.summarise(f"ray-{r}-http-{c}", "http", c, record, seconds, replicas=r, server_metrics=metrics)
