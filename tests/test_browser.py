@@ -161,3 +161,64 @@ def test_page_ui(server, chromium):
     assert page.text_content("#s-area") == "–"
     assert errors == []
     page.close()
+
+
+HELPERS_JS = """async ([src, h, w, crop, out, frames, mask, st]) => {
+  const c = await import("/ois-client.js");
+  const resized = c.resizeLinear(Float32Array.from(src), w, crop[0], crop[1], out[0], out[1]);
+  const mapped = frames.map(([H, W, S, x]) => new c.Frame(H, W, S)).map((f, i) => [f.resized, f.toInput(frames[i][3])]);
+  const bytes = Uint8Array.from(atob(st), (ch) => ch.charCodeAt(0)).buffer;
+  const parsed = c.parseSafetensors(bytes);
+  return { resized: Array.from(resized), mapped, rle: c.encodeRle(Uint8Array.from(mask), h, w),
+           decoded: Array.from(c.decodeRle(c.encodeRle(Uint8Array.from(mask), h, w))),
+           tensors: Object.fromEntries(Object.entries(parsed.tensors).map(([k, t]) => [k, [Array.from(t.data), t.dims]])) };
+}"""
+
+
+def test_client_helpers_match_python(server, chromium, rng):
+    """ois-client.js's host steps against the Python ones: OpenCV's bilinear resize (crop,
+    up and down), Frame geometry and click mapping, RLE, safetensors (float32 and float16)."""
+    import base64
+
+    import cv2
+    from safetensors.numpy import save
+
+    from ois_deploy.runtime.preprocess import Frame
+    from ois_deploy.serve.masks import rle_encode
+
+    url, _ = server
+    page = chromium.new_page()
+    page.goto(url + "/")
+    h, w = 37, 53
+    src = rng.normal(0, 3, (h, w)).astype(np.float32)
+    mask = rng.random((h, w)) < 0.5
+    mask[0, 0] = True  # a mask starting with foreground: counts start with 0
+    frames = [(360, 480, 280, 479.0), (5, 400, 280, 3.0), (1022, 17, 1022, 16.0), (333, 1000, 280, 0.0)]
+    arrays = {"a": rng.normal(size=(2, 3)).astype(np.float32), "b": rng.normal(size=(4,)).astype(np.float16)}
+    for crop, out in [((h, w), (80, 120)), ((h, w), (11, 7)), ((20, 30), (61, 45)), ((h, w), (h, w))]:
+        got = page.evaluate(HELPERS_JS, [src.ravel().tolist(), h, w, crop, out, frames, mask.ravel().astype(int).tolist(),
+                                         base64.b64encode(save(arrays)).decode()])
+        resized = np.array(got["resized"], np.float32).reshape(out)
+        # OpenCV's own INTER_LINEAR to float rounding; opencv-python's default path through Intel
+        # IPP (what Predictor gets) rounds its coefficients differently: up to ~2e-5 here, on values
+        # of a few units; a mask pixel can differ only where a logit is that close to 0.
+        use_ipp = cv2.ipp.useIPP()
+        try:
+            cv2.ipp.setUseIPP(False)
+            want = cv2.resize(src[:crop[0], :crop[1]], (out[1], out[0]), interpolation=cv2.INTER_LINEAR)
+        finally:
+            cv2.ipp.setUseIPP(use_ipp)
+        np.testing.assert_allclose(resized, want, rtol=1e-6, atol=1e-6)
+        ipp = cv2.resize(src[:crop[0], :crop[1]], (out[1], out[0]), interpolation=cv2.INTER_LINEAR)
+        np.testing.assert_allclose(resized, ipp, rtol=0, atol=5e-5)
+    for (H, W, S, x), (resized, mapped) in zip(frames, got["mapped"]):
+        frame = Frame(H, W, S)
+        assert tuple(resized) == frame.resized
+        assert mapped == float(frame.to_input(np.array([x], np.float32))[0])
+    assert got["rle"] == rle_encode(mask)
+    assert np.array_equal(np.array(got["decoded"], bool).reshape(h, w), mask)
+    for name, array in arrays.items():
+        data, dims = got["tensors"][name]
+        assert dims == list(array.shape)
+        assert np.array_equal(np.array(data, np.float32).reshape(array.shape), array.astype(np.float32))
+    page.close()
