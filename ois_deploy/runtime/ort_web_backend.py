@@ -144,6 +144,7 @@ class OrtWebRunner(Runner):
         threading.Thread(target=self._server.serve_forever, daemon=True).start()
         url = f"http://127.0.0.1:{self._server.server_address[1]}"
         self._state_of = None  # the state object the page holds
+        self._thread = threading.get_ident()  # Playwright's sync API works from this thread only
         self._context = None
         try:
             browser = _chromium()
@@ -172,6 +173,9 @@ class OrtWebRunner(Runner):
         return self.host.state_from_numpy(arrays)  # in the graph's precision, as ort holds it
 
     def _decode(self, state, coords: np.ndarray, labels: np.ndarray, prev_mask: np.ndarray) -> np.ndarray:
+        if threading.get_ident() != self._thread:
+            raise UserError("ort-web is a parity backend driven from the thread that opened it, not a serving "
+                            "one: serve with ort (browsers run the decoder themselves in browser mode)")
         state_url = None
         if state is not self._state_of:  # float32 on the wire: fp16 values convert back exactly
             self._blobs["/blob/state"] = _safetensors({k: np.asarray(v, np.float32) for k, v in state.items()})
