@@ -32,10 +32,8 @@ def launch(tiny_export):
     def launch(**options) -> Server:
         proc, url = start_serve(tiny_export, "--ray", "--replicas", "2", *cli_args(options), timeout=240)
         procs.append(proc)
-        # Serve routes an image's clicks to a replica that holds it once the router has heard
-        # of the upload; a click sent before that may go to the other replica, which replays.
-        return Server(url, tiny_export, api_key=options.get("api_key"), one_decode_per_extension=False,
-                      extra={"proc": proc})
+        # An image's requests all reach one replica (ImageAffinityRouter), which keeps its prefixes.
+        return Server(url, tiny_export, api_key=options.get("api_key"), extra={"proc": proc})
 
     yield launch
     for proc in procs:
