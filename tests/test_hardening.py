@@ -27,8 +27,10 @@ from ois_deploy.model import OIS, get_preset
 from ois_deploy.model.weights import FORMAT_TAG, load_model, save_checkpoint
 from ois_deploy.provenance import sha256_file
 
-# Capabilities that let root write anywhere: dropped, root obeys file permissions.
+# Capabilities that let root write anywhere: dropped, root obeys file permissions (util-linux's
+# setpriv). Other users obey them anyway.
 SETPRIV = ["setpriv", "--bounding-set=-dac_override,-dac_read_search,-fowner", "--inh-caps=-all", "--"]
+DROP_CAPS = SETPRIV if os.geteuid() == 0 else []
 
 
 def run(argv, capsys):
@@ -40,7 +42,7 @@ def run(argv, capsys):
 
 def cli(args, cwd=None, drop_caps=False, timeout=600):
     """The real entry point in a subprocess (for dropped capabilities and signals)."""
-    command = [*(SETPRIV if drop_caps else []), sys.executable, "-m", "ois_deploy", *map(str, args)]
+    command = [*(DROP_CAPS if drop_caps else []), sys.executable, "-m", "ois_deploy", *map(str, args)]
     return subprocess.run(command, capture_output=True, text=True, cwd=cwd, timeout=timeout)
 
 
@@ -89,7 +91,7 @@ def edit_manifest(folder: Path, change) -> None:
 
 
 def test_setpriv_drops_the_right_to_write_anywhere(readonly):
-    done = subprocess.run([*SETPRIV, "touch", str(readonly / "x")], capture_output=True)
+    done = subprocess.run([*DROP_CAPS, "touch", str(readonly / "x")], capture_output=True)
     assert done.returncode != 0 and not (readonly / "x").exists()
 
 
@@ -240,20 +242,25 @@ def assert_complete_export(folder: Path, hashes: dict | None = None):
     assert not [p for p in folder.parent.iterdir() if p.name.startswith(f".{folder.name}.")], "leftovers"
 
 
-@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
-def test_an_interrupted_export_leaves_the_old_folder(signum, export_copy):
+@pytest.mark.parametrize("signum,old_export", [(signal.SIGINT, True), (signal.SIGTERM, False)])
+def test_an_interrupted_export_leaves_the_old_folder_or_none(signum, old_export, export_copy):
+    """The signal comes while graphs are being written (one is already in the staging folder)."""
+    target = export_copy if old_export else export_copy.parent / "new"
     old = {name: sha256_file(export_copy / name) for name in read_manifest(export_copy)["graphs"]}
-    process = subprocess.Popen([sys.executable, "-m", "ois_deploy", "export", "--out", str(export_copy)],
+    before = listing(target.parent)
+    process = subprocess.Popen([sys.executable, "-m", "ois_deploy", "export", "--out", str(target)],
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        wait_for(lambda: staged_graph(export_copy.parent, export_copy.name) or process.poll() is not None)
+        wait_for(lambda: staged_graph(target.parent, target.name) or process.poll() is not None)
         assert process.poll() is None, process.stderr.read()
         process.send_signal(signum)
         _, err = process.communicate(timeout=120)
     finally:
         process.kill()
-    assert process.returncode != 0 and "Traceback" not in err
-    assert_complete_export(export_copy, old)
+    assert process.returncode != 0 and "Traceback" not in err, err
+    assert listing(target.parent) == before  # no staging folder, no lock file, no new target
+    if old_export:
+        assert_complete_export(export_copy, old)
 
 
 def test_export_replaces_an_old_folder_whole_and_refuses_a_second_export(export_copy, tmp_path):
@@ -339,6 +346,22 @@ def test_lint_checks_hashes_and_weights_against_the_manifest(export_copy, capsys
     code, out, err = run(["lint", str(export_copy)], capsys)
     one_error(code, err, "failed lint")
     assert out.count("ois.model_hash=") == 4  # every graph
+
+
+def test_lint_checks_the_preset_of_each_graph_against_the_manifest(export_copy, capsys):
+    import onnx
+
+    path = export_copy / "decoder.fp16.onnx"
+    graph = onnx.load(str(path))
+    for prop in graph.metadata_props:
+        if prop.key == "ois.preset":
+            prop.value = "ois-s-1024"
+    onnx.save(graph, str(path))
+    edit_manifest(export_copy, lambda m: m["graphs"]["decoder.fp16.onnx"].update(sha256=sha256_file(path)))
+    code, out, err = run(["lint", str(export_copy)], capsys)
+    one_error(code, err, "failed lint")
+    assert "decoder.fp16.onnx has ois.preset='ois-s-1024' but the manifest says 'ois-tiny'" in out
+    assert out.count(": ok") == 3
 
 
 def config_checkpoint(path: Path, change, state=None) -> Path:
