@@ -150,7 +150,7 @@ def replica_deployment(opts: RayOptions):
             self.store = store
             self.slots = asyncio.Semaphore(opts.calls_per_replica)
             self.affinity = {"affinity_hits": 0, "affinity_misses": 0}
-            self.actor_id = ray.get_runtime_context().get_actor_id()
+            self.name = ray.get_runtime_context().get_actor_name()
 
         async def add_image(self, data: bytes):
             return await self._reply(self._run(self.service.add_image, data))
@@ -189,14 +189,15 @@ def replica_deployment(opts: RayOptions):
                 if hit:
                     await self.service.delete(image_id)
                 raise self.service._not_found(image_id)
-            self.affinity["affinity_hits" if hit else "affinity_misses"] += 1
-            if not hit:
-                data = await self.store.get.remote(image_id)
-                if data is None:
-                    raise self.service._not_found(image_id)
-                await self._run(self.service.add_image, data)
-                result = await self._run(method, *args)
-            return result
+            if hit:
+                self.affinity["affinity_hits"] += 1
+                return result
+            data = await self.store.get.remote(image_id)
+            if data is None:  # never posted, or evicted from the store too
+                raise self.service._not_found(image_id)
+            self.affinity["affinity_misses"] += 1
+            await self._run(self.service.add_image, data)
+            return await self._run(method, *args)
 
         async def _reply(self, work) -> tuple:
             """(kind, value, stats): every reply carries this replica's counters, which the
@@ -206,12 +207,20 @@ def replica_deployment(opts: RayOptions):
             except ApiError as e:
                 reply = _error(e)
             stats = {**await self.service.stats(), **self.affinity}
-            return (*reply, (self.actor_id, stats))
+            return (*reply, (self.name, stats))
 
     return SegmentationReplica
 
 
 # -- the ingress -----------------------------------------------------------------------------
+def _alive(actor_name: str) -> bool:
+    try:
+        ray.get_actor(actor_name, namespace="serve")
+        return True
+    except ValueError:  # a dead actor's name is free
+        return False
+
+
 class ReplicaProxy:
     """The service's methods, answered by the replicas (app.py awaits only these)."""
 
@@ -252,7 +261,10 @@ class ReplicaProxy:
     def ready(self) -> bool:
         return self.info is not None
 
-    def stats(self) -> dict:
+    async def stats(self) -> dict:
+        for name, stats in self.stats_by_replica.items():  # a lost replica: its gauges go, its counters stay
+            if any(stats.get(key) for key in GAUGES) and not await asyncio.to_thread(_alive, name):
+                stats.update(dict.fromkeys(GAUGES & stats.keys(), 0))
         total: dict[str, float] = {}
         for stats in self.stats_by_replica.values():
             for key, value in stats.items():
@@ -265,10 +277,7 @@ class ReplicaProxy:
             try:
                 kind, value, (replica, stats) = await getattr(handle, method).remote(*args)
                 break
-            except RayActorError as e:  # the replica died: its gauges go, its counters stay
-                dead = self.stats_by_replica.get(e.actor_id or "", {})
-                for key in GAUGES & dead.keys():
-                    dead[key] = 0
+            except RayActorError:  # the replica died while answering: Serve routes the retry elsewhere
                 await asyncio.sleep(0.2 * 2 ** attempt)
         else:
             raise ApiError(503, "no replica answered (one was lost); retry the request")
