@@ -163,23 +163,24 @@ def check_outputs(*paths: str | None) -> None:
 
 # --- Folders written whole: staged beside the target, swapped in when complete, locked ---
 
-_HELD_LOCKS: set[str] = set()
+_HELD_LOCKS: set[tuple[str, int]] = set()  # (lock file, thread) held by this process
 
 
 @contextlib.contextmanager
 def folder_lock(target: Path):
     """An exclusive lock on `target` (flock on a sibling .NAME.lock), refused at once if another
-    process holds it; re-entrant within this process."""
+    process (or thread) holds it; re-entrant within one thread."""
     import fcntl
+    import threading
 
     target = Path(target)
     lock_path = target.parent / f".{target.name}.lock"
-    key = os.path.abspath(lock_path)
+    key = (os.path.abspath(lock_path), threading.get_ident())
     if key in _HELD_LOCKS:
         yield
         return
     while True:
-        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o666 & ~_umask())
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o666)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -200,12 +201,6 @@ def folder_lock(target: Path):
         _HELD_LOCKS.discard(key)
         Path(lock_path).unlink(missing_ok=True)  # while still locked, so no one else holds it
         os.close(fd)
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 @contextlib.contextmanager

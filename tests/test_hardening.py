@@ -8,6 +8,7 @@ import signal
 import struct
 import subprocess
 import sys
+import threading
 import time
 import zlib
 from pathlib import Path
@@ -297,8 +298,21 @@ def test_staged_folder_keeps_the_old_folder_on_an_error(tmp_path):
             (staging / "new.txt").write_text("new")
             raise KeyboardInterrupt
     assert listing(tmp_path) == ["out", "out/old.txt"]
+    refused = []
+
+    def second_writer():
+        try:
+            with staged_folder(target):
+                pass
+        except UserError as e:
+            refused.append(str(e))
+
     with staged_folder(target) as staging:
         (staging / "new.txt").write_text("new")
+        writer = threading.Thread(target=second_writer)  # a thread of this process is refused too
+        writer.start()
+        writer.join()
+    assert len(refused) == 1 and "another process is writing" in refused[0]
     assert listing(tmp_path) == ["out", "out/new.txt"]
 
 
