@@ -9,6 +9,7 @@ import signal
 import time
 from pathlib import Path
 
+import httpx
 import numpy as np
 import pytest
 
@@ -105,3 +106,28 @@ def test_replica_killed_mid_session(server, reference):
 def test_ray_bad_options(tiny_export):
     assert_one_line_error(run_cli(str(tiny_export), "--ray", "--backend", "nope"), "unknown backend")
     assert_one_line_error(run_cli(str(tiny_export), "--ray", "--replicas", "64"), "64 CPUs")
+
+
+def test_on_a_running_cluster(tiny_export):
+    """--ray-address: the command deploys on a Ray instance it did not start (here this test's),
+    and on SIGTERM removes its application and leaves the instance running."""
+    import ray
+    from ray import serve
+
+    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="WARNING")
+    try:
+        address = ray.get_runtime_context().gcs_address
+        proc, url = start_serve(tiny_export, "--ray", "--ray-address", address, "--replicas", "2", timeout=240)
+        try:
+            with httpx.Client(base_url=url, timeout=60) as client:
+                data, _ = scene(14)
+                image_id = upload(client, data)["image_id"]
+                r = client.post(f"/v1/images/{image_id}/masks", json={"clicks": [{"x": 50, "y": 40}]})
+                assert r.status_code == 200, r.text
+        finally:
+            assert stop(proc) == 0
+        assert "ois-deploy" not in serve.status().applications
+        assert ray.is_initialized() and ray.cluster_resources().get("CPU") == 2
+    finally:
+        serve.shutdown()
+        ray.shutdown()
