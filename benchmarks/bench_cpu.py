@@ -1,4 +1,4 @@
-"""CPU latency, side by side in one run: PyTorch eager and ONNX Runtime, FP32 and FP16.
+"""CPU latency, side by side in one run: PyTorch eager and ONNX Runtime, FP32, FP16 and INT8.
 
     python benchmarks/bench_cpu.py [--presets ois-tiny ois-s-1024] [--repeats 5]
 
@@ -21,7 +21,10 @@ import numpy as np
 
 from ois_deploy.runtime.ort_backend import OrtRunner
 from ois_deploy.errors import run_script
-from ois_deploy.export.onnx import ExportRequest, export_model, read_manifest, state_dict_hash
+from ois_deploy.contract import read_manifest, write_manifest
+from ois_deploy.export.onnx import ExportRequest, export_model
+from ois_deploy.model.weights import state_dict_hash
+from ois_deploy.export.quantize import quantize_export
 from ois_deploy.model.precision import to_fp16
 from ois_deploy.runtime.torch_backend import TorchRunner
 from ois_deploy.provenance import machine_info, now_utc, tool_versions
@@ -44,17 +47,29 @@ def median_ms(fn, repeats: int) -> float:
     return statistics.median(times)
 
 
-def ensure_export(preset: str, model, report) -> Path:
-    """Reuse the cached graphs only if they hold this very model: after a retrain or a preset
-    change, stale graphs would time another architecture."""
+# Calibration scenes for the INT8 graphs timed here (latency does not depend on them; the
+# exported default is quantize.CALIBRATION_SCENES): fewer at 1024 px, where calibrating is slow.
+BENCH_CALIBRATION_SCENES = 2
+
+
+def ensure_export(preset: str, model, report, precisions=("fp32", "fp16", "int8")) -> Path:
+    """Reuse the cached graphs only if they hold this very model and these precisions: after a
+    retrain or a preset change, stale graphs would time another architecture."""
     out = EXPORTS / preset
     try:
-        current = read_manifest(out)["model_hash"] == state_dict_hash(model)
+        manifest = read_manifest(out)
+        current = manifest["model_hash"] == state_dict_hash(model) and set(precisions) <= set(manifest["precisions"])
     except Exception:
         current = False
     if not current:
         print(f"exporting {preset} to {out} ...", flush=True)
-        export_model(model, weights_provenance(report), ExportRequest(out))
+        floats = tuple(p for p in precisions if p != "int8")
+        manifest = export_model(model, weights_provenance(report), ExportRequest(out, floats))
+        if "int8" in precisions:
+            print(f"quantizing {preset} ...", flush=True)
+            manifest["int8"] = quantize_export(model, out, manifest["graphs"], scenes=BENCH_CALIBRATION_SCENES)
+            manifest["precisions"].append("int8")
+            write_manifest(out, manifest)
     return out
 
 
@@ -79,6 +94,7 @@ def bench(preset: str, repeats: int) -> list[dict]:
         ("torch", "fp16"): TorchRunner(to_fp16(model)) if size <= TORCH_FP16_MAX_INPUT else None,
         ("ort", "fp32"): OrtRunner(folder, "fp32", providers="cpu"),
         ("ort", "fp16"): OrtRunner(folder, "fp16", providers="cpu"),
+        ("ort", "int8"): OrtRunner(folder, "int8", providers="cpu"),
     }
     rows, skipped = [], []
     for (backend, precision), runner in runners.items():
@@ -105,7 +121,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     result = {
-        "benchmark": "CPU latency, PyTorch eager vs ONNX Runtime (CPU EP), median ms",
+        "benchmark": "CPU latency, PyTorch eager vs ONNX Runtime (CPU EP) FP32/FP16/INT8, median ms",
         "date": now_utc(),
         "machine": machine_info(),
         "versions": tool_versions(),

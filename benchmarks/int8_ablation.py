@@ -29,10 +29,11 @@ SETTINGS = [  # (name, op types quantized (None: all ONNX Runtime can), groups k
     ("compute ops, nothing kept", q.OP_TYPES, ()),
     ("compute ops, attention kept", q.OP_TYPES, ("attention",)),
     ("compute ops, attention + prompt encoder", q.OP_TYPES, ("attention", "prompt_encoder")),
-    ("compute ops, attention + prompt encoder + logits conv + depth head", q.OP_TYPES,
-     ("attention", "prompt_encoder", "logits_conv", "depth_head")),
+    ("compute ops, attention + prompt encoder + token convs", q.OP_TYPES, ("attention", "prompt_encoder", "token_convs")),
     ("compute ops, all groups kept (default)", q.OP_TYPES, q.KEEP_FP32),
     ("all ops, all groups kept", None, q.KEEP_FP32),
+    ("MatMul only, all groups kept", ("MatMul", "Gemm"), q.KEEP_FP32),
+    ("Conv only, all groups kept", ("Conv", "ConvTranspose"), q.KEEP_FP32),
 ]
 
 

@@ -76,7 +76,7 @@ def test_fp32_groups_follow_the_graph(int8_export):
 
 
 def test_verify_int8_on_trained_weights(int8_export):
-    """Measured (docs/design.md §4.2): on the trained ois-tiny the INT8 graphs stay within the
+    """Measured (docs/design.md §4.1): on the trained ois-tiny the INT8 graphs stay within the
     int8 relative-L2 tolerance with no non-finite value, but their mask IoU mean (0.958 decoder,
     0.968 sessions) is under the 0.98 gate, so verify reports INT8 as failing, naming the IoU."""
     result = verify(int8_export, precisions=("int8",))

@@ -1,5 +1,5 @@
 """INT8 graphs: ONNX Runtime static quantization (QDQ, per-channel weights) of the FP32 graphs
-(docs/design.md §4.2), calibrated on real inputs.
+(docs/design.md §4.1), calibrated on real inputs.
 
 Calibration data: the bundled images and generated scenes of a stream of their own (neither the
 training stream nor the held-out one). The encoder reads them as images; the decoder reads the
@@ -9,7 +9,7 @@ model fed back, as in the interactive protocol. Random clicks on the bundled ima
 ground truth) complete the set.
 
 What stays FP32 is a set of named node groups (`fp32_groups`), found from the graph's topology;
-the default set (`KEEP_FP32`) was chosen by measurement (docs/design.md §4.2,
+the default set (`KEEP_FP32`) was chosen by measurement (docs/design.md §4.1,
 benchmarks/int8_ablation.py).
 """
 
@@ -186,7 +186,9 @@ def calibration_feeds(model, scenes: int = CALIBRATION_SCENES, clicks: int = CLI
 
 
 class _Reader:
-    """ONNX Runtime's CalibrationDataReader over a list of feeds."""
+    """ONNX Runtime's CalibrationDataReader over a list of feeds, read one feed per collection
+    (set_range): the histogram calibrators keep every intermediate tensor of what they are given
+    at once, over 20 GB for a 1024 px encoder and a handful of images."""
 
     def __init__(self, feeds: list[dict]):
         from onnxruntime.quantization import CalibrationDataReader
@@ -194,6 +196,12 @@ class _Reader:
         class Reader(CalibrationDataReader):
             def __init__(self):
                 self.items = iter(feeds)
+
+            def __len__(self):
+                return len(feeds)
+
+            def set_range(self, start_index: int, end_index: int):
+                self.items = iter(feeds[start_index:end_index])
 
             def get_next(self):
                 return next(self.items, None)
@@ -231,7 +239,7 @@ def quantize_graph(src: Path, dst: Path, feeds: list[dict], keep_fp32=KEEP_FP32,
                 op_types_to_quantize=list(op_types) if op_types else None,
                 nodes_to_exclude=excluded,
                 calibrate_method=CalibrationMethod.Entropy,  # measured: better than MinMax and Percentile
-                extra_options={"CalibMaxIntermediateOutputs": 4},
+                extra_options={"CalibStridedMinMax": 1},  # one feed per collection (any calibrator)
             )
             quantized = onnx.load(str(out))
             for prop in quantized.metadata_props:  # the FP32 graph's facts, as an int8 graph
