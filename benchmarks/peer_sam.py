@@ -1,6 +1,6 @@
 """The per-click decoder on a CPU, side by side with SAM ViT-B's, in one process and one run.
 
-    pip install segment-anything      # the model and its ONNX wrapper; no torchvision needed
+    pip install "ois-deploy[peer]"    # segment-anything: the model and its ONNX wrapper; no torchvision
     python benchmarks/peer_sam.py [--presets ois-tiny ois-s-1024 ois-b-1024] [--rounds 7]
 
 SAM ViT-B (random weights: latency does not depend on them) is built from the segment-anything
