@@ -30,7 +30,6 @@ from dataclasses import dataclass, replace
 import ray
 from ray import serve
 from ray.exceptions import RayActorError
-
 from ray.serve.config import RequestRouterConfig
 from ray.serve.request_router import FIFOMixin, RequestRouter
 
@@ -277,7 +276,7 @@ class ReplicaProxy:
             try:
                 kind, value, (replica, stats) = await getattr(handle, method).remote(*args)
                 break
-            except RayActorError:  # the replica died while answering: Serve routes the retry elsewhere
+            except RayActorError:  # it died answering; once Serve drops it, the retry reaches another
                 await asyncio.sleep(0.2 * 2 ** attempt)
         else:
             raise ApiError(503, "no replica answered (one was lost); retry the request")
