@@ -89,7 +89,8 @@ def main() -> None:
         row = {"setting": name, "op_types": list(op_types) if op_types else "all", "fp32_groups": list(keep)}
         for role, cal, test, output in (("decoder", dec_cal, dec_test, "mask_logits"), ("encoder", enc_cal, enc_test, None)):
             dst = folder / f"ablation.{role}.int8.onnx"
-            row[f"{role}_fp32_nodes"] = len(q.quantize_graph(folder / f"{role}.onnx", dst, cal, keep, op_types))
+            row[f"{role}_fp32_nodes"] = len(q.quantize_graph(folder / f"{role}.onnx", dst, cal, keep, op_types,
+                                                              method=q.CALIBRATION[role]))
             row[role] = compare(folder / f"{role}.onnx", dst, test, output)
         print(json.dumps(row), flush=True)
         rows.append(row)
