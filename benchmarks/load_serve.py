@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import importlib.metadata
 import os
 import queue
 import re
@@ -480,11 +479,6 @@ def main() -> None:
         summary["http_clicks_per_s_4_vs_1"] = round(four["clicks_per_s"] / one["clicks_per_s"], 2)
     summary["errors"] = sum(r["errors"] for r in runs)
     versions = tool_versions()
-    for name in ("fastapi", "uvicorn", "httpx", "prometheus-client"):
-        try:
-            versions[name] = importlib.metadata.version(name)
-        except importlib.metadata.PackageNotFoundError:
-            pass
     result = {"date": now_utc(), "machine": machine_info(), "versions": versions,
               "load_average": {"before": [round(v, 2) for v in load_before],
                                "after": [round(v, 2) for v in os.getloadavg()]},

@@ -15,7 +15,6 @@ mask is identical to the 1-replica run's.
 from __future__ import annotations
 
 import argparse
-import importlib.metadata
 import os
 import sys
 import time
@@ -86,11 +85,6 @@ def main() -> None:
             summary[f"clicks_per_s_{replica_counts[-1]}_vs_{replica_counts[0]}_replicas_{c}_clients"] = round(
                 last["clicks_per_s"] / first["clicks_per_s"], 2)
     versions = tool_versions()
-    for name in ("ray", "fastapi", "uvicorn", "httpx"):
-        try:
-            versions[name] = importlib.metadata.version(name)
-        except importlib.metadata.PackageNotFoundError:
-            pass
     result = {"what": "serve --ray, 1 vs 2 replicas (one ONNX Runtime thread, one CPU each), the same sessions",
               "command": " ".join(["python", "benchmarks/load_serve_ray.py", *sys.argv[1:]]),
               "date": now_utc(), "machine": {**machine_info(), "cpu_flags": cpu_flags()}, "versions": versions,

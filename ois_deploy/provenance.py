@@ -9,7 +9,8 @@ import os
 import platform
 from pathlib import Path
 
-TOOLS = ("ois-deploy", "torch", "numpy", "onnx", "onnxruntime", "onnxruntime-gpu", "onnxscript", "onnxslim", "polygraphy", "tensorrt")
+TOOLS = ("ois-deploy", "torch", "numpy", "onnx", "onnxruntime", "onnxruntime-gpu", "onnxscript", "onnxslim", "polygraphy", "tensorrt",
+         "fastapi", "uvicorn", "httpx", "prometheus-client", "ray")
 
 
 def tool_versions() -> dict[str, str]:

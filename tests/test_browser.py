@@ -86,13 +86,19 @@ SESSION_JS = """async ([clicks, precision]) => {
 }"""
 
 
-def test_page_segments_in_both_modes(server, chromium, tiny_export):
-    url, precision = server
+def open_page(chromium, url):
+    """The page at `/`, and the list its console errors and uncaught exceptions go into."""
     page = chromium.new_page()
     errors = []
     page.on("console", lambda m: m.type == "error" and errors.append(m.text))
     page.on("pageerror", lambda e: errors.append(str(e)))
     page.goto(url + "/")
+    return page, errors
+
+
+def test_page_segments_in_both_modes(server, chromium, tiny_export):
+    url, precision = server
+    page, errors = open_page(chromium, url)
     page.wait_for_function("window.ois !== undefined")
     out = page.evaluate(SESSION_JS, [CLICKS, precision])
     assert errors == []
@@ -132,11 +138,7 @@ def test_verify_ort_web(tiny_export, tmp_path):
 def test_page_ui(server, chromium):
     """The page as a person uses it: demo image, left click, shift-click and right click, undo, reset."""
     url, _ = server
-    page = chromium.new_page()
-    errors = []
-    page.on("console", lambda m: m.type == "error" and errors.append(m.text))
-    page.on("pageerror", lambda e: errors.append(str(e)))
-    page.goto(url + "/")
+    page, errors = open_page(chromium, url)
     page.click("#demo")
     page.wait_for_function("document.getElementById('s-image').textContent === '480x360'")
     box = page.locator("#canvas").bounding_box()
