@@ -24,7 +24,7 @@ from ois_deploy.errors import run_script
 from ois_deploy.contract import read_manifest, write_manifest
 from ois_deploy.export.onnx import ExportRequest, export_model
 from ois_deploy.model.weights import state_dict_hash
-from ois_deploy.export.quantize import CALIBRATION, calibration_feeds, quantize_export, quantize_graph
+from ois_deploy.export.quantize import quantize_export
 from ois_deploy.model.precision import to_fp16
 from ois_deploy.runtime.torch_backend import TorchRunner
 from ois_deploy.provenance import machine_info, now_utc, tool_versions
@@ -50,10 +50,6 @@ def median_ms(fn, repeats: int) -> float:
 # Calibration scenes for the INT8 graphs timed here (latency does not depend on them; the
 # exported default is quantize.CALIBRATION_SCENES): fewer at 1024 px, where calibrating is slow.
 BENCH_CALIBRATION_SCENES = 2
-# Calibrating a 1024 px encoder ran this 24 GB machine out of memory (ONNX Runtime's calibrator
-# with the ViT's attention maps): above this input size only the decoder is quantized here, and
-# timed as decoder.int8.onnx on the FP32 encoder's state.
-INT8_ENCODER_MAX_INPUT = 512
 
 
 def ensure_export(preset: str, model, report, precisions=("fp32", "fp16", "int8")) -> Path:
@@ -69,13 +65,8 @@ def ensure_export(preset: str, model, report, precisions=("fp32", "fp16", "int8"
     if not (same_model and set(floats) <= set(manifest["precisions"])):
         print(f"exporting {preset} to {out} ...", flush=True)
         manifest = export_model(model, weights_provenance(report), ExportRequest(out, floats))
-    large = model.cfg.input_size > INT8_ENCODER_MAX_INPUT
-    if "int8" in precisions and "int8" not in manifest["precisions"] and not (large and (out / "decoder.int8.onnx").is_file()):
+    if "int8" in precisions and "int8" not in manifest["precisions"]:
         print(f"quantizing {preset} ...", flush=True)
-        if large:  # the decoder alone: see INT8_ENCODER_MAX_INPUT
-            _, feeds, _ = calibration_feeds(model, BENCH_CALIBRATION_SCENES)
-            quantize_graph(out / "decoder.onnx", out / "decoder.int8.onnx", feeds, method=CALIBRATION["decoder"])
-            return out
         manifest["int8"] = quantize_export(model, out, manifest["graphs"], scenes=BENCH_CALIBRATION_SCENES)
         manifest["precisions"].append("int8")
         write_manifest(out, manifest)
@@ -103,13 +94,13 @@ def bench(preset: str, repeats: int) -> list[dict]:
         ("torch", "fp16"): TorchRunner(to_fp16(model)) if size <= TORCH_FP16_MAX_INPUT else None,
         ("ort", "fp32"): OrtRunner(folder, "fp32", providers="cpu"),
         ("ort", "fp16"): OrtRunner(folder, "fp16", providers="cpu"),
-        ("ort", "int8"): OrtRunner(folder, "int8", providers="cpu") if size <= INT8_ENCODER_MAX_INPUT else None,
+        ("ort", "int8"): OrtRunner(folder, "int8", providers="cpu"),
     }
     rows, skipped = [], []
     for (backend, precision), runner in runners.items():
         if runner is None:
-            why = "float16 is emulated by PyTorch on this CPU" if precision == "fp16" else "int8 encoder not calibrated at 1024 px (memory)"
-            skipped.append({"preset": preset, "backend": backend, "precision": precision, "skipped": why})
+            skipped.append({"preset": preset, "backend": backend, "precision": precision,
+                            "skipped": "float16 is emulated by PyTorch on this CPU"})
             continue
         print(f"{preset} {backend} {precision} ...", flush=True)
         row = {"preset": preset, "backend": backend, "precision": precision,

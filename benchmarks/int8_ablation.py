@@ -1,76 +1,94 @@
-"""Which node groups stay FP32 in the INT8 graphs: quantize with each setting, compare with FP32.
+"""Which decoder nodes stay FP32 in the INT8 graphs, and how to calibrate: each setting, measured.
 
     python benchmarks/int8_ablation.py [--preset ois-tiny] [--scenes 4]
 
-Each setting quantizes the FP32 graphs of artifacts/int8/<preset> (exported first if missing)
-with the same calibration data as `export --precision int8`, and compares, on click sessions of
-held-out scenes (the evaluation's simulated user; not the calibration scenes), the INT8
-decoder's mask logits (relative L2, IoU of masks at logit 0) and the INT8 encoder's outputs with
-the FP32 graphs'. Writes benchmarks/results/int8_ablation_<preset>.json.
+Each setting quantizes the FP32 decoder graph of artifacts/int8/<preset> (exported first if
+missing) with the calibration data of `export --precision int8` (or a variant of it, named in
+the setting) and measures the INT8 decoder against FP32 twice:
+- held-out: mask logits on click sessions of held-out scenes (the evaluation's simulated user,
+  not the calibration scenes): relative L2, IoU of masks at logit 0;
+- verify: the rows `ois-deploy verify --precision int8` gates (decoder on random images and
+  clicks; click sessions on the bundled images), from verify itself on a copy of the export.
+Writes benchmarks/results/int8_ablation_<preset>.json.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import shutil
+import tempfile
 from pathlib import Path
 
 import numpy as np
 
+from ois_deploy.contract import graph_file, read_manifest, write_manifest
 from ois_deploy.errors import run_script
 from ois_deploy.export import quantize as q
 from ois_deploy.export.onnx import ExportRequest, export_model
 from ois_deploy.model.weights import load_model, weights_provenance
-from ois_deploy.provenance import machine_info, now_utc, tool_versions
+from ois_deploy.provenance import machine_info, now_utc, sha256_file, tool_versions
+from ois_deploy.verify import verify
 
 RESULTS = Path(__file__).parent / "results"
-SETTINGS = [  # (name, op types quantized (None: all ONNX Runtime can), groups kept FP32)
-    ("all ops, nothing kept", None, ()),
-    ("compute ops, nothing kept", q.OP_TYPES, ()),
-    ("compute ops, attention kept", q.OP_TYPES, ("attention",)),
-    ("compute ops, attention + prompt encoder", q.OP_TYPES, ("attention", "prompt_encoder")),
-    ("compute ops, attention + prompt encoder + token convs", q.OP_TYPES, ("attention", "prompt_encoder", "token_convs")),
-    ("compute ops, all groups kept (default)", q.OP_TYPES, q.KEEP_FP32),
-    ("all ops, all groups kept", None, q.KEEP_FP32),
-    ("MatMul only, all groups kept", ("MatMul", "Gemm"), q.KEEP_FP32),
-    ("Conv only, all groups kept", ("Conv", "ConvTranspose"), q.KEEP_FP32),
+BEFORE = ("attention", "prompt_encoder", "token_convs", "layernorm", "order_maps", "logits_conv", "depth_head")
+SETTINGS = [  # (name, op types quantized (None: all ONNX Runtime can), groups kept FP32, method, clicks per object)
+    ("all ops, nothing kept", None, (), "MinMax", q.CLICKS_PER_OBJECT),
+    ("compute ops, nothing kept", q.OP_TYPES, (), "MinMax", q.CLICKS_PER_OBJECT),
+    ("compute ops, groups before fusion_out_convs", q.OP_TYPES, BEFORE, "MinMax", q.CLICKS_PER_OBJECT),
+    ("compute ops, + fusion_out_convs", q.OP_TYPES, BEFORE + ("fusion_out_convs",), "MinMax", q.CLICKS_PER_OBJECT),
+    ("compute ops, all groups (default)", q.OP_TYPES, q.KEEP_FP32, "MinMax", q.CLICKS_PER_OBJECT),
+    ("default, 6 clicks per object", q.OP_TYPES, q.KEEP_FP32, "MinMax", 6),
+    ("default, Entropy calibration", q.OP_TYPES, q.KEEP_FP32, "Entropy", q.CLICKS_PER_OBJECT),
+    ("default, Percentile calibration (99.999)", q.OP_TYPES, q.KEEP_FP32, "Percentile", q.CLICKS_PER_OBJECT),
+    ("MatMul only, all groups", ("MatMul", "Gemm"), q.KEEP_FP32, "MinMax", q.CLICKS_PER_OBJECT),
+    ("Conv only, + fusion_out_convs", ("Conv", "ConvTranspose"), BEFORE + ("fusion_out_convs",), "MinMax",
+     q.CLICKS_PER_OBJECT),
 ]
 
 
-def heldout_feeds(model, scenes: int):
-    """Decoder feeds of clicker sessions on held-out scenes, and their encoder feeds."""
+def heldout_feeds(model, scenes: int) -> list[dict]:
+    """Decoder feeds of clicker sessions on held-out scenes."""
     from ois_deploy.train.scenes import heldout_scene
 
     original = q.calibration_images
     q.calibration_images = lambda n: [(f"heldout{i}", s.image, [m for m in s.masks if m.mean() >= 0.01])
                                       for i, s in ((i, heldout_scene(0, i)) for i in range(n))]
     try:
-        enc, dec, _ = q.calibration_feeds(model, scenes, clicks=5)
+        return q.calibration_feeds(model, scenes, clicks=5)[1]
     finally:
         q.calibration_images = original
-    return enc, dec
 
 
-def compare(src: Path, dst: Path, feeds: list[dict], output: str | None) -> dict:
+def compare(src: Path, dst: Path, feeds: list[dict]) -> dict:
     import onnxruntime as ort
 
     ref, got = (ort.InferenceSession(str(p), providers=["CPUExecutionProvider"]) for p in (src, dst))
     err = nrm = 0.0
-    ious = []
+    ious, nonfinite = [], 0
     for feed in feeds:
-        a = ref.run(None, feed)
-        b = got.run(None, feed)
-        for x, y in zip(a, b):
-            err += float(((x.astype(np.float64) - y) ** 2).sum())
-            nrm += float((x.astype(np.float64) ** 2).sum())
-        if output == "mask_logits":
-            r, g = a[0] > 0, b[0] > 0
-            union = (r | g).sum()
-            ious.append(1.0 if union == 0 else float((r & g).sum() / union))
-    row = {"rel_l2": float(np.sqrt(err / nrm)), "nonfinite": int(sum((~np.isfinite(y)).sum() for y in b))}
-    if ious:
-        row.update(mask_iou_mean=float(np.mean(ious)), mask_iou_min=float(np.min(ious)))
-    return row
+        a, b = ref.run(None, feed)[0], got.run(None, feed)[0]
+        err += float(((a.astype(np.float64) - b) ** 2).sum())
+        nrm += float((a.astype(np.float64) ** 2).sum())
+        nonfinite += int((~np.isfinite(b)).sum())
+        union = ((a > 0) | (b > 0)).sum()
+        ious.append(1.0 if union == 0 else float(((a > 0) & (b > 0)).sum() / union))
+    return {"rel_l2": float(np.sqrt(err / nrm)), "nonfinite": nonfinite, "mask_iou_mean": float(np.mean(ious)),
+            "mask_iou_min": float(np.min(ious))}
+
+
+def verify_rows(folder: Path, decoder: Path, workdir: Path) -> dict:
+    """verify's decoder and session rows for this INT8 decoder (the FP32 encoder's int8 twin unchanged)."""
+    copy = workdir / "export"
+    shutil.rmtree(copy, ignore_errors=True)
+    shutil.copytree(folder, copy)
+    shutil.copy(decoder, copy / graph_file("decoder", "int8"))
+    manifest = read_manifest(copy)
+    manifest["graphs"][graph_file("decoder", "int8")]["sha256"] = sha256_file(copy / graph_file("decoder", "int8"))
+    write_manifest(copy, manifest)
+    rows = verify(copy, precisions=("int8",))["results"]
+    keep = ("rel_l2", "mask_iou_mean", "mask_iou_min")
+    return {r["output"]: {k: r[k] for k in keep} for r in rows if r["output"].endswith("mask_logits")}
 
 
 def main() -> None:
@@ -80,26 +98,33 @@ def main() -> None:
     args = parser.parse_args()
     model, report = load_model(args.preset)
     folder = Path("artifacts/int8") / args.preset
-    if not (folder / "decoder.onnx").is_file():
-        export_model(model, weights_provenance(report), ExportRequest(folder, ("fp32",)))
-    enc_cal, dec_cal, calibration = q.calibration_feeds(model)
-    enc_test, dec_test = heldout_feeds(model, args.scenes)
+    if not (folder / graph_file("decoder", "int8")).is_file():  # verify needs the int8 pair
+        shutil.rmtree(folder, ignore_errors=True)
+        export_model(model, weights_provenance(report), ExportRequest(folder, ("fp32", "int8")))
+    test = heldout_feeds(model, args.scenes)
+    feeds = {}  # clicks per object -> (decoder feeds, description)
     rows = []
-    for name, op_types, keep in SETTINGS:
-        row = {"setting": name, "op_types": list(op_types) if op_types else "all", "fp32_groups": list(keep)}
-        for role, cal, test, output in (("decoder", dec_cal, dec_test, "mask_logits"), ("encoder", enc_cal, enc_test, None)):
-            dst = folder / f"ablation.{role}.int8.onnx"
-            row[f"{role}_fp32_nodes"] = len(q.quantize_graph(folder / f"{role}.onnx", dst, cal, keep, op_types,
-                                                              method=q.CALIBRATION[role]))
-            row[role] = compare(folder / f"{role}.onnx", dst, test, output)
-        print(json.dumps(row), flush=True)
-        rows.append(row)
+    with tempfile.TemporaryDirectory() as tmp:
+        dst = Path(tmp) / "decoder.int8.onnx"
+        for name, op_types, keep, method, clicks in SETTINGS:
+            if clicks not in feeds:
+                _, dec, description = q.calibration_feeds(model, clicks=clicks)
+                feeds[clicks] = dec, description
+            kept = q.quantize_graph(folder / "decoder.onnx", dst, feeds[clicks][0], keep, op_types, method=method)
+            row = {"setting": name, "op_types": list(op_types) if op_types else "all", "fp32_groups": list(keep),
+                   "calibration": method, "clicks_per_object": clicks, "decoder_fp32_nodes": len(kept),
+                   "heldout": compare(folder / "decoder.onnx", dst, test), "verify": verify_rows(folder, dst, Path(tmp))}
+            print(json.dumps(row), flush=True)
+            rows.append(row)
     out = RESULTS / f"int8_ablation_{args.preset}.json"
-    out.write_text(json.dumps({"benchmark": "INT8 node groups kept FP32: INT8 vs FP32 ONNX graphs on held-out sessions",
-                               "preset": args.preset, "weights": "bundled" if report.bundled else report.format,
-                               "calibration": calibration, "test": f"{len(dec_test)} decoder calls on {args.scenes} held-out scenes",
-                               "results": rows, "machine": machine_info(), "versions": tool_versions(),
-                               "date": now_utc()}, indent=2) + "\n")
+    out.write_text(json.dumps({
+        "benchmark": "INT8 decoder settings (FP32 node groups, calibration) against the FP32 graph",
+        "preset": args.preset, "weights": "bundled" if report.bundled else report.format,
+        "calibration_data": feeds[q.CLICKS_PER_OBJECT][1],
+        "heldout": f"{len(test)} decoder calls on {args.scenes} held-out scenes",
+        "verify": "ois_deploy.verify.verify(..., precisions=('int8',)) rows decoder/ and session/mask_logits",
+        "gate": {"mask_iou_mean": 0.98},
+        "results": rows, "machine": machine_info(), "versions": tool_versions(), "date": now_utc()}, indent=2) + "\n")
     print(f"written {out}")
 
 

@@ -7,9 +7,8 @@ SAM ViT-B (random weights: latency does not depend on them) is built from the se
 package's modeling code; its decoder is exported with the package's own ONNX wrapper
 (SamOnnxModel: prompt encoder, mask decoder, mask upscaled to 1024x1024 and cropped to the image
 in the graph), its image encoder as a plain ONNX graph. Our decoder and encoder graphs, FP32 and
-INT8, come from artifacts/bench/<preset> (bench_cpu.ensure_export: exported once, reused; the
-1024 px presets get an INT8 decoder only, see bench_cpu.INT8_ENCODER_MAX_INPUT). Decoders run as
-bare sessions on the FP32 encoder's state. Every
+INT8, come from artifacts/bench/<preset> (bench_cpu.ensure_export: exported once, reused).
+Decoders run as bare sessions on the FP32 encoder's state. Every
 graph runs in ONNX Runtime's CPU provider with the same session options (intra-op threads =
 --threads), one call per graph per round, rounds interleaved so that load from elsewhere on the
 machine spreads over all of them; the median is reported.
@@ -146,10 +145,9 @@ def ois_calls(preset: str, precisions, threads: int, rng) -> dict:
     fp32 = OrtRunner(folder, "fp32", providers="cpu", threads=threads)
     feed = {**fp32.encode(image), "point_coords": coords, "point_labels": labels, "prev_mask": prev}
     for precision in precisions:
-        if (folder / f"encoder.{precision}.onnx").is_file() or precision == "fp32":
-            runner = OrtRunner(folder, precision, providers="cpu", threads=threads)
-            calls[(preset, precision, "encoder")] = lambda r=runner: r.encode(image)
-        # the decoder graph itself, on the FP32 encoder's state (1024 px presets have no int8 encoder)
+        runner = OrtRunner(folder, precision, providers="cpu", threads=threads)
+        calls[(preset, precision, "encoder")] = lambda r=runner: r.encode(image)
+        # the decoder graph itself, on the FP32 encoder's state: the same input for every precision
         decoder = session(folder / ("decoder.onnx" if precision == "fp32" else f"decoder.{precision}.onnx"), threads)
         calls[(preset, precision, "decoder")] = lambda d=decoder: d.run(None, feed)
     return calls

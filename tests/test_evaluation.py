@@ -168,6 +168,8 @@ def test_eval_task_parity_ort_against_torch(tiny_export, tmp_path, capsys):
     assert compare["precision"] == "fp32"  # the reference, whatever the backend under test runs
     assert compare["identical_click_sequences"] == compare["objects"] == 2
     assert compare["max_iou_difference"] < 1e-3
+    assert set(compare["NoC@90"]) == {"ort fp32", "torch fp32"}
+    assert compare["summary"]["mIoU@k"] == pytest.approx(json.loads(out)["summary"]["mIoU@k"], abs=1e-3)
 
 
 def test_bench_writes_the_documented_fields(tmp_path, capsys):

@@ -81,10 +81,13 @@ def evaluate(
 
     if compare_backend:
         other = Predictor.open(model, compare_backend, compare_precision, checkpoint, device, order_attention=order_attention)
-        parity = task_parity(results, run_eval(other, samples, max_clicks, err, compare_backend, max_image_pixels), max_clicks)
+        reference = run_eval(other, samples, max_clicks, err, compare_backend, max_image_pixels)
+        parity = task_parity(results, reference, max_clicks)
         noc_here, noc_there = parity.pop("NoC@90")
+        # labelled by backend and precision: `--backend ort --precision int8 --compare-backend ort` is one backend
+        here, there = f"{backend_name} {precision}", f"{compare_backend} {compare_precision}"
         report["compare"] = {"backend": compare_backend, "precision": compare_precision, **parity,
-                             "NoC@90": {backend_name: noc_here, compare_backend: noc_there}}
+                             "NoC@90": {here: noc_here, there: noc_there}, "summary": summarise(reference, max_clicks)}
 
     out = console_for(json)
     m = summary["mIoU@k"]
@@ -95,8 +98,10 @@ def evaluate(
                     ["NoC@85", "NoC@90", "NoC@95", "NoF@85", "NoF@90", "NoF@95", "mIoU@1", "mIoU@5", "SPC ms"], [row], left=0))
     if "compare" in report:
         c = report["compare"]
+        ref = c["summary"]["mIoU@k"]
         out.print(f"task parity vs {c['backend']} {c['precision']}: {c['identical_click_sequences']}/{c['objects']} identical click "
-                  f"sequences, max per-click IoU difference {c['max_iou_difference']:.4f}, NoC@90 {c['NoC@90']}")
+                  f"sequences, max per-click IoU difference {c['max_iou_difference']:.4f}, NoC@90 {c['NoC@90']}, "
+                  f"mIoU@5 {m[min(4, len(m) - 1)]:.4f} vs {ref[min(4, len(ref) - 1)]:.4f}")
     if save_clicks:
         atomic_write_bytes(save_clicks, "".join(jsonlib.dumps(r.to_json()) + "\n" for r in results).encode())
     if plot:

@@ -27,17 +27,17 @@ from ..errors import UserError
 
 CALIBRATION_STREAM = 3  # make_scene seeds [3, i]: training uses stream 1, held-out scenes 2
 CALIBRATION_SCENES = 8
-CLICKS_PER_OBJECT = 3
-# Entropy (KL) calibration measured better than MinMax and Percentile on the decoder. The encoder
-# keeps MinMax: the histogram calibrators take every calibrated tensor whole, and a 1024 px ViT's
-# attention maps alone are over 16 GB per image (MinMax reduces them inside the graph).
-CALIBRATION = {"encoder": "MinMax", "decoder": "Entropy"}
+CLICKS_PER_OBJECT = 3  # 6 measured no better with the FP32 groups below (int8_ablation.py)
+# MinMax: on the decoder as good as Percentile and better than Entropy (docs/design.md §4.1); the
+# histogram calibrators (those two) also hold whole tensors, too many for a 1024 px encoder.
+CALIBRATION = {"encoder": "MinMax", "decoder": "MinMax"}
 ASSETS = Path(__file__).resolve().parents[1] / "assets"
 # Quantized: the ops that carry the arithmetic. Element-wise ops stay FP32 between them (measured:
 # quantizing them too cost accuracy and, on a CPU, time in extra Quantize/Dequantize pairs).
 OP_TYPES = ("Conv", "ConvTranspose", "MatMul", "Gemm")
-GROUPS = ("attention", "prompt_encoder", "token_convs", "layernorm", "order_maps", "logits_conv", "depth_head")
-KEEP_FP32 = ("attention", "prompt_encoder", "token_convs", "layernorm", "order_maps", "logits_conv", "depth_head")
+GROUPS = ("attention", "prompt_encoder", "token_convs", "fusion_out_convs", "mask_grid_convs", "layernorm",
+          "order_maps", "logits_conv", "depth_head")
+KEEP_FP32 = GROUPS
 IMAGE_FEATURES = ("image", "image_embed", "pyramid_l1", "pyramid_l2", "pyramid_l3")
 
 
@@ -86,7 +86,12 @@ def fp32_groups(model) -> dict[str, list[str]]:
         and previous mask but no image features (Fourier features of the click coordinates, the
         patch embedding of the click and mask maps: cheap); token_convs: the mask head's Convs
         fed by the decoder's tokens alone, before the encoder's pyramid joins (the token grid and
-        its first reassembly: small maps, and the largest int8 error, measured); layernorm: LayerNormalization; order_maps: the arithmetic
+        its first reassembly: small maps, and the largest int8 error, measured); fusion_out_convs:
+        the 1x1 convs of the mask head's fusion blocks once the pyramid has joined (each reads a
+        residual sum; cheap, and the largest single error on the trained ois-tiny);
+        mask_grid_convs: the other mask-head convs at the mask grid, the finest level (uint8
+        there moved logits near 0 and with them the mask boundary, measured); layernorm:
+        LayerNormalization; order_maps: the arithmetic
         from the depth input to the attention biases; logits_conv: the Conv nearest to
         mask_logits; depth_head: the Conv nearest to the depth output."""
     graph = model.graph
@@ -103,17 +108,38 @@ def fp32_groups(model) -> dict[str, list[str]]:
     outputs = {o.name for o in graph.output}
     pyramid_cone = _descendants(graph, [i.name for i in graph.input if i.name.startswith("pyramid_")])
     image_cone = _descendants(graph, [i.name for i in graph.input if i.name in IMAGE_FEATURES])
+    weights = {i.name: list(i.dims) for i in graph.initializer}
+    head_convs = [n for n in graph.node if n.op_type == "Conv" and n.name in pyramid_cone]
+    out_convs = {n.name for n in head_convs if weights.get(n.input[1], [0, 0, 3, 3])[2:] == [1, 1]}
+    grid = _mask_grid_convs(model, head_convs) - out_convs
     groups = {
         "attention": attention,
         "prompt_encoder": compute - image_cone,
         "token_convs": {n.name for n in graph.node if n.op_type in ("Conv", "ConvTranspose") and n.name in image_cone}
         - pyramid_cone,
+        "fusion_out_convs": out_convs,
+        "mask_grid_convs": grid,
         "layernorm": {n.name for n in graph.node if n.op_type == "LayerNormalization"},
         "order_maps": (depth_cone & scores) - compute,
         "logits_conv": _last_of(graph, "Conv", "mask_logits") if "mask_logits" in outputs else set(),
         "depth_head": _last_of(graph, "Conv", "depth") if "depth" in outputs else set(),
     }
+    groups["fusion_out_convs"] -= groups["logits_conv"]
+    groups["mask_grid_convs"] -= groups["logits_conv"]
     return {k: sorted(v) for k, v in groups.items()}
+
+
+def _mask_grid_convs(model, convs) -> set[str]:
+    """The convs among `convs` whose output has the largest spatial size (shape inference: the
+    graphs' spatial sizes are static)."""
+    import onnx
+
+    if not convs:
+        return set()
+    inferred = onnx.shape_inference.infer_shapes(model).graph
+    shapes = {v.name: [d.dim_value for d in v.type.tensor_type.shape.dim] for v in inferred.value_info}
+    sides = {n.name: shapes.get(n.output[0], [0])[-1] for n in convs}
+    return {name for name, side in sides.items() if side == max(sides.values())}
 
 
 # -- calibration data -------------------------------------------------------------------------
@@ -213,8 +239,32 @@ class _Reader:
         self.reader = Reader()
 
 
+# The calibrator's graph reduces each calibrated tensor to its min and max, but ONNX Runtime runs
+# those reductions late, so every tensor stays alive to the end of the run: with a 1024 px ViT's
+# attention maps that is over 20 GB (measured). The activation-by-activation MatMuls kept FP32 are
+# renamed to the same product as an Einsum while calibrating, so their tensors are not calibrated
+# (they are never quantized), and renamed back after.
+_PRODUCT = "...ij,...jk->...ik"
+
+
+def _hide_from_calibration(model, names: set[str]) -> None:
+    import onnx
+
+    for node in model.graph.node:
+        if node.name in names and node.op_type == "MatMul":
+            node.op_type = "Einsum"
+            node.attribute.append(onnx.helper.make_attribute("equation", _PRODUCT))
+
+
+def _restore_matmuls(model, names: set[str]) -> None:
+    for node in model.graph.node:
+        if node.name in names and node.op_type == "Einsum":
+            node.op_type = "MatMul"
+            del node.attribute[:]
+
+
 def quantize_graph(src: Path, dst: Path, feeds: list[dict], keep_fp32=KEEP_FP32, op_types=OP_TYPES,
-                   method: str = "Entropy") -> list[str]:
+                   method: str = "MinMax") -> list[str]:
     """Quantize one FP32 graph into dst; returns the names of the nodes kept in FP32."""
     import onnx
 
@@ -235,8 +285,12 @@ def quantize_graph(src: Path, dst: Path, feeds: list[dict], keep_fp32=KEEP_FP32,
     try:
         with tempfile.TemporaryDirectory(dir=dst.parent) as tmp:
             out = Path(tmp) / dst.name
+            weights = {i.name for i in model.graph.initializer}
+            hidden = {n.name for n in model.graph.node  # kept-FP32 products of two activations
+                      if n.op_type == "MatMul" and n.name in set(excluded) and not weights & set(n.input)}
+            _hide_from_calibration(model, hidden)
             quantize_static(
-                str(src), str(out), _Reader(feeds).reader,
+                model, str(out), _Reader(feeds).reader,
                 quant_format=QuantFormat.QDQ,
                 per_channel=True,
                 activation_type=QuantType.QUInt8,  # U8S8: the x86 kernels' format
@@ -247,6 +301,7 @@ def quantize_graph(src: Path, dst: Path, feeds: list[dict], keep_fp32=KEEP_FP32,
                 extra_options={"CalibStridedMinMax": 1},  # one feed per collection (any calibrator)
             )
             quantized = onnx.load(str(out))
+            _restore_matmuls(quantized, hidden)
             for prop in quantized.metadata_props:  # the FP32 graph's facts, as an int8 graph
                 if prop.key == "ois.precision":
                     prop.value = "int8"
