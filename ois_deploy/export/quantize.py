@@ -108,24 +108,22 @@ def fp32_groups(model) -> dict[str, list[str]]:
     outputs = {o.name for o in graph.output}
     pyramid_cone = _descendants(graph, [i.name for i in graph.input if i.name.startswith("pyramid_")])
     image_cone = _descendants(graph, [i.name for i in graph.input if i.name in IMAGE_FEATURES])
-    weights = {i.name: list(i.dims) for i in graph.initializer}
-    head_convs = [n for n in graph.node if n.op_type == "Conv" and n.name in pyramid_cone]
-    out_convs = {n.name for n in head_convs if weights.get(n.input[1], [0, 0, 3, 3])[2:] == [1, 1]}
-    grid = _mask_grid_convs(model, head_convs) - out_convs
+    logits_conv = _last_of(graph, "Conv", "mask_logits") if "mask_logits" in outputs else set()
+    kernels = {i.name: list(i.dims)[2:] for i in graph.initializer}
+    head_convs = [n for n in graph.node if n.op_type == "Conv" and n.name in pyramid_cone - logits_conv]
+    out_convs = {n.name for n in head_convs if kernels.get(n.input[1]) == [1, 1]}
     groups = {
         "attention": attention,
         "prompt_encoder": compute - image_cone,
         "token_convs": {n.name for n in graph.node if n.op_type in ("Conv", "ConvTranspose") and n.name in image_cone}
         - pyramid_cone,
         "fusion_out_convs": out_convs,
-        "mask_grid_convs": grid,
+        "mask_grid_convs": _mask_grid_convs(model, head_convs) - out_convs,
         "layernorm": {n.name for n in graph.node if n.op_type == "LayerNormalization"},
         "order_maps": (depth_cone & scores) - compute,
-        "logits_conv": _last_of(graph, "Conv", "mask_logits") if "mask_logits" in outputs else set(),
+        "logits_conv": logits_conv,
         "depth_head": _last_of(graph, "Conv", "depth") if "depth" in outputs else set(),
     }
-    groups["fusion_out_convs"] -= groups["logits_conv"]
-    groups["mask_grid_convs"] -= groups["logits_conv"]
     return {k: sorted(v) for k, v in groups.items()}
 
 
@@ -285,9 +283,9 @@ def quantize_graph(src: Path, dst: Path, feeds: list[dict], keep_fp32=KEEP_FP32,
     try:
         with tempfile.TemporaryDirectory(dir=dst.parent) as tmp:
             out = Path(tmp) / dst.name
-            weights = {i.name for i in model.graph.initializer}
+            weights, kept = {i.name for i in model.graph.initializer}, set(excluded)
             hidden = {n.name for n in model.graph.node  # kept-FP32 products of two activations
-                      if n.op_type == "MatMul" and n.name in set(excluded) and not weights & set(n.input)}
+                      if n.op_type == "MatMul" and n.name in kept and not weights & set(n.input)}
             _hide_from_calibration(model, hidden)
             quantize_static(
                 model, str(out), _Reader(feeds).reader,
