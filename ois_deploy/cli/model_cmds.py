@@ -120,7 +120,7 @@ def predict(
     for x, y, _ in clicks:  # check all before running any
         predictor.frame.check_click(x, y)
     for x, y, positive in clicks:
-        result = predictor.click(x, y, positive)
+        result = predictor.click(x, y, positive, with_logits=False)
     files = {out: encode_image(out, result.mask.astype(np.uint8) * 255)}
     if overlay:
         files[overlay] = encode_image(overlay, overlay_image(rgb, result.mask, clicks))

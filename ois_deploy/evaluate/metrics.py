@@ -71,7 +71,7 @@ def run_object(predictor, image: np.ndarray, gt: np.ndarray, name: str, max_clic
     for _ in range(max_clicks):
         click = clicker.next_click(pred)
         start = time.perf_counter()
-        prediction = predictor.click(click.x, click.y, click.positive, threshold=PRED_THRESHOLD)
+        prediction = predictor.click(click.x, click.y, click.positive, threshold=PRED_THRESHOLD, with_logits=False)
         result.decode_seconds.append(time.perf_counter() - start)
         pred = prediction.mask
         result.clicks.append(click)

@@ -2,8 +2,11 @@
 
 A backend subclasses Runner and implements `_encode` and `_decode` (and, where its state is not
 numpy arrays, the state hand-over). The base class owns what all of them share: synchronising
-device work before a clock is read, the timing hook, and use as a context manager. Nothing
-outside a backend's module patches or probes a runner.
+device work before a clock is read, the timing hook, use as a context manager, and the click loop
+around the decoder on the host (image into the input frame, previous-mask feedback, threshold,
+resize to the image); a backend that can run that loop where its decoder runs overrides
+`encode_frame`, `empty_prev`, `prev_from_numpy`, `decode_to_image` and `decode_prompts` (the
+PyTorch family does). Nothing outside a backend's module patches or probes a runner.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from typing import Any, Callable
 import numpy as np
 
 from ..presets import OISConfig
+from .preprocess import Frame, feedback, logit_cut, logits_to_image, logits_to_input_frame, mask_to_image, to_input
 
 TimingHook = Callable[[str, float], None]  # (what: "encode" | "decode", milliseconds)
 
@@ -82,6 +86,40 @@ class Runner(ABC):
         self.synchronize()
         self._timed("decode", start)
         return logits
+
+    # -- the click loop around the decoder (docs/design.md §2.2); on the host here -----------
+    def encode_frame(self, image: np.ndarray, frame: Frame) -> Any:
+        """RGB uint8 HxWx3 -> its image state: resized into the SxS frame, padded, encoded."""
+        return self.encode(to_input(image, frame.size)[0])
+
+    def empty_prev(self, prompts: int = 1) -> Any:
+        """The previous-mask probability before the first click: [P,1,S,S] zeros."""
+        s = self.cfg.input_size
+        return np.zeros((prompts, 1, s, s), np.float32)
+
+    def prev_from_numpy(self, prob: np.ndarray) -> Any:
+        """A previous-mask probability [1,1,S,S] from host memory, where decode_to_image takes it."""
+        return np.ascontiguousarray(prob, np.float32)
+
+    def decode_to_image(self, state: Any, frame: Frame, coords: np.ndarray, labels: np.ndarray, prev: Any,
+                        threshold: float = 0.5, with_logits: bool = True) -> tuple[np.ndarray, np.ndarray | None, Any]:
+        """One prompt set (coords [1,N,2] in the input frame, labels [1,N]) and the previous mask
+        -> (bool mask [H,W] on the host, float32 logits [H,W] or None, the next previous mask).
+        Logits stay at the input frame until the final resize; without with_logits the mask is
+        made in strips, with no float array of the image's size."""
+        logits_sxs = logits_to_input_frame(self.decode(state, coords, labels, prev)[0, 0], self.cfg.input_size)
+        cut, logits = logit_cut(threshold), None
+        if with_logits:
+            logits = logits_to_image(logits_sxs, frame)
+            mask = logits > cut
+        else:
+            mask = mask_to_image(logits_sxs, frame, cut)
+        return mask, logits, feedback(logits_sxs, frame)
+
+    def decode_prompts(self, state: Any, coords: np.ndarray, labels: np.ndarray) -> Any:
+        """P prompt sets without a previous mask (SAT) -> logits [P,1,S',S'] wherever the backend
+        keeps them; on the host the empty previous mask takes P x S x S floats."""
+        return self.decode(state, coords, labels, self.empty_prev(len(coords)))
 
     def add_timing_hook(self, hook: TimingHook) -> Callable[[], None]:
         """Call hook(kind, ms) after every encode and decode; returns a function that removes it."""

@@ -1,8 +1,10 @@
 """Interactive predictor: set an image once, then click; the previous mask is fed back.
 
-The host-side logic (geometry, click coordinates, previous-mask feedback, resizing to the image)
-lives here once, for every backend; `encode_image` and `decode_clicks` are the two steps, for
-callers that keep image states themselves (the HTTP service).
+The click logic (geometry, click coordinates, previous-mask feedback, resizing to the image) has
+one code path for every backend: `encode_image` and `decode_clicks`, the two steps, also for
+callers that keep image states themselves (the HTTP service). Its array work runs where the
+runner keeps it (Runner.encode_frame, Runner.decode_to_image): on the host, or on the device for
+the PyTorch family.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import numpy as np
 
 from ..errors import UserError
 from .base import Runner
-from .preprocess import DEFAULT_MAX_PIXELS, Frame, as_rgb, logits_to_image, logits_to_input_frame, sigmoid, to_input
+from .preprocess import DEFAULT_MAX_PIXELS, Frame, as_rgb
 from .registry import RunnerSpec, default_backend, open_runner
 
 Click = tuple[float, float, bool]  # (x column, y row) in original image pixels, positive
@@ -22,7 +24,7 @@ Click = tuple[float, float, bool]  # (x column, y row) in original image pixels,
 
 class Prediction(NamedTuple):
     mask: np.ndarray  # bool [H,W] at the original image size
-    logits: np.ndarray  # float32 [H,W]
+    logits: np.ndarray | None  # float32 [H,W]; None where decode_clicks was asked for the mask only
 
 
 class Encoded(NamedTuple):
@@ -37,38 +39,26 @@ def encode_image(runner: Runner, image: np.ndarray) -> Encoded:
     image = as_rgb(image)
     if image.shape[0] < 1 or image.shape[1] < 1:
         raise UserError(f"image must be at least 1x1, got {image.shape[1]}x{image.shape[0]}")
-    tensor, frame = to_input(image, runner.cfg.input_size)
-    return Encoded(runner.encode(tensor), frame)
+    frame = Frame(image.shape[0], image.shape[1], runner.cfg.input_size)
+    return Encoded(runner.encode_frame(image, frame), frame)
 
 
-def empty_prev(runner: Runner) -> np.ndarray:
-    s = runner.cfg.input_size
-    return np.zeros((1, 1, s, s), np.float32)
+def empty_prev(runner: Runner):
+    """The previous mask before the first click, where the runner keeps it."""
+    return runner.empty_prev()
 
 
-def decode_clicks(runner: Runner, encoded: Encoded, clicks: list[Click], prev: np.ndarray,
-                  threshold: float = 0.5) -> tuple[Prediction, np.ndarray]:
-    """Decode all clicks so far from the previous-mask probability `prev` ([1,1,S,S], the input
-    frame); returns the prediction at the image's size and the probability to feed back next."""
+def decode_clicks(runner: Runner, encoded: Encoded, clicks: list[Click], prev, threshold: float = 0.5,
+                  with_logits: bool = True) -> tuple[Prediction, object]:
+    """Decode all clicks so far from the previous-mask probability `prev` ([1,1,S,S] in the input
+    frame, as empty_prev or this function gave it); returns the prediction at the image's size
+    and the probability to feed back next. with_logits=False skips the float logits at the
+    image's size (the mask is then made without any full-size float array)."""
     frame = encoded.frame
     coords = frame.to_input(np.array([[x, y] for x, y, _ in clicks], np.float32))[None]
     labels = np.array([[1 if p else 0 for _, _, p in clicks]], np.int32)
-    logits = runner.decode(encoded.state, coords, labels, prev)
-    logits_sxs = logits_to_input_frame(logits[0, 0], runner.cfg.input_size)
-    return _prediction(logits_sxs, frame, threshold), _feedback(logits_sxs, frame)
-
-
-def _feedback(logits_sxs: np.ndarray, frame: Frame) -> np.ndarray:
-    """Probability fed back as the next prev_mask; the padding outside the image is zero."""
-    prob = np.zeros_like(logits_sxs)
-    h, w = frame.resized
-    prob[:h, :w] = sigmoid(logits_sxs[:h, :w])
-    return prob[None, None]
-
-
-def _prediction(logits_sxs: np.ndarray, frame: Frame, threshold: float = 0.5) -> Prediction:
-    logits = logits_to_image(logits_sxs, frame)
-    return Prediction(logits > np.log(threshold / (1 - threshold)), logits)
+    mask, logits, prev = runner.decode_to_image(encoded.state, frame, coords, labels, prev, threshold, with_logits)
+    return Prediction(mask, logits), prev
 
 
 class Predictor:
@@ -121,15 +111,18 @@ class Predictor:
         self.clicks: list[Click] = []
         self._prev = empty_prev(self.runner)
 
-    def click(self, x: float, y: float, positive: bool = True, threshold: float = 0.5) -> Prediction:
+    def click(self, x: float, y: float, positive: bool = True, threshold: float = 0.5,
+              with_logits: bool = True) -> Prediction:
         """Add a click at column x, row y (original image pixels) and predict with all clicks so far.
-        The mask is probability > threshold (the evaluation protocol uses 0.49)."""
+        The mask is probability > threshold (the evaluation protocol uses 0.49); with_logits=False
+        leaves Prediction.logits None (no float array of the image's size)."""
         self._require_image()
         self.frame.check_click(x, y)
         if len(self.clicks) >= self.max_clicks:
             raise UserError(f"at most {self.max_clicks} clicks per object")
         self.clicks.append((float(x), float(y), bool(positive)))
-        prediction, self._prev = decode_clicks(self.runner, self._encoded, self.clicks, self._prev, threshold)
+        prediction, self._prev = decode_clicks(self.runner, self._encoded, self.clicks, self._prev, threshold,
+                                               with_logits)
         return prediction
 
     def predict(self, clicks: list[Click], prev_mask: np.ndarray | None = None) -> Prediction:
@@ -140,7 +133,7 @@ class Predictor:
             raise UserError(f"give between 1 and {self.max_clicks} clicks, got {len(clicks)}")
         for x, y, _ in clicks:
             self.frame.check_click(x, y)
-        prev = empty_prev(self.runner)
+        prev = self.runner.empty_prev()
         if prev_mask is not None:
             prev_mask = np.asarray(prev_mask)
             if prev_mask.shape != (self.frame.height, self.frame.width):
@@ -148,7 +141,9 @@ class Predictor:
             if prev_mask.dtype.kind != "f" or not np.isfinite(prev_mask).all() or prev_mask.min() < 0 or prev_mask.max() > 1:
                 raise UserError("prev_mask must be a finite float probability in [0, 1]")
             h, w = self.frame.resized
-            prev[0, 0, :h, :w] = cv2.resize(prev_mask.astype(np.float32), (w, h), interpolation=cv2.INTER_LINEAR)
+            fitted = np.zeros((1, 1, self.cfg.input_size, self.cfg.input_size), np.float32)
+            fitted[0, 0, :h, :w] = cv2.resize(prev_mask.astype(np.float32), (w, h), interpolation=cv2.INTER_LINEAR)
+            prev = self.runner.prev_from_numpy(fitted)
         return decode_clicks(self.runner, self._encoded, list(clicks), prev)[0]
 
     def close(self) -> None:

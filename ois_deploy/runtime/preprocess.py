@@ -153,5 +153,53 @@ def logits_to_image(logits_sxs: np.ndarray, frame: Frame) -> np.ndarray:
     return cv2.resize(logits_sxs[:h, :w], (frame.width, frame.height), interpolation=cv2.INTER_LINEAR)
 
 
+def logit_cut(threshold: float) -> float:
+    """The logit above which a pixel is in the mask: probability > threshold."""
+    return float(np.log(threshold / (1 - threshold)))
+
+
+def feedback(logits_sxs: np.ndarray, frame: Frame) -> np.ndarray:
+    """Probability fed back as the next prev_mask [1,1,S,S]; the padding outside the image is zero."""
+    prob = np.zeros_like(logits_sxs)
+    h, w = frame.resized
+    prob[:h, :w] = sigmoid(logits_sxs[:h, :w])
+    return prob[None, None]
+
+
+# Output elements per strip when a mask is made at the image's size: bounds the float temporaries
+# (4 MiB each) whatever the image's size.
+STRIP_ELEMENTS = 1 << 20
+
+
+def bilinear_rows(start: int, stop: int, src: int, dst: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Source rows i0, i1 and weight of i1 for output rows start..stop of a bilinear resize from
+    src to dst rows, pixel centres aligned (cv2 INTER_LINEAR, torch align_corners=False)."""
+    y = np.maximum((np.arange(start, stop) + 0.5) * (src / dst) - 0.5, 0)
+    i0 = np.minimum(np.floor(y).astype(np.int64), src - 1)
+    return i0, np.minimum(i0 + 1, src - 1), (y - i0).astype(np.float32)
+
+
+def strips(frame: Frame) -> range:
+    """Start rows of the strips a mask of the image's size is made in."""
+    return range(0, frame.height, max(1, STRIP_ELEMENTS // frame.width))
+
+
+def mask_to_image(logits_sxs: np.ndarray, frame: Frame, cut: float) -> np.ndarray:
+    """logits [S,S] in the input frame -> bool mask [H,W] (logit > cut), made in row strips so
+    that no float array of the image's size exists; the same bilinear geometry as logits_to_image
+    (rows interpolated first, then columns: equal up to float rounding)."""
+    h, w = frame.resized
+    crop = logits_sxs[:h, :w]
+    mask = np.empty((frame.height, frame.width), bool)
+    step = strips(frame).step
+    for start in strips(frame):
+        stop = min(start + step, frame.height)
+        i0, i1, a = bilinear_rows(start, stop, h, frame.height)
+        rows = crop[i0] + (crop[i1] - crop[i0]) * a[:, None]
+        rows = cv2.resize(rows, (frame.width, stop - start), interpolation=cv2.INTER_LINEAR)
+        np.greater(rows, cut, out=mask[start:stop])
+    return mask
+
+
 def sigmoid(x: np.ndarray) -> np.ndarray:
     return 1.0 / (1.0 + np.exp(-np.clip(x, -60, 60)))

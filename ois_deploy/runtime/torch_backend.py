@@ -4,6 +4,7 @@ weights an export folder was made from."""
 from __future__ import annotations
 
 import sys
+import time
 
 import numpy as np
 import torch
@@ -12,7 +13,9 @@ from ..contract import read_manifest
 from ..errors import UserError
 from ..model import ImageState
 from ..model.weights import describe_weights, load_model, reference_model
+from . import torch_geometry as geometry
 from .base import Runner
+from .preprocess import STRIP_ELEMENTS, Frame, logit_cut
 
 
 class CudaGraphDecoder:
@@ -57,10 +60,13 @@ class CudaGraphDecoder:
 
 
 class TorchRunner(Runner):
-    """The PyTorch reference model; the image state stays on the device between clicks. On a GPU
-    the per-click (P = 1) decoder call runs from CUDA graphs unless cuda_graphs=False. A module
-    holds no per-call state on the CPU, but CUDA graphs replay static buffers: shared across
-    threads only on the CPU."""
+    """The PyTorch reference model; the image state stays on the device between clicks, and so
+    does the click loop around the decoder (torch_geometry): only the final mask, and logits where
+    asked, come back to the host. On a GPU the per-click (P = 1) decoder call runs from CUDA graphs
+    unless cuda_graphs=False. A module holds no per-call state on the CPU, but CUDA graphs replay
+    static buffers: shared across threads only on the CPU.
+
+    `model` is an OIS module or anything with its encode/decode/cfg/dtype (an AOTInductor package)."""
 
     name = "torch"
 
@@ -80,30 +86,74 @@ class TorchRunner(Runner):
         use_graphs = self.torch_device.type == "cuda" if cuda_graphs is None else cuda_graphs
         self.graphs = CudaGraphDecoder(self.model) if use_graphs else None
         self._graph_state = None  # the encode() result the graphs hold a copy of
+        # A GPU's memory is not the host's: one strip there; on the CPU strips bound the temporaries.
+        self._strip_elements = STRIP_ELEMENTS if self.torch_device.type == "cpu" else 1 << 28
 
     def synchronize(self) -> None:
         if self.torch_device.type == "cuda":
             torch.cuda.synchronize()
 
+    def _tensor(self, array) -> torch.Tensor:
+        return torch.as_tensor(np.ascontiguousarray(array) if isinstance(array, np.ndarray) else array,
+                               device=self.torch_device)
+
     @torch.inference_mode()
-    def _encode(self, image: np.ndarray):
-        state = self.model.encode(torch.from_numpy(image).to(self.torch_device))
+    def _encode(self, image):
+        state = self.model.encode(self._tensor(image))
         if self.graphs is not None:
             self.graphs.set_state(state)
             self._graph_state = state
         return state
 
-    @torch.inference_mode()
-    def _decode(self, state, coords: np.ndarray, labels: np.ndarray, prev_mask: np.ndarray) -> np.ndarray:
-        t = lambda a: torch.from_numpy(np.ascontiguousarray(a)).to(self.torch_device)  # noqa: E731
-        inputs = (t(coords), t(labels), t(prev_mask))
+    def _decode_on_device(self, state, coords: torch.Tensor, labels: torch.Tensor, prev: torch.Tensor) -> torch.Tensor:
+        """Logits [P,1,S',S'] on the device (a CUDA graph's static output: use before the next call)."""
         if self.graphs is not None and state is self._graph_state and coords.shape[0] == 1:
             try:
-                return self.graphs.decode(*inputs).float().cpu().numpy()
+                return self.graphs.decode(coords, labels, prev)
             except RuntimeError as e:  # capture unsupported here: stay correct, run eagerly
                 print(f"note: CUDA graphs off ({str(e).splitlines()[0]})", file=sys.stderr)
                 self.graphs = None
-        return self.model.decode(state, *inputs).float().cpu().numpy()
+        return self.model.decode(state, coords, labels, prev)
+
+    def _timed_decode(self, state, coords, labels, prev) -> torch.Tensor:
+        start = time.perf_counter()
+        logits = self._decode_on_device(state, self._tensor(coords), self._tensor(labels), self._tensor(prev))
+        self.synchronize()
+        self._timed("decode", start)
+        return logits
+
+    @torch.inference_mode()
+    def _decode(self, state, coords: np.ndarray, labels: np.ndarray, prev_mask: np.ndarray) -> np.ndarray:
+        inputs = (self._tensor(coords), self._tensor(labels), self._tensor(prev_mask))
+        return self._decode_on_device(state, *inputs).float().cpu().numpy()
+
+    # -- the click loop on the device ------------------------------------------------------------
+    @torch.inference_mode()
+    def encode_frame(self, image: np.ndarray, frame: Frame):
+        """On a GPU the uint8 image goes up once and is resized and padded there; on the CPU the
+        host's resize (cv2) is that device's and the leaner one."""
+        if self.torch_device.type == "cpu":
+            return super().encode_frame(image, frame)
+        return self.encode(geometry.fit_to_frame(self._tensor(image), frame))
+
+    def empty_prev(self, prompts: int = 1) -> torch.Tensor:
+        s = self.cfg.input_size
+        return torch.zeros((1, 1, s, s), device=self.torch_device).expand(prompts, 1, s, s)  # no P x S x S
+
+    def prev_from_numpy(self, prob: np.ndarray) -> torch.Tensor:
+        return self._tensor(np.asarray(prob, np.float32))
+
+    @torch.inference_mode()
+    def decode_to_image(self, state, frame: Frame, coords: np.ndarray, labels: np.ndarray, prev,
+                        threshold: float = 0.5, with_logits: bool = True):
+        logits_sxs = geometry.logits_to_input_frame(self._timed_decode(state, coords, labels, prev), self.cfg.input_size)
+        mask, logits = geometry.to_image(logits_sxs, frame, logit_cut(threshold), with_logits, self._strip_elements)
+        return mask, logits, geometry.feedback(logits_sxs, frame)
+
+    @torch.inference_mode()
+    def decode_prompts(self, state, coords: np.ndarray, labels: np.ndarray) -> torch.Tensor:
+        """SAT: prompts and the empty previous mask made on the device; logits stay there."""
+        return self._timed_decode(state, coords, labels, self.empty_prev(len(coords)))
 
     def state_to_numpy(self, state) -> dict[str, np.ndarray]:
         return {k: v.float().cpu().numpy() for k, v in state._asdict().items()}

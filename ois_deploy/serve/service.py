@@ -210,7 +210,7 @@ class SegmentationService:
         t0 = time.perf_counter()
         for k in range(start, len(seq)):
             with self._run_lock:
-                prediction, prev = decode_clicks(self.runner, entry.encoded, seq[:k + 1], prev)
+                prediction, prev = decode_clicks(self.runner, entry.encoded, seq[:k + 1], prev, with_logits=False)
             new.append((tuple(seq[:k + 1]), prev))
         decoder_ms = (time.perf_counter() - t0) * 1000
         with self._lock:
