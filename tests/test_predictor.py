@@ -50,7 +50,7 @@ def test_previous_mask_is_fed_back(predictor, rng):
     image = rng.integers(0, 256, (150, S, 3), dtype=np.uint8)  # already S wide: not resized
     predictor.set_image(image)
     predictor.click(100, 70, True)
-    prev = np.array(predictor._prev)  # the fed-back probability, wherever the runner keeps it
+    prev = torch.as_tensor(predictor._prev).numpy().copy()  # the fed-back probability, wherever the runner keeps it
     second = predictor.click(20, 30, False)
 
     model = predictor.runner.model

@@ -86,6 +86,7 @@ class TorchRunner(Runner):
         use_graphs = self.torch_device.type == "cuda" if cuda_graphs is None else cuda_graphs
         self.graphs = CudaGraphDecoder(self.model) if use_graphs else None
         self._graph_state = None  # the encode() result the graphs hold a copy of
+        self._zeros = None  # empty_prev's mask
         # A GPU's memory is not the host's: one strip there; on the CPU strips bound the temporaries.
         self._strip_elements = STRIP_ELEMENTS if self.torch_device.type == "cpu" else 1 << 28
 
@@ -137,8 +138,11 @@ class TorchRunner(Runner):
         return self.encode(geometry.fit_to_frame(self._tensor(image), frame))
 
     def empty_prev(self, prompts: int = 1) -> torch.Tensor:
-        s = self.cfg.input_size
-        return torch.zeros((1, 1, s, s), device=self.torch_device).expand(prompts, 1, s, s)  # no P x S x S
+        """One read-only zero mask on the device, expanded to P prompt sets without a copy."""
+        if self._zeros is None:
+            s = self.cfg.input_size
+            self._zeros = torch.zeros((1, 1, s, s), device=self.torch_device)
+        return self._zeros.expand(prompts, -1, -1, -1)
 
     def prev_from_numpy(self, prob: np.ndarray) -> torch.Tensor:
         return self._tensor(np.asarray(prob, np.float32))

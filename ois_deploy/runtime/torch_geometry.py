@@ -2,10 +2,11 @@
 same geometry as preprocess.py's host functions, so that a PyTorch-family runner on a GPU sends
 only the final mask (and logits where asked) back to the host.
 
-Equivalences, checked in tests/test_device_loop.py: bilinear with align_corners=False is cv2's
-INTER_LINEAR (both sample at pixel centres, neither antialiases); cv2's INTER_AREA, used when the
-image shrinks into the input frame, is a box filter with fractional edges, computed here from
-prefix sums; both round to uint8 as cv2 does before the encoder sees the image.
+Equivalences, checked in tests/test_device_loop.py: on float logits, bilinear with
+align_corners=False is cv2's INTER_LINEAR (both sample at pixel centres, neither antialiases).
+The image itself is uint8, where cv2 computes in fixed point: a growing image repeats cv2's
+integer arithmetic (equal to the bit); a shrinking one (INTER_AREA: a box filter with fractional
+edges) is computed from prefix sums and rounded, one grey level off in a few pixels.
 """
 
 from __future__ import annotations
@@ -38,17 +39,42 @@ def _area_resize(x: torch.Tensor, dim: int, size: int) -> torch.Tensor:
     return (integral.narrow(dim, 1, size) - integral.narrow(dim, 0, size)) / scale
 
 
+def _linear_weights(src: int, dst: int, clamp_fraction: bool) -> tuple[np.ndarray, ...]:
+    """cv2's INTER_LINEAR taps and 11-bit weights for uint8 (float32 positions, round half even;
+    cv2 zeroes the fraction at the left/right borders but only clamps rows)."""
+    f = ((np.arange(dst) + 0.5) * (src / dst) - 0.5).astype(np.float32)
+    i = np.floor(f).astype(np.int64)
+    f = (f - i).astype(np.float32)
+    if clamp_fraction:
+        f[(i < 0) | (i >= src - 1)] = 0
+    one = np.float32(_ONE)
+    return (np.clip(i, 0, src - 1), np.clip(i + 1, 0, src - 1),
+            np.rint((np.float32(1) - f) * one).astype(np.int64), np.rint(f * one).astype(np.int64))
+
+
+_ONE = 1 << 11  # cv2's INTER_RESIZE_COEF_SCALE
+
+
+def _linear_uint8(x: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    """[3,H,W] uint8 -> [3,h,w] as cv2.resize INTER_LINEAR gives it for uint8 (growing images)."""
+    t = lambda a: torch.from_numpy(a).to(x.device)  # noqa: E731
+    x0, x1, a0, a1 = map(t, _linear_weights(x.shape[2], w, True))
+    y0, y1, b0, b1 = map(t, _linear_weights(x.shape[1], h, False))
+    x = x.long()
+    rows = x[:, :, x0] * a0 + x[:, :, x1] * a1  # horizontal pass, scaled by 2^11
+    r0, r1 = rows[:, y0] >> 4, rows[:, y1] >> 4
+    # cv2's vertical pass for uint8 (VResizeLinear, FixedPtCast): the same shifts and rounding.
+    return ((b0[:, None] * r0 >> 16) + (b1[:, None] * r1 >> 16) + 2) >> 2
+
+
 def fit_to_frame(image: torch.Tensor, frame: Frame) -> torch.Tensor:
-    """RGB uint8 [H,W,3] -> float32 [1,3,S,S] in 0..255, resized into the frame (area when
-    shrinking, bilinear when growing), rounded like cv2's uint8 output, padded with zeros."""
+    """RGB uint8 [H,W,3] -> float32 [1,3,S,S] in 0..255, resized into the frame as cv2 does on
+    the host (area when shrinking, bilinear when growing, uint8 results), padded with zeros."""
     h, w = frame.resized
     x = image.permute(2, 0, 1)
-    if frame.scale < 1:
-        x = _area_resize(_area_resize(x, 1, h), 2, w)
-    else:
-        x = F.interpolate(x[None].float(), size=(h, w), mode="bilinear", align_corners=False)[0]
+    x = _area_resize(_area_resize(x, 1, h), 2, w).round() if frame.scale < 1 else _linear_uint8(x, h, w)
     canvas = torch.zeros((1, 3, frame.size, frame.size), dtype=torch.float32, device=image.device)
-    canvas[0, :, :h, :w] = x.round().clamp(0, 255)
+    canvas[0, :, :h, :w] = x.clamp(0, 255)
     return canvas
 
 

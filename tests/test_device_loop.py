@@ -1,0 +1,166 @@
+"""The click loop on the device (TorchRunner, torch_geometry) against the host loop (Runner's own
+methods, which ONNX Runtime, OpenVINO and TensorRT run), on the same ois-tiny model on the CPU;
+the host loop's mask-only path; SAT's host memory."""
+
+import tracemalloc
+
+import numpy as np
+import pytest
+import torch
+
+from ois_deploy.evaluate.bench import run_sat, sat_clicks
+from ois_deploy.evaluate.metrics import iou
+from ois_deploy.model.weights import load_model
+from ois_deploy.runtime.base import Runner
+from ois_deploy.runtime.predictor import decode_clicks, encode_image
+from ois_deploy.runtime.preprocess import Frame, mask_to_image, read_image, to_input
+from ois_deploy.runtime.torch_backend import TorchRunner
+from ois_deploy.runtime.torch_geometry import fit_to_frame, to_image
+
+DEMO = "ois_deploy/assets/demo.png"  # 480x360
+
+
+class HostLoop(TorchRunner):
+    """The same model with the click loop on the host: the base class's methods, unchanged."""
+
+    encode_frame = Runner.encode_frame
+    empty_prev = Runner.empty_prev
+    prev_from_numpy = Runner.prev_from_numpy
+    decode_to_image = Runner.decode_to_image
+    decode_prompts = Runner.decode_prompts
+
+
+@pytest.fixture(scope="module")
+def runners():
+    model = load_model("ois-tiny")[0]
+    return TorchRunner(model), HostLoop(model)
+
+
+def images():
+    demo = read_image(DEMO)
+    return {
+        "demo (shrinks into S)": demo,
+        "non-square, tall": np.ascontiguousarray(demo[:, 100:260]),  # 360x160
+        "smaller than S": np.ascontiguousarray(demo[100:200, 150:300]),  # 100x150 < 280: grows
+    }
+
+
+def session(runner, image, clicks, with_logits=True):
+    encoded = encode_image(runner, image)
+    prev, out, seq = runner.empty_prev(), [], []
+    for click in clicks:
+        seq.append(click)
+        prediction, prev = decode_clicks(runner, encoded, seq, prev, with_logits=with_logits)
+        out.append((prediction, torch.as_tensor(prev).numpy().copy()))
+    return out
+
+
+def clicks_for(image):
+    h, w = image.shape[:2]
+    return [(w * 0.5, h * 0.5, True), (w * 0.2, h * 0.3, False), (w * 0.7, h * 0.6, True), (w * 0.4, h * 0.85, True),
+            (w * 0.9, h * 0.1, False), (w * 0.3, h * 0.5, True), (w * 0.6, h * 0.2, False)]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", list(images()))
+def test_device_loop_gives_the_host_loops_masks(runners, name):
+    device, host = runners
+    image = images()[name]
+    clicks = clicks_for(image)
+    for k, ((d, d_prev), (h, h_prev)) in enumerate(zip(session(device, image, clicks), session(host, image, clicks))):
+        assert d.mask.shape == image.shape[:2] and d.mask.dtype == bool
+        assert d.mask.sum() > 0, f"click {k}: empty mask, nothing compared"
+        assert iou(d.mask, h.mask) >= 0.999, f"click {k}"
+        np.testing.assert_allclose(d.logits, h.logits, atol=1e-3)
+        np.testing.assert_allclose(d_prev, h_prev, atol=1e-4)  # the feedback, zero in the padding alike
+
+
+@pytest.mark.parametrize("shape", [(360, 480), (100, 150), (3000, 4000), (1, 500), (281, 280), (37, 50)])
+def test_image_fitted_on_the_device_is_the_hosts(shape, rng):
+    """Resize and pad in torch vs cv2: growing (bilinear) equal to the bit, shrinking (box filter)
+    but for one grey level in a few pixels."""
+    image = rng.integers(0, 256, (*shape, 3), dtype=np.uint8)
+    host, frame = to_input(image, 280)
+    diff = np.abs(fit_to_frame(torch.from_numpy(image), frame).numpy() - host)
+    if frame.scale < 1:
+        assert diff.max() <= 1 and (diff > 0).mean() < 0.02
+    else:
+        assert diff.max() == 0
+
+
+@pytest.mark.parametrize("name", list(images()))
+def test_masks_from_a_device_fitted_image(runners, name):
+    device, host = runners
+    image = images()[name]
+    frame = Frame(*image.shape[:2], device.cfg.input_size)
+    on_device = device.encode(fit_to_frame(torch.from_numpy(image), frame))
+    on_host = host.encode_frame(image, frame)
+    coords = frame.to_input(np.array([[c[0], c[1]] for c in clicks_for(image)[:3]], np.float32))[None]
+    labels = np.array([[1, 0, 1]], np.int32)
+    a = device.decode_to_image(on_device, frame, coords, labels, device.empty_prev())[0]
+    b = device.decode_to_image(on_host, frame, coords, labels, device.empty_prev())[0]
+    assert a.sum() > 0 and iou(a, b) >= 0.999
+
+
+@pytest.mark.slow
+def test_mask_only_decodes_give_the_same_masks(runners):
+    """with_logits=False: no logits, and the masks (made in row strips) those of the full logits."""
+    device, host = runners
+    image = read_image(DEMO)
+    for runner in (device, host):
+        full, strips = session(runner, image, clicks_for(image)[:4]), session(runner, image, clicks_for(image)[:4], False)
+        for (a, _), (b, _) in zip(full, strips):
+            assert b.logits is None and iou(a.mask, b.mask) >= 0.999
+
+
+@pytest.mark.parametrize("height, width", [(1500, 1100), (37, 2900)])
+def test_strips_cover_the_image(rng, height, width):
+    """Several strips (host: STRIP_ELEMENTS; torch: a small strip) against one full resize."""
+    frame = Frame(height, width, 280)
+    logits_sxs = rng.normal(size=(280, 280)).astype(np.float32)
+    from ois_deploy.runtime.preprocess import logits_to_image
+
+    full = logits_to_image(logits_sxs, frame) > 0.1
+    assert (mask_to_image(logits_sxs, frame, 0.1) != full).mean() < 1e-4
+    device, _ = to_image(torch.from_numpy(logits_sxs)[None, None], frame, 0.1, False, strip_elements=50_000)
+    assert (device != full).mean() < 1e-4
+
+
+def test_mask_only_decode_holds_no_full_size_float(runners):
+    """A one-click mask on a 4000x4000 image: with logits the host loop holds H x W floats, without
+    them only the bool mask and strips (tracemalloc counts numpy's and cv2's arrays)."""
+    _, host = runners
+    image = np.zeros((4000, 4000, 3), np.uint8)
+    image[1000:3000, 1000:3000] = 200
+    encoded = encode_image(host, image)
+    peaks = {}
+    for with_logits in (True, False):
+        tracemalloc.start()
+        prediction, _ = decode_clicks(host, encoded, [(2000, 2000, True)], host.empty_prev(), with_logits=with_logits)
+        peaks[with_logits] = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+    pixels = 4000 * 4000
+    assert peaks[True] > 5 * pixels  # bool mask + float32 logits: the measurement sees them
+    assert peaks[False] < pixels + 24 * 2**20  # the bool mask, strips of 4 MiB, the SxS frame
+
+
+@pytest.mark.slow
+def test_sat_host_memory_does_not_grow_with_prompts(runners):
+    """SAT through decode_prompts: on the device loop the host's peak is the same for 16 and 64
+    prompt sets; the host loop's grows by 48 x S x S floats (what the measurement can see)."""
+    device, host = runners
+    image, frame = to_input(read_image(DEMO), device.cfg.input_size)
+    coords, s = sat_clicks(frame), device.cfg.input_size
+    labels = np.ones((len(coords), 1), np.int32)
+
+    def peak(runner, prompts):
+        run_sat(runner, image, coords[:prompts], labels[:prompts], prompts)  # warm
+        tracemalloc.start()
+        run_sat(runner, image, coords[:prompts], labels[:prompts], prompts)
+        value = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+        return value
+
+    assert abs(peak(device, 64) - peak(device, 16)) < 2**20
+    assert peak(device, 64) < 16 * s * s * 4  # less than the smaller host batch's empty mask
+    assert peak(host, 64) - peak(host, 16) >= 0.9 * 48 * s * s * 4
