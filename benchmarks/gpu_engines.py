@@ -66,9 +66,11 @@ class Run:
     def left(self) -> float:
         return self.deadline - time.monotonic()
 
-    def step(self, name: str, fn, estimate_s: float = 10, gpu_only: bool = False) -> object:
+    def step(self, name: str, fn, estimate_s: float = 10, gpu_only: bool = False, requires: str | None = None) -> object:
         if gpu_only and self.smoke:
             return self._done(name, {"status": "skipped", "why": "GPU-only step (--cpu-smoke)"})
+        if requires and importlib.util.find_spec(requires) is None:
+            return self._done(name, {"status": "skipped", "why": f"{requires} is not installed (gpu_engines.sh prepare carries it)"})
         if self.left() < estimate_s:
             return self._done(name, {"status": "skipped", "why": f"time budget: {self.left():.0f} s left, needs ~{estimate_s:.0f} s"})
         print(f"[{self.left():5.0f} s left] {name}", flush=True)
@@ -302,10 +304,10 @@ def main() -> None:
         report = json.loads(path.read_text())
         return {k: report.get(k) for k in ("passed", "failures")}
 
-    peers = [("SAM 2.1 hiera-t", lambda: sam2_peer("sam2.1_hiera_t", reps, clicks * 2, prompts), False),
-             ("SAM vit_b", lambda: sam_peer("vit_b", reps, clicks * 2, prompts), True),  # a minute on 2 CPU cores
-             ("SAM 2.1 hiera-b+", lambda: sam2_peer("sam2.1_hiera_b+", reps, clicks * 2, prompts), True),
-             ("SAM vit_h", lambda: sam_peer("vit_h", reps, clicks * 2, prompts), True)]
+    peers = [("SAM 2.1 hiera-t", "sam2", lambda: sam2_peer("sam2.1_hiera_t", reps, clicks * 2, prompts), False),
+             ("SAM vit_b", "segment_anything", lambda: sam_peer("vit_b", reps, clicks * 2, prompts), True),  # a minute on 2 CPU cores
+             ("SAM 2.1 hiera-b+", "sam2", lambda: sam2_peer("sam2.1_hiera_b+", reps, clicks * 2, prompts), True),
+             ("SAM vit_h", "segment_anything", lambda: sam_peer("vit_h", reps, clicks * 2, prompts), True)]
     for i, preset in enumerate(presets):
         for precision in precisions:
             tag = f"{preset} {precision}"
@@ -315,8 +317,8 @@ def main() -> None:
                                                                   [1, 16] if smoke else [1, 16, 64, 256], reps, prompts), estimate_s=20)
         if i == 0:  # the peers beside the first preset's figures, before the longer builds
             run.step(f"peer OIS {preset}", lambda: ois_probe(preset, precisions[0], reps, clicks * 2, prompts), estimate_s=20)
-            for name, fn, large in peers:
-                run.step(f"peer {name}", fn, estimate_s=40, gpu_only=large)
+            for name, package, fn, large in peers:
+                run.step(f"peer {name}", fn, estimate_s=40, gpu_only=large, requires=package)
         folder = run.step(f"export {preset}", lambda: str(export(preset)), estimate_s=60)
         if folder is None:
             continue
