@@ -105,16 +105,11 @@ class Runner(ABC):
                         threshold: float = 0.5, with_logits: bool = True) -> tuple[np.ndarray, np.ndarray | None, Any]:
         """One prompt set (coords [1,N,2] in the input frame, labels [1,N]) and the previous mask
         -> (bool mask [H,W] on the host, float32 logits [H,W] or None, the next previous mask).
-        Logits stay at the input frame until the final resize; without with_logits the mask is
-        made in strips, with no float array of the image's size."""
+        Logits stay at the input frame until the final resize; the mask is made in strips, with
+        no float array of the image's size, the same with or without logits."""
         logits_sxs = logits_to_input_frame(self.decode(state, coords, labels, prev)[0, 0], self.cfg.input_size)
-        cut, logits = logit_cut(threshold), None
-        if with_logits:
-            logits = logits_to_image(logits_sxs, frame)
-            mask = logits > cut
-        else:
-            mask = mask_to_image(logits_sxs, frame, cut)
-        return mask, logits, feedback(logits_sxs, frame)
+        logits = logits_to_image(logits_sxs, frame) if with_logits else None
+        return mask_to_image(logits_sxs, frame, logit_cut(threshold)), logits, feedback(logits_sxs, frame)
 
     def decode_prompts(self, state: Any, coords: np.ndarray, labels: np.ndarray) -> Any:
         """P prompt sets without a previous mask (SAT) -> logits [P,1,S',S'] wherever the backend

@@ -52,8 +52,8 @@ def decode_clicks(runner: Runner, encoded: Encoded, clicks: list[Click], prev, t
                   with_logits: bool = True) -> tuple[Prediction, object]:
     """Decode all clicks so far from the previous-mask probability `prev` ([1,1,S,S] in the input
     frame, as empty_prev or this function gave it); returns the prediction at the image's size
-    and the probability to feed back next. with_logits=False skips the float logits at the
-    image's size (the mask is then made without any full-size float array)."""
+    and the probability to feed back next. The mask is made without a float array of the image's
+    size; with_logits=False also skips the float logits at that size (Prediction.logits None)."""
     frame = encoded.frame
     coords = frame.to_input(np.array([[x, y] for x, y, _ in clicks], np.float32))[None]
     labels = np.array([[1 if p else 0 for _, _, p in clicks]], np.int32)

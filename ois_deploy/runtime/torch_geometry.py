@@ -93,14 +93,10 @@ def feedback(logits_sxs: torch.Tensor, frame: Frame) -> torch.Tensor:
 
 def to_image(logits_sxs: torch.Tensor, frame: Frame, cut: float, with_logits: bool,
              strip_elements: int) -> tuple[np.ndarray, np.ndarray | None]:
-    """logits [1,1,S,S] -> (bool mask [H,W], float32 logits [H,W] or None) on the host. Without
-    logits the mask is made in row strips of at most strip_elements floats."""
+    """logits [1,1,S,S] -> (bool mask [H,W], float32 logits [H,W] or None) on the host. The mask
+    is made in row strips of at most strip_elements floats, as preprocess.mask_to_image does."""
     h, w = frame.resized
     crop = logits_sxs[0, 0, :h, :w]
-    if with_logits:
-        full = F.interpolate(crop[None, None], size=(frame.height, frame.width), mode="bilinear",
-                             align_corners=False)[0, 0]
-        return (full > cut).cpu().numpy(), full.cpu().numpy()
     mask = torch.empty((frame.height, frame.width), dtype=torch.bool, device=crop.device)
     step = max(1, strip_elements // frame.width)
     for start in range(0, frame.height, step):
@@ -109,4 +105,8 @@ def to_image(logits_sxs: torch.Tensor, frame: Frame, cut: float, with_logits: bo
         rows = crop[i0] + (crop[i1] - crop[i0]) * a[:, None]
         rows = F.interpolate(rows[None, None], size=(stop - start, frame.width), mode="bilinear", align_corners=False)
         torch.gt(rows[0, 0], cut, out=mask[start:stop])
-    return mask.cpu().numpy(), None
+    logits = None
+    if with_logits:
+        logits = F.interpolate(crop[None, None], size=(frame.height, frame.width), mode="bilinear",
+                               align_corners=False)[0, 0].cpu().numpy()
+    return mask.cpu().numpy(), logits
