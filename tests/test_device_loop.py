@@ -51,7 +51,7 @@ def session(runner, image, clicks, with_logits=True):
     for click in clicks:
         seq.append(click)
         prediction, prev = decode_clicks(runner, encoded, seq, prev, with_logits=with_logits)
-        out.append((prediction, torch.as_tensor(prev).numpy().copy()))
+        out.append((prediction, torch.as_tensor(prev).cpu().numpy().copy()))
     return out
 
 
@@ -164,3 +164,23 @@ def test_sat_host_memory_does_not_grow_with_prompts(runners):
     assert abs(peak(device, 64) - peak(device, 16)) < 2**20
     assert peak(device, 64) < 16 * s * s * 4  # less than the smaller host batch's empty mask
     assert peak(host, 64) - peak(host, 16) >= 0.9 * 48 * s * s * 4
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("name", list(images()))
+def test_gpu_loop_gives_the_host_loops_masks(runners, name):
+    """On a GPU: the image fitted there, CUDA graphs, the loop there; against the CPU host loop."""
+    import copy
+
+    _, host = runners
+    gpu = TorchRunner(copy.deepcopy(host.model), "cuda")
+    image = images()[name]
+    frame = Frame(*image.shape[:2], gpu.cfg.input_size)
+    fitted = fit_to_frame(torch.from_numpy(image).cuda(), frame).cpu().numpy()
+    assert np.abs(fitted - to_input(image, frame.size)[0]).max() <= 1
+    clicks = clicks_for(image)
+    for k, ((g, g_prev), (h, h_prev)) in enumerate(zip(session(gpu, image, clicks), session(host, image, clicks))):
+        assert iou(g.mask, h.mask) >= 0.999, f"click {k}"
+        np.testing.assert_allclose(g_prev, h_prev, atol=1e-3)
+    assert gpu.graphs is not None and gpu.graphs.graphs  # the clicks ran from CUDA graphs
