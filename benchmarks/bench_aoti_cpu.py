@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from bench_cpu import RESULTS, ensure_export, median_ms
+from bench_cpu import EXPORTS, RESULTS, ensure_export, median_ms
 
 from ois_deploy.errors import run_script
 from ois_deploy.export.aoti import build_packages
@@ -88,6 +88,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    EXPORTS.mkdir(parents=True, exist_ok=True)
     load_before = os.getloadavg()
     result = {
         "benchmark": "CPU decoder latency, aoti (AOTInductor) vs ONNX Runtime FP32 vs PyTorch eager, interleaved, median ms",

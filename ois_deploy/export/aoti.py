@@ -102,7 +102,8 @@ def export_graphs(model, device: str, max_clicks: int, max_prompts: int) -> dict
 def compile_package(exported, path: Path) -> None:
     from torch._inductor import aoti_compile_and_package
 
-    with warnings.catch_warnings():  # torch's own deprecation notices while it compiles
+    # Inductor freezes weights only with grad off: without no_grad, INDUCTOR_CONFIGS' freezing is ignored.
+    with warnings.catch_warnings(), torch.no_grad():  # and torch's own deprecation notices while it compiles
         warnings.simplefilter("ignore", FutureWarning)
         try:
             aoti_compile_and_package(exported, package_path=str(path), inductor_configs=dict(INDUCTOR_CONFIGS))  # it adds keys to the dict
