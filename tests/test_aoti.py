@@ -35,15 +35,6 @@ def cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "ois_deploy", *args], capture_output=True, text=True, timeout=timeout)
 
 
-def one_line_error(r: subprocess.CompletedProcess, *words: str) -> str:
-    assert r.returncode == 2, r.stderr
-    lines = [line for line in r.stderr.splitlines() if line.startswith("error:")]
-    assert len(lines) == 1 and "Traceback" not in r.stderr, r.stderr
-    for word in words:
-        assert word in lines[0], lines[0]
-    return lines[0]
-
-
 @pytest.fixture(scope="module")
 def built(tiny_export, tmp_path_factory):
     """A copy of the ois-tiny export with CPU FP32 packages, built through the CLI."""
@@ -187,13 +178,15 @@ def test_mismatched_packages_refused(built, tmp_path, edit, words):
 
 
 def test_refusals_from_the_cli(built, tmp_path):
+    from test_serve import assert_one_line_error
+
     folder = copy_with(built, tmp_path, lambda e: e.update(torch="2.0.0"))
-    one_line_error(cli("predict", "--backend", "aoti", "--model", str(folder), "--image", DEMO, "--click", CLICK,
+    assert_one_line_error(cli("predict", "--backend", "aoti", "--model", str(folder), "--image", DEMO, "--click", CLICK,
                        "--out", str(tmp_path / "m.png")), "do not fit", "torch")
     assert not (tmp_path / "m.png").exists()
-    one_line_error(cli("verify", str(built), "--backend", "aoti", "--precision", "fp16"), "no fp16 AOTInductor packages")
-    one_line_error(cli("build", str(built), "--engine", "aoti", "--device", "cpu", "--workspace", "2"), "--workspace")
-    one_line_error(cli("build", str(built), "--engine", "tpu"), "--engine")
+    assert_one_line_error(cli("verify", str(built), "--backend", "aoti", "--precision", "fp16"), "no fp16 AOTInductor packages")
+    assert_one_line_error(cli("build", str(built), "--engine", "aoti", "--device", "cpu", "--workspace", "2"), "--workspace")
+    assert_one_line_error(cli("build", str(built), "--engine", "tpu"), "--engine")
 
 
 def test_failed_probe_keeps_nothing(built, tmp_path):
