@@ -94,6 +94,7 @@ def main() -> None:
         "benchmark": "CPU decoder latency, aoti (AOTInductor) vs ONNX Runtime FP32 vs PyTorch eager, interleaved, median ms",
         "date": now_utc(),
         "machine": {**machine_info(), "cpu_isa_flags": cpu_isa_flags()},
+        "environment": {k: v for k, v in os.environ.items() if k.startswith(("OMP_", "GOMP_", "KMP_"))},  # OpenMP waiting
         "versions": tool_versions(),
         "results": [row for preset in args.presets for row in bench(preset, args.rounds, args.threads)],
     }
