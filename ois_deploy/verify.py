@@ -199,6 +199,8 @@ def verify(
     manifest = read_manifest(export_dir)
     if backend == "trt" and manifest.get("engines"):
         precisions = (manifest["engines"]["precision"],)  # engines exist for one precision
+    if backend == "aoti" and manifest.get("aoti") and not precisions:  # the precisions packages were built for
+        precisions = tuple(p for p in manifest["precisions"] if any(e["precision"] == p for e in manifest["aoti"].values()))
     precisions = precisions or tuple(manifest["precisions"])
     image_paths = list_images(images)
     step = progress or (lambda text: None)

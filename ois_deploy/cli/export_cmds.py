@@ -83,21 +83,51 @@ def export(
 @app.command()
 def build(
     folder: str = typer.Argument(..., help="Export folder (ois-deploy export --out DIR)."),
-    precision: str = typer.Option("fp16", "--precision", help="Which graphs to build from: fp16 or fp32."),
+    engine: str = typer.Option("trt", "--engine", help="trt (TensorRT engines) or aoti (AOTInductor packages)."),
+    device: Optional[str] = typer.Option(None, "--device", help="aoti: cpu or cuda (default: cuda if a GPU is seen); trt: cuda."),
+    precision: Optional[str] = typer.Option(None, "--precision", help="fp16 or fp32 (default: fp16; fp32 for aoti on a CPU)."),
     max_clicks: Optional[int] = typer.Option(None, "--max-clicks", help="Interactive profile: N up to this (default: the preset's)."),
     max_prompts: int = typer.Option(256, "--max-prompts", help="SAT profile: P up to this."),
-    timing_cache: Optional[str] = typer.Option(None, "--timing-cache", help="Timing cache file, reused and updated."),
-    workspace: Optional[float] = typer.Option(None, "--workspace", help="Builder workspace limit, GiB."),
-    opt_level: Optional[int] = typer.Option(None, "--opt-level", help="Builder optimisation level 0-5."),
-    rebuild: bool = typer.Option(False, "--rebuild", help="Build even if the recorded engines fit this machine."),
+    checkpoint: Optional[str] = typer.Option(None, "--checkpoint", "-c", help="aoti: the export's weights, where they are not found."),
+    timing_cache: Optional[str] = typer.Option(None, "--timing-cache", help="trt: timing cache file, reused and updated."),
+    workspace: Optional[float] = typer.Option(None, "--workspace", help="trt: builder workspace limit, GiB."),
+    opt_level: Optional[int] = typer.Option(None, "--opt-level", help="trt: builder optimisation level 0-5."),
+    rebuild: bool = typer.Option(False, "--rebuild", help="Build even if the recorded engines or packages fit this machine."),
 ):
-    """Build TensorRT engines (strongly typed) from the exported graphs; record them in the manifest."""
-    from ..export.tensorrt import build_engines
+    """Build TensorRT engines (strongly typed) or AOTInductor packages from an export; record them in the manifest."""
+    if engine not in ("trt", "aoti"):
+        raise UserError(f"--engine must be trt or aoti, not {engine!r}")
+    if device is None:
+        device = "cuda"
+        if engine == "aoti":
+            import torch
 
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+    precision = precision or ("fp32" if device == "cpu" else "fp16")
     if precision not in ("fp16", "fp32"):
         raise UserError(f"precision must be fp16 or fp32, not {precision!r}")
     console = console_for(None, stderr=True)
     bar, step, finish = progress_steps(console)
+    if engine == "aoti":
+        from ..export.aoti import build_packages
+
+        trt_only = {"--timing-cache": timing_cache, "--workspace": workspace, "--opt-level": opt_level}
+        given = [name for name, value in trt_only.items() if value is not None]
+        if given:
+            raise UserError(f"{', '.join(given)} apply to --engine trt only")
+        with bar:
+            manifest = build_packages(folder, device, precision, max_clicks, max_prompts, checkpoint, rebuild, progress=step)
+            finish()
+        p = manifest["aoti"][f"{device}-{precision}"]
+        console.print(f"AOTInductor packages in {folder}/aoti/{device}-{precision}: {', '.join(p['files'])} "
+                      f"({precision}, torch {p['torch']}, {p.get('gpu') or p.get('cpu')})")
+        return
+    from ..export.tensorrt import build_engines
+
+    if device != "cuda":
+        raise UserError("TensorRT engines are built for a CUDA GPU: --device cuda (or --engine aoti for a CPU)")
+    if checkpoint is not None:
+        raise UserError("--checkpoint applies to --engine aoti only (engines are built from the exported graphs)")
     with bar:
         manifest = build_engines(folder, precision, max_clicks, max_prompts, timing_cache, workspace, opt_level, rebuild,
                                  progress=step)

@@ -35,7 +35,7 @@ class RunnerSpec:
     model: str
     precision: str = "fp32"
     checkpoint: str | None = None
-    device: str | None = None  # torch: cpu/cuda; ort: auto/cpu/cuda/tensorrt (ONNX Runtime providers)
+    device: str | None = None  # torch, aoti: cpu/cuda; ort: auto/cpu/cuda/tensorrt (ONNX Runtime providers)
     threads: int = 0  # intra-op threads (0: the backend's default)
     order_attention: str | None = None  # override of the model's mode (torch backends; ablations)
 
@@ -53,6 +53,8 @@ BACKENDS: dict[str, Backend] = {
         Backend("ort-cuda", "ort_backend", True, True, ("fp32", "fp16"), "gpu", "ONNX Runtime, CUDA execution provider"),
         Backend("ort-trt", "ort_backend", True, True, ("fp32", "fp16"), "gpu", "ONNX Runtime, TensorRT execution provider"),
         Backend("trt", "trt_backend", True, True, ("fp32", "fp16"), "gpu", "TensorRT engines (ois-deploy build)"),
+        Backend("aoti", "aoti_backend", True, False, ("fp32", "fp16"), "export",
+                "AOTInductor packages (ois-deploy build --engine aoti), CPU or CUDA"),
         Backend("ort-web", "ort_web_backend", True, False, ("fp32", "fp16"), "dev",
                 "Decoder in headless Chromium through onnxruntime-web (WASM), encoder in ONNX Runtime; parity"),
     )

@@ -63,7 +63,8 @@ class _Entry:
 
 
 def _state_nbytes(runner: Runner, state) -> int:
-    sizes = [getattr(v, "nbytes", None) for v in state.values()]
+    tensors = state.values() if isinstance(state, dict) else state  # the torch-family runners' ImageState: a tuple
+    sizes = [getattr(v, "nbytes", None) for v in tensors]
     if all(isinstance(s, int) for s in sizes):
         return sum(sizes)
     return sum(a.nbytes for a in runner.state_to_numpy(state).values())  # device tensors
