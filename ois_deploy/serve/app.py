@@ -282,9 +282,10 @@ def normalize_origin(origin: str) -> str:
 
 
 def create_app(service, *, api_key: str | None = None, allow_origins=(), max_body_mb: float = 50,
-               read_timeout: float = 10, static_dir: Path | None = WEB_DIR) -> FastAPI:
-    """The API v1 app over `service`. static_dir (default: ois_deploy/web, the browser client)
-    is mounted at / after the API routes when it exists; None mounts nothing."""
+               read_timeout: float = 10, max_uploads: int = 8, static_dir: Path | None = WEB_DIR) -> FastAPI:
+    """The API v1 app over `service`. At most `max_uploads` upload bodies are received at once
+    (503 + Retry-After beyond). static_dir (default: ois_deploy/web, the browser client) is
+    mounted at / after the API routes when it exists; None mounts nothing."""
     if api_key is not None and not api_key.strip():
         raise UserError("the API key is empty: give a key, or none to serve without one")
     allow_origins = [normalize_origin(o) for o in allow_origins]
@@ -292,6 +293,7 @@ def create_app(service, *, api_key: str | None = None, allow_origins=(), max_bod
     max_clicks = DEFAULT_MAX_CLICKS if inspect.isawaitable(info) else info["max_clicks"]
     if inspect.iscoroutine(info):
         info.close()
+    uploads = anyio.Semaphore(max_uploads)
     metrics = Metrics()
     # No slash redirects: Starlette builds their Location from the Host header.
     app = FastAPI(title="ois-deploy", version=__version__, summary="Interactive segmentation: embed once, click many.",
@@ -305,9 +307,13 @@ def create_app(service, *, api_key: str | None = None, allow_origins=(), max_bod
                                              "BMP, TIFF, WebP).", "content": {"application/octet-stream": BINARY}}})
     async def post_image(request: Request):
         """Encode an image (once per content); returns its id."""
-        data = bytearray()
-        async for chunk in request.stream():
-            data += chunk
+        if uploads.value == 0:  # each upload holds its body in memory: a bounded number at once
+            return _json_response(503, f"the server is receiving {max_uploads} uploads; retry shortly",
+                                  {"Retry-After": "1", **CLOSE})
+        async with uploads:
+            data = bytearray()
+            async for chunk in request.stream():
+                data += chunk
         info = await service.add_image(bytes(data))
         if not info["cached"]:
             metrics.encoder.observe(info["encoder_ms"] / 1000)
@@ -377,9 +383,9 @@ def create_app(service, *, api_key: str | None = None, allow_origins=(), max_bod
     _error_handlers(app)
     # The last added is the outermost: Observe sees every response, CORS answers preflights
     # before the key is checked, the key before the body is read.
-    app.add_middleware(CancelOnDisconnect)
     app.add_middleware(BodyGuard, limits={("POST", "/v1/images"): int(max_body_mb * (1 << 20))},
                        read_timeout=read_timeout)
+    app.add_middleware(CancelOnDisconnect)  # outside BodyGuard: its watch waits without the body's timeout
     if api_key:
         app.add_middleware(ApiKey, key=api_key)
     app.add_middleware(Cors, allow_origins=allow_origins, allow_methods=["GET", "POST", "DELETE"],

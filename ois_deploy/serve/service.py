@@ -272,9 +272,10 @@ class SegmentationService:
             with self._run_lock:
                 prediction, prev = decode_clicks(self.runner, entry.encoded, seq[:k + 1], prev)
             new.append((tuple(seq[:k + 1]), prev))
+            with self._lock:
+                self.counters["decodes"] += 1  # as they run: a request stopped half-way counts what it ran
         decoder_ms = (time.perf_counter() - t0) * 1000
         with self._lock:
-            self.counters["decodes"] += len(new)
             if self._cache.get(image_id) is entry:  # still cached: keep the new prefixes
                 before = entry.nbytes
                 for key, p in new[-MAX_PREFIXES:]:
