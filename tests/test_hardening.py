@@ -289,6 +289,40 @@ def test_export_replaces_an_old_folder_whole_and_refuses_a_second_export(export_
     one_error(done.returncode, done.stderr, "its weights differ")
 
 
+KILLED_WRITER = """
+import os, signal, sys
+from pathlib import Path
+from ois_deploy import io
+target = Path(sys.argv[1])
+if sys.argv[2] == "between-renames":  # the old folder renamed aside, the new one not yet in
+    io.shutil.rmtree = lambda *a, **k: None
+    io.os.rename = lambda a, b, rename=os.rename: (rename(a, b), Path(b).name.startswith(".") and os.kill(os.getpid(), signal.SIGKILL))
+with io.staged_folder(target) as staging:
+    (staging / "half.onnx").write_bytes(b"half")
+    if sys.argv[2] == "writing":
+        os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+@pytest.mark.parametrize("when", ["writing", "between-renames"])
+def test_a_killed_writer_leaves_nothing_after_the_next_export(when, tmp_path):
+    """SIGKILL cannot be caught: the staging folder (or the old folder renamed aside) stays. The
+    next write into the same place removes it, and puts an old folder aside back first (seen
+    here through a next write that fails: the old folder is what is left)."""
+    target = tmp_path / "out"
+    target.mkdir()
+    (target / "old.txt").write_text("old")
+    killed = subprocess.run([sys.executable, "-c", KILLED_WRITER, str(target), when], capture_output=True, text=True,
+                            timeout=120)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    assert [p for p in listing(tmp_path) if p.startswith(".out.") and "/" not in p]  # left behind
+    with pytest.raises(KeyboardInterrupt):
+        with staged_folder(target) as staging:
+            (staging / "new.txt").write_text("new")
+            raise KeyboardInterrupt
+    assert listing(tmp_path) == ["out", "out/old.txt"]
+
+
 def test_staged_folder_keeps_the_old_folder_on_an_error(tmp_path):
     target = tmp_path / "out"
     target.mkdir()
