@@ -283,9 +283,11 @@ def normalize_origin(origin: str) -> str:
 
 def create_app(service, *, api_key: str | None = None, allow_origins=(), max_body_mb: float = 50,
                read_timeout: float = 10, max_uploads: int = 8, static_dir: Path | None = WEB_DIR) -> FastAPI:
-    """The API v1 app over `service`. At most `max_uploads` upload bodies are received at once
-    (503 + Retry-After beyond). static_dir (default: ois_deploy/web, the browser client) is
-    mounted at / after the API routes when it exists; None mounts nothing."""
+    """The API v1 app over `service`. Upload bodies held at once (received or waiting to be
+    encoded) total at most `max_uploads` x `max_body_mb` (503 + Retry-After beyond): a byte
+    budget, so that bodies trickled in by slow clients do not use it up. static_dir (default:
+    ois_deploy/web, the browser client) is mounted at / after the API routes when it exists;
+    None mounts nothing."""
     if api_key is not None and not api_key.strip():
         raise UserError("the API key is empty: give a key, or none to serve without one")
     allow_origins = [normalize_origin(o) for o in allow_origins]
@@ -293,7 +295,7 @@ def create_app(service, *, api_key: str | None = None, allow_origins=(), max_bod
     max_clicks = DEFAULT_MAX_CLICKS if inspect.isawaitable(info) else info["max_clicks"]
     if inspect.iscoroutine(info):
         info.close()
-    uploads = anyio.Semaphore(max_uploads)
+    upload_budget, held = max_uploads * int(max_body_mb * (1 << 20)), [0]
     metrics = Metrics()
     # No slash redirects: Starlette builds their Location from the Host header.
     app = FastAPI(title="ois-deploy", version=__version__, summary="Interactive segmentation: embed once, click many.",
@@ -307,14 +309,17 @@ def create_app(service, *, api_key: str | None = None, allow_origins=(), max_bod
                                              "BMP, TIFF, WebP).", "content": {"application/octet-stream": BINARY}}})
     async def post_image(request: Request):
         """Encode an image (once per content); returns its id."""
-        if uploads.value == 0:  # each upload holds its body in memory: a bounded number at once
-            return _json_response(503, f"the server is receiving {max_uploads} uploads; retry shortly",
-                                  {"Retry-After": "1", **CLOSE})
-        async with uploads:
-            data = bytearray()
+        data = bytearray()
+        try:  # upload bodies are held in memory until encoded: a byte budget for all of them at once
             async for chunk in request.stream():
+                if held[0] + len(chunk) > upload_budget:
+                    return _json_response(503, "the server is holding as many uploads as it may; retry shortly",
+                                          {"Retry-After": "1", **CLOSE})
+                held[0] += len(chunk)
                 data += chunk
-        info = await service.add_image(bytes(data))
+            info = await service.add_image(bytes(data))
+        finally:
+            held[0] -= len(data)
         if not info["cached"]:
             metrics.encoder.observe(info["encoder_ms"] / 1000)
         return info
