@@ -488,9 +488,31 @@ def png_header_only(path: Path, width: int, height: int) -> Path:
     return path
 
 
+def test_a_jpeg_with_a_trailer_is_read_and_other_formats_are_named(tmp_path, capsys):
+    """Data after a JPEG's end marker (a phone's motion-photo video) is not truncation: predict
+    reads the image before it, as without the trailer. A truncated JPEG is still refused, and a
+    format that is not read is named (not "corrupt")."""
+    ok, jpeg = cv2.imencode(".jpg", np.random.default_rng(0).integers(0, 256, (90, 160, 3), dtype=np.uint8))
+    plain, trailed = tmp_path / "plain.jpg", tmp_path / "motion.jpg"
+    plain.write_bytes(jpeg.tobytes())
+    trailed.write_bytes(jpeg.tobytes() + b"\x00\x00\x00\x18ftypmp42" + bytes(5000))
+    for image in (plain, trailed):
+        code, _, err = run(["predict", "-i", str(image), "--click", "80,45,+", "-o", str(tmp_path / f"{image.stem}.png"),
+                            "--backend", "torch"], capsys)
+        assert code == 0, err
+    assert np.array_equal(cv2.imread(str(tmp_path / "plain.png")), cv2.imread(str(tmp_path / "motion.png")))
+    cut = tmp_path / "cut.jpg"
+    cut.write_bytes(jpeg.tobytes()[: len(jpeg) * 3 // 4])
+    Image.new("RGB", (16, 16)).save(tmp_path / "icon.ico")
+    for image, words in ((cut, ("truncated",)), (tmp_path / "icon.ico", ("ICO", "not supported"))):
+        code, _, err = run(["predict", "-i", str(image), "--click", "1,1,+", "-o", str(tmp_path / "m.png")], capsys)
+        one_error(code, err, *words)
+
+
 def test_image_pixel_limits_on_every_command(tmp_path, tiny_export, dataset, capsys):
     for width, height, words in ((12000, 9000, ("12000x9000", "over the limit of 100,000,000")),
-                                 (40000, 40000, ("too large to read safely",))):  # Pillow's own limit
+                                 (40000, 40000, ("too large to read safely",)),  # Pillow's own limit
+                                 (2_000_000, 1, ("2000000x1", "too wide"))):  # OpenCV's widest
         huge = png_header_only(tmp_path / "huge.png", width, height)
         code, _, err = run(["predict", "-i", str(huge), "--click", "1,1,+", "-o", str(tmp_path / "m.png")], capsys)
         one_error(code, err, *words)

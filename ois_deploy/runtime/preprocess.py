@@ -95,7 +95,7 @@ def image_header(data: bytes, name: str = "image") -> tuple[int, int, int]:
                                     f"{'wide' if img.width > MAX_SIDE else 'tall'} to decode")
             return img.width, img.height, orientation if orientation in range(1, 9) else 1
     except Image.DecompressionBombError as e:
-        raise ImageTooLarge(f"{name} is too large to read: {e}") from None
+        raise ImageTooLarge(f"{name} is too large to read safely: {e}") from None
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError):
         raise UserError(f"cannot read {name}: not a supported image file ({SUPPORTED})") from None
 
