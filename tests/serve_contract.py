@@ -434,7 +434,8 @@ def test_page_and_client_are_open_behind_the_key(keyed_server):
         assert anonymous.get("/ois-client.js").status_code == 200
         assert anonymous.get("/demo.png").headers["content-type"] == "image/png"
         assert anonymous.get("/openapi.json").status_code == 200
-        assert_error(anonymous.get("/v1/model"), 401)
+        for path in ("/v1/model", "/metrics", "/anything-else", "/../manifest.json"):  # closed unless open by name
+            assert_error(anonymous.get(path), 401)
 
 
 def test_cors(keyed_server):

@@ -41,7 +41,9 @@ from .service import ApiError
 log = logging.getLogger("ois_deploy.serve")
 
 WEB_DIR = Path(__file__).resolve().parents[1] / "web"  # the browser client, mounted at / when present
-PROTECTED = ("/v1/", "/metrics")  # path prefixes that need the API key; the page, health and schema stay open
+# Open without the API key (every other path needs it, routes added later included): health, the
+# schema, and the browser page's files (mount_static), which hold no data.
+OPEN_PATHS = ("/healthz", "/readyz", "/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc", "/demo.png")
 JSON_BODY_BYTES = 64 * 1024  # any route but uploads: 24 clicks are under 2 KiB
 MIN_BODY_RATE = 16 * 1024  # bytes/s a body must average once it has taken longer than the read timeout
 DEFAULT_MAX_CLICKS = 24  # the schema's bound when the service's model_info() is async (unknown here)
@@ -203,15 +205,23 @@ class CancelOnDisconnect:
 
 
 class ApiKey:
-    """Authorization: Bearer KEY (the scheme in any case) on the API and metrics routes, compared
-    in constant time. Open: the browser page and its files (it sends the key from its URL's
-    #key=...), /healthz, /readyz, the schema, and CORS preflights (sent without credentials)."""
+    """Authorization: Bearer KEY (the scheme in any case), compared in constant time, on every
+    path but OPEN_PATHS, the files of `static_dir` (the page, which sends the key from its URL's
+    #key=...) and CORS preflights (sent without credentials): a route added later is closed."""
 
-    def __init__(self, app, key: str):
-        self.app, self.key = app, key.encode()
+    def __init__(self, app, key: str, static_dir: Path | None):
+        self.app, self.key, self.static_dir = app, key.encode(), static_dir
+
+    def _open(self, path: str) -> bool:
+        if path in OPEN_PATHS:
+            return True
+        if self.static_dir is None:
+            return False
+        name = os.path.normpath(path.lstrip("/") or "index.html")
+        return not name.startswith("..") and (Path(self.static_dir) / name).is_file()
 
     async def __call__(self, scope, receive, send):
-        if scope["type"] == "http" and scope["path"].startswith(PROTECTED) and scope["method"] != "OPTIONS":
+        if scope["type"] == "http" and scope["method"] != "OPTIONS" and not self._open(scope["path"]):
             scheme, _, given = dict(scope["headers"]).get(b"authorization", b"").strip().partition(b" ")
             if not (scheme.lower() == b"bearer" and hmac.compare_digest(given.strip(), self.key)):
                 response = _json_response(401, "missing or wrong API key: send Authorization: Bearer KEY",
@@ -392,7 +402,7 @@ def create_app(service, *, api_key: str | None = None, allow_origins=(), max_bod
                        read_timeout=read_timeout)
     app.add_middleware(CancelOnDisconnect)  # outside BodyGuard: its watch waits without the body's timeout
     if api_key:
-        app.add_middleware(ApiKey, key=api_key)
+        app.add_middleware(ApiKey, key=api_key, static_dir=static_dir)
     app.add_middleware(Cors, allow_origins=allow_origins, allow_methods=["GET", "POST", "DELETE"],
                        allow_headers=["Authorization", "Content-Type"])
     app.add_middleware(Observe, metrics=metrics)
