@@ -95,9 +95,9 @@ def send_until_answered(sock: socket.socket, head: bytes, chunks, seconds: float
 
 @pytest.fixture(scope="module")
 def guarded(tiny_export):
-    """A server with a short read timeout, no queue (2 model slots on a 2-core runner, or one per
-    core), and an origin given with a trailing slash."""
-    proc, url = start(tiny_export, "--read-timeout", str(READ_TIMEOUT), "--max-queue", "0",
+    """A server with a short read timeout, no queue (one model slot per core), uploads of at most
+    1 MB, and an origin given with a trailing slash."""
+    proc, url = start(tiny_export, "--read-timeout", str(READ_TIMEOUT), "--max-queue", "0", "--max-body-mb", "1",
                       "--allow-origin", "http://allowed.example/")
     yield proc, url
     code, log = stop(proc), proc.stderr.read()
@@ -149,6 +149,27 @@ def test_a_40_mb_header_gets_431_and_holds_no_memory(guarded):
     assert all(status_of(a) == 431 for a in answers)
     assert rss_mb(proc.pid) - before < 50
     assert httpx.get(f"{url}/healthz").status_code == 200
+
+
+def test_upload_bodies_held_at_once_are_bounded(guarded):
+    """Upload bodies are held until encoded: 8 x --max-body-mb of them at once. With eight nearly
+    whole 1 MB bodies held, a ninth upload gets 503 + Retry-After; once they go, it is taken."""
+    _, url = guarded
+    data, _ = scene(16)
+    part = b"\x89PNG" + bytes((1 << 20) - 1000)
+    held = [socket.create_connection(address(url)) for _ in range(8)]
+    try:
+        for sock in held:  # all but the last bytes, then nothing (for less than the read timeout)
+            sock.sendall(f"POST /v1/images HTTP/1.1\r\nHost: x\r\nContent-Length: {len(part) + 10}\r\n\r\n".encode()
+                         + part)
+        time.sleep(0.3)
+        r = httpx.post(f"{url}/v1/images", content=data)
+        assert r.status_code == 503 and r.headers["retry-after"] == "1" and "retry" in r.json()["error"]
+    finally:
+        for sock in held:
+            sock.close()
+    time.sleep(0.3)
+    assert httpx.post(f"{url}/v1/images", content=data).status_code == 200
 
 
 def test_idle_and_slow_sockets_are_closed_after_the_read_timeout(guarded):

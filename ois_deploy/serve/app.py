@@ -305,7 +305,7 @@ def create_app(service, *, api_key: str | None = None, allow_origins=(), max_bod
     max_clicks = DEFAULT_MAX_CLICKS if inspect.isawaitable(info) else info["max_clicks"]
     if inspect.iscoroutine(info):
         info.close()
-    upload_budget, held = max_uploads * int(max_body_mb * (1 << 20)), [0]
+    upload_budget, held = max_uploads * int(max_body_mb * (1 << 20)), 0  # bytes of upload bodies held now
     metrics = Metrics()
     # No slash redirects: Starlette builds their Location from the Host header.
     app = FastAPI(title="ois-deploy", version=__version__, summary="Interactive segmentation: embed once, click many.",
@@ -319,17 +319,18 @@ def create_app(service, *, api_key: str | None = None, allow_origins=(), max_bod
                                              "BMP, TIFF, WebP).", "content": {"application/octet-stream": BINARY}}})
     async def post_image(request: Request):
         """Encode an image (once per content); returns its id."""
+        nonlocal held
         data = bytearray()
         try:  # upload bodies are held in memory until encoded: a byte budget for all of them at once
             async for chunk in request.stream():
-                if held[0] + len(chunk) > upload_budget:
+                if held + len(chunk) > upload_budget:
                     return _json_response(503, "the server is holding as many uploads as it may; retry shortly",
                                           {"Retry-After": "1", **CLOSE})
-                held[0] += len(chunk)
+                held += len(chunk)
                 data += chunk
             info = await service.add_image(bytes(data))
         finally:
-            held[0] -= len(data)
+            held -= len(data)
         if not info["cached"]:
             metrics.encoder.observe(info["encoder_ms"] / 1000)
         return info
