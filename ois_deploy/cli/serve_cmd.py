@@ -75,7 +75,8 @@ def serve(
     # The URL on stdout, flushed: scripts and tests read it (the socket already listens).
     print(f"serving {runner.cfg.name} ({runner.name} {runner.precision}) at {url_of(sock)}", flush=True)
     try:
-        run_uvicorn(asgi_app, sock, head_timeout=read_timeout, max_connections=max_connections)
+        run_uvicorn(asgi_app, sock, head_timeout=read_timeout, keep_alive_timeout=read_timeout,
+                    max_connections=max_connections)
     finally:
         service.close()
     print("stopped", file=sys.stderr)

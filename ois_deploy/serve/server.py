@@ -128,7 +128,8 @@ def guarded_protocol(head_timeout: float, max_connections: int):
 
         def _make_room(self) -> None:
             """Over the cap: close the connection idle the longest, this one if none is idle."""
-            idle = [c for c in self.connections if not c._busy() and not c.transport.is_closing()]
+            idle = [c for c in self.connections if isinstance(c, GuardedH11Protocol) and not c._busy()
+                    and not c.transport.is_closing()]
             victim = min(idle, key=lambda c: c._idle_since, default=self)
             victim.transport.close()
 
@@ -147,7 +148,7 @@ def run_uvicorn(asgi_app, sock: socket.socket, *, head_timeout: float = 10, keep
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: None)
     config = uvicorn.Config(
-        asgi_app, log_level="warning", access_log=False,
+        asgi_app, log_level="warning", access_log=False, ws="none",  # no WebSocket routes: no upgrades
         http=guarded_protocol(head_timeout, connection_cap(max_connections)),
         h11_max_incomplete_event_size=MAX_HEAD_BYTES,
         timeout_keep_alive=max(1, round(keep_alive_timeout)), timeout_graceful_shutdown=round(graceful_timeout))
