@@ -15,8 +15,14 @@ Runs, each on a fresh server (`python -m ois_deploy serve MODEL --port 0`):
   sigkill:       the server is killed with SIGKILL mid-run and restarted on the same port;
                  clients retry (connection errors, then 404 -> post again): masks identical;
   burst:         uploads only, many distinct images at once, small cache: peak RSS against the
-                 cache bound.
-Every mask is hashed; runs are compared mask for mask with the in-process run.
+                 cache bound;
+  hostile:       the clients beside attackers (issue 33): 48 MB click bodies (with Content-Length
+                 and chunked), 40 MB headers, sockets sending their head a line a second and
+                 bodies a byte at a time, 24-click requests abandoned after 0.1 s, and mask
+                 requests on a 6000x6000 image from several threads at once; first the same
+                 clients alone on the same server settings ("calm"), for their p99 side by side.
+Every mask is hashed; runs are compared mask for mask with the in-process run. `--runs` picks
+the runs (default: all).
 
 Another deployment (Ray Serve) reuses the client side: `--url URL --label NAME` runs the http
 runs against a server that is already running (no start, kill or RSS unless --server-pid).
@@ -88,6 +94,7 @@ class Record:
     errors: list = field(default_factory=list)
     reuploads: int = 0
     connection_retries: int = 0
+    busy_retries: int = 0  # 503 + Retry-After, waited and retried
     masks: dict = field(default_factory=dict)  # "session:click" -> digest
     lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -149,7 +156,13 @@ def http_work(url: str, clicks: int, deadline: float, on_click=None):
                 time.sleep(0.2)
 
     def upload(s: Session, record: Record) -> str:
-        r, ms = call("POST", "/v1/images", record, content=s.data)
+        while True:
+            r, ms = call("POST", "/v1/images", record, content=s.data)
+            if r.status_code != 503 or "retry-after" not in r.headers:
+                break
+            with record.lock:
+                record.busy_retries += 1
+            time.sleep(float(r.headers["retry-after"]))
         if r.status_code != 200:
             raise RuntimeError(f"upload: {r.status_code} {r.text}")
         with record.lock:
@@ -168,6 +181,11 @@ def http_work(url: str, clicks: int, deadline: float, on_click=None):
                     with record.lock:
                         record.reuploads += 1
                     image_id = upload(s, record)
+                    continue
+                if r.status_code == 503 and "retry-after" in r.headers:  # queue full: as a client should
+                    with record.lock:
+                        record.busy_retries += 1
+                    time.sleep(float(r.headers["retry-after"]))
                     continue
                 if r.status_code != 200:
                     raise RuntimeError(f"click {k + 1}: {r.status_code} {r.text}")
@@ -280,7 +298,8 @@ def summarise(label: str, kind: str, clients: int, record: Record, seconds: floa
               "click_ms": percentiles(record.click_ms), "upload_ms": percentiles(record.upload_ms),
               **({"http_overhead_ms": percentiles(record.overhead_ms)} if record.overhead_ms else {}),
               "errors": len(record.errors), "error_messages": record.errors[:5], "reuploads": record.reuploads,
-              "connection_retries": record.connection_retries, "decodes": record.decodes, **extra}
+              "connection_retries": record.connection_retries, "busy_retries": record.busy_retries,
+              "decodes": record.decodes, **extra}
     metrics = extra.get("server_metrics") or {}
     hits, misses = metrics.get("ois_cache_hits_total"), metrics.get("ois_cache_misses_total")
     if hits is not None and misses is not None and hits + misses:
@@ -391,6 +410,153 @@ def burst_run(model, sessions, clients, cache_mb, deadline) -> dict:
     return result
 
 
+# -- the hostile run ---------------------------------------------------------------------------------
+def _address(url: str) -> tuple[str, int]:
+    host, port = url.removeprefix("http://").rsplit(":", 1)
+    return host, int(port)
+
+
+def _raw(url: str, head: bytes, parts, seconds: float = 10) -> int:
+    """Send a request head and body parts on a raw socket until the server answers or closes;
+    the answer's status (0: closed without one)."""
+    import socket
+
+    with socket.create_connection(_address(url), timeout=seconds) as sock:
+        try:
+            sock.sendall(head)
+            for part in parts:
+                if select.select([sock], [], [], 0)[0]:
+                    break  # answered already
+                sock.sendall(part)
+        except OSError:
+            pass
+        try:
+            answer = sock.recv(64)
+        except OSError:
+            answer = b""
+    return int(answer.split(b" ", 2)[1]) if answer.startswith(b"HTTP/1.1 ") else 0
+
+
+def _slow_socket(url: str, stop: threading.Event, body: bool) -> dict:
+    """A socket that sends its head a line a second (body=False) or its body a byte a second,
+    reconnecting whenever the server closes it: how long each lasted."""
+    import socket
+
+    lasted = []
+    while not stop.is_set():
+        start = time.monotonic()
+        try:
+            with socket.create_connection(_address(url), timeout=30) as sock:
+                sock.sendall(b"POST /v1/images HTTP/1.1\r\nHost: x\r\n")
+                if body:
+                    sock.sendall(b"Content-Length: 100000\r\n\r\n")
+                while not stop.is_set():
+                    sock.sendall(b"a" if body else b"X-Slow: 1\r\n")
+                    if select.select([sock], [], [], 1)[0] and not sock.recv(1024):
+                        break
+        except OSError:
+            pass
+        lasted.append(time.monotonic() - start)
+    return {"connections": len(lasted), "longest_s": round(max(lasted, default=0), 1)}
+
+
+def _attack(name: str, stop: threading.Event, results: dict, attempt) -> None:
+    """attempt() -> status, over and over until stop: the statuses seen, counted."""
+    counts: dict = {}
+    while not stop.is_set():
+        try:
+            status = attempt()
+        except Exception as e:  # noqa: BLE001  (an attacker's error is a result too)
+            status = type(e).__name__
+        counts[status] = counts.get(status, 0) + 1
+    results[name] = counts
+
+
+def _big_image(side: int) -> bytes:
+    image = np.zeros((side, side, 3), np.uint8)
+    cv2.circle(image, (side // 2, side // 2), side // 3, (200, 60, 40), -1)
+    return cv2.imencode(".png", image)[1].tobytes()
+
+
+def hostile_run(label, model, sessions, clients, clicks, deadline, server_args, big_side=6000, big_threads=2):
+    """The legitimate clients alone ("calm"), then beside the attackers ("hostile"), each on a
+    fresh server with the same arguments."""
+    import httpx
+
+    calm, calm_record = http_run(f"{label}calm", model, sessions, clients, clicks, deadline, server_args)
+    server = ServerProcess(model, server_args)
+    url, stop, attacks = server.url, threading.Event(), {}
+    big_id = httpx.post(f"{url}/v1/images", content=_big_image(big_side), timeout=300).json()["image_id"]
+    rss_warm = server.status_mb("VmRSS")
+    masks = f"/v1/images/{big_id}/masks"
+    clicks48 = b'{"clicks": [' + b'{"x": 1, "y": 1, "positive": true}, ' * 30_000
+    json_head = f"POST {masks} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+    rng = np.random.default_rng(0)
+
+    def oversized():
+        return _raw(url, f"{json_head}Content-Length: {48 << 20}\r\n\r\n".encode(), [clicks48[:1 << 20]] * 48)
+
+    def oversized_chunked():
+        chunk = b"%x\r\n" % (1 << 20) + clicks48[:1 << 20] + b"\r\n"
+        return _raw(url, f"{json_head}Transfer-Encoding: chunked\r\n\r\n".encode(), [chunk] * 48)
+
+    def huge_header():
+        return _raw(url, b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Big: ", [b"a" * (1 << 20)] * 40)
+
+    def abandoned():
+        import socket
+
+        body = ('{"clicks": [' + ", ".join(f'{{"x": {x}, "y": {y}}}' for x, y in
+                                           rng.integers(0, big_side, (24, 2)).tolist()) + "]}").encode()
+        with socket.create_connection(_address(url)) as sock:
+            sock.sendall(f"{json_head}Content-Length: {len(body)}\r\n\r\n".encode() + body)
+            time.sleep(0.1)
+        time.sleep(0.5)
+        return "abandoned"
+
+    def big_click():
+        x, y = rng.integers(0, big_side, 2).tolist()
+        r = httpx.post(f"{url}{masks}", json={"clicks": [{"x": x, "y": y}]}, timeout=300)
+        return r.status_code
+
+    threads = [threading.Thread(target=_attack, args=(name, stop, attacks, fn)) for name, fn in
+               [("oversized_click_body", oversized), ("oversized_chunked_click_body", oversized_chunked),
+                ("header_40mb", huge_header), ("abandoned_24_click_requests", abandoned),
+                *[(f"big_image_clicks_{i}", big_click) for i in range(big_threads)]]]
+    slow = {}
+    for i in range(8):
+        threads.append(threading.Thread(target=lambda i=i: slow.update({f"slow_head_{i}": _slow_socket(url, stop, False)})))
+        threads.append(threading.Thread(target=lambda i=i: slow.update({f"slow_body_{i}": _slow_socket(url, stop, True)})))
+    for t in threads:
+        t.start()
+    try:
+        record, seconds = run_clients(sessions, clients, http_work(url, clicks, deadline))
+        peak = server.status_mb("VmHWM")
+        metrics = scrape(url)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(120)
+        code = server.stop()
+    big = {k: v for k, v in attacks.items() if k.startswith("big_image")}
+    attacks = {k: v for k, v in attacks.items() if not k.startswith("big_image")}
+    attacks["big_image_clicks"] = {str(status): sum(c.get(status, 0) for c in big.values())
+                                   for status in {s for c in big.values() for s in c}}
+    attacks["slow_heads"] = {"sockets": 8, "connections": sum(v["connections"] for k, v in slow.items() if "head" in k),
+                             "longest_s": max(v["longest_s"] for k, v in slow.items() if "head" in k)}
+    attacks["slow_bodies"] = {"sockets": 8, "connections": sum(v["connections"] for k, v in slow.items() if "body" in k),
+                              "longest_s": max(v["longest_s"] for k, v in slow.items() if "body" in k)}
+    if record.errors:
+        print("\n".join(record.errors[:5]), flush=True)
+    hostile = summarise(f"{label}hostile", "http", clients, record, seconds, server_args=server_args,
+                        server_peak_rss_mb=round(peak, 1), server_warm_rss_mb=round(rss_warm, 1),
+                        server_exit_code=code, server_metrics=metrics, big_image=f"{big_side}x{big_side}",
+                        big_image_threads=big_threads, attacks={k: {str(s): n for s, n in v.items()} if isinstance(v, dict)
+                                                                else v for k, v in attacks.items()})
+    print(f"{'attacks':>14}: {attacks}", flush=True)
+    return calm, calm_record, hostile, record
+
+
 def model_identity(model: str | None) -> dict:
     from ois_deploy.contract import is_export_folder, read_manifest
 
@@ -411,6 +577,11 @@ def main() -> None:
     ap.add_argument("--small-cache-mb", type=float, default=1, help="The small-cache run's bound (under one state).")
     ap.add_argument("--fault-clients", type=int, default=4, help="Clients of the small-cache and sigkill runs.")
     ap.add_argument("--burst", type=int, default=128, help="Uploads of the burst run (0: no burst run).")
+    ap.add_argument("--runs", default="clients,small-cache,slow-clients,sigkill,burst,hostile",
+                    help="Which runs (comma-separated): clients (http-C and inprocess-C), small-cache, slow-clients, "
+                         "sigkill, burst, hostile. The in-process run of the first client count always runs (reference).")
+    ap.add_argument("--hostile-args", default="--read-timeout 2",
+                    help="Extra server arguments of the hostile run (and its calm twin).")
     ap.add_argument("--url", help="Run the http runs against this running server instead (no faults, no in-process).")
     ap.add_argument("--server-pid", type=int, help="With --url: the server's process id, for its peak RSS.")
     ap.add_argument("--label", default="", help="Prefix of the run labels (e.g. ray-2).")
@@ -439,11 +610,16 @@ def main() -> None:
         if not is_export_folder(args.model):
             raise UserError(f"{args.model} is not an export folder: ois-deploy export --preset ois-tiny --out {args.model}")
         server_args = ["--threads", str(args.threads), "--cache-mb", str(args.cache_mb)]
+        chosen = set(args.runs.split(","))
         runner = open_runner(RunnerSpec("ort", args.model, "fp32", threads=args.threads))
-        for c in clients:
+        for i, c in enumerate(clients):
+            if i and "clients" not in chosen:
+                break
             record, seconds = run_clients(sessions, c, inprocess_work(runner, args.clicks))
             records[f"inprocess-{c}"] = record
             runs.append(summarise(f"{prefix}inprocess-{c}", "inprocess", c, record, seconds))
+            if "clients" not in chosen:
+                continue
             result, records[f"http-{c}"] = http_run(f"{prefix}http-{c}", args.model, sessions, c, args.clicks, deadline,
                                                     server_args)
             result["masks_vs_inprocess"] = same_masks(records[f"http-{c}"], records[f"inprocess-{c}"])
@@ -452,18 +628,22 @@ def main() -> None:
         reference = records[f"inprocess-{clients[0]}"]
         fc = args.fault_clients
         small = ["--threads", str(args.threads), "--cache-mb", str(args.small_cache_mb)]
-        result, record = http_run(f"{prefix}small-cache", args.model, sessions, fc, args.clicks, deadline, small)
-        result["masks_vs_inprocess"] = same_masks(record, reference)
-        runs.append(result)
-        result, record = http_run(f"{prefix}slow-clients", args.model, sessions, fc, args.clicks, deadline, server_args,
-                                  slow_clients=2)
-        result["masks_vs_inprocess"] = same_masks(record, reference)
-        runs.append(result)
-        result, record = http_run(f"{prefix}sigkill", args.model, sessions, fc, args.clicks, deadline, server_args,
-                                  kill_after=0.4)
-        result["masks_vs_inprocess"] = same_masks(record, reference)
-        runs.append(result)
-        if args.burst:
+        faults = {"small-cache": dict(server_args=small), "slow-clients": dict(slow_clients=2),
+                  "sigkill": dict(kill_after=0.4)}
+        for name, options in faults.items():
+            if name in chosen:
+                options = {"server_args": server_args, **options}
+                result, record = http_run(f"{prefix}{name}", args.model, sessions, fc, args.clicks, deadline, **options)
+                result["masks_vs_inprocess"] = same_masks(record, reference)
+                runs.append(result)
+        if "hostile" in chosen:
+            hostile_args = [*server_args, *args.hostile_args.split()]
+            calm, calm_record, hostile, hostile_record = hostile_run(prefix, args.model, sessions, fc, args.clicks,
+                                                                     deadline, hostile_args)
+            for result, record in ((calm, calm_record), (hostile, hostile_record)):
+                result["masks_vs_inprocess"] = same_masks(record, reference)
+                runs.append(result)
+        if args.burst and "burst" in chosen:
             runs.append(burst_run(args.model, make_sessions(args.burst, seed=1), 16, 16, deadline))
 
     by_label = {r["label"]: r for r in runs}
@@ -477,6 +657,13 @@ def main() -> None:
     one, four = by_label.get(f"{prefix}http-1"), by_label.get(f"{prefix}http-4")
     if one and four:
         summary["http_clicks_per_s_4_vs_1"] = round(four["clicks_per_s"] / one["clicks_per_s"], 2)
+    calm, hostile = by_label.get(f"{prefix}calm"), by_label.get(f"{prefix}hostile")
+    if calm and hostile:
+        summary["hostile"] = {"errors": hostile["errors"], "click_p99_ms_calm": calm["click_ms"]["p99"],
+                              "click_p99_ms_hostile": hostile["click_ms"]["p99"],
+                              "server_peak_rss_mb_calm": calm["server_peak_rss_mb"],
+                              "server_peak_rss_mb_hostile": hostile["server_peak_rss_mb"],
+                              "masks_identical": hostile["masks_vs_inprocess"]["all_identical"]}
     summary["errors"] = sum(r["errors"] for r in runs)
     versions = tool_versions()
     result = {"date": now_utc(), "machine": machine_info(), "versions": versions,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 import signal
 import sys
@@ -250,6 +251,20 @@ def replace_folder(staging: Path, target: Path) -> None:
             os.rename(staging, target)
 
 
+def _remove_stale_staging(target: Path) -> None:
+    """Folders a killed writer (SIGKILL, power loss) left beside `target`: with the lock held,
+    no one else is writing them. Killed between the two renames of replace_folder, the old
+    folder is aside and `target` missing: it is put back first."""
+    made_here = re.compile(rf"\.{re.escape(target.name)}\.(old\.)?[a-z0-9_]{{8}}")  # mkdtemp's names
+    leftovers = [p for p in target.parent.iterdir() if made_here.fullmatch(p.name) and p.is_dir()]
+    aside = [p for p in leftovers if p.name.startswith(f".{target.name}.old.")]
+    if aside and not target.exists():
+        os.rename(aside[0], target)
+        leftovers.remove(aside[0])
+    for path in leftovers:
+        shutil.rmtree(path, ignore_errors=True)
+
+
 @contextlib.contextmanager
 def staged_folder(target: str | Path):
     """Yield a temp folder beside `target` to write into; on success it replaces `target`
@@ -257,6 +272,7 @@ def staged_folder(target: str | Path):
     it was. Holds folder_lock(target) throughout."""
     target = Path(target)
     with folder_lock(target):
+        _remove_stale_staging(target)
         staging = staging_dir_beside(target)
         try:
             yield staging

@@ -307,6 +307,9 @@ def test_model_info_and_decoder_graphs(server, api):
         assert sha256_file(server.export_dir / name) == manifest["graphs"][name]["sha256"]
     for name in ("encoder.onnx", "manifest.json", "..%2Fmanifest.json", "%2E%2E", "decoder.onnx.bak"):
         assert_error(api.get(f"/v1/model/{name}"), 404)
+    # No path of the exporting machine: the weights file by name only.
+    assert info["manifest"]["weights"]["path"] == Path(manifest["weights"]["path"]).name
+    assert str(Path(manifest["weights"]["path"]).parent) not in json.dumps(info)
 
 
 # -- bad requests ----------------------------------------------------------------------------
@@ -317,6 +320,39 @@ def test_bad_images(api):
     assert_error(api.post("/v1/images", content=data[: len(data) // 2]), 400)  # truncated PNG
     ok, jpeg = cv2.imencode(".jpg", np.random.default_rng(0).integers(0, 255, (128, 128, 3), np.uint8))
     assert_error(api.post("/v1/images", content=jpeg.tobytes()[: len(jpeg) * 3 // 4]), 400, "truncated")
+
+
+def png_header(width: int, height: int) -> bytes:
+    """A PNG's signature and header of any size, without pixels (enough to be refused by size)."""
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)) + chunk(b"IEND", b"")
+
+
+def test_images_as_phones_and_other_tools_write_them(api):
+    """Data after a JPEG's end marker (a motion photo's video, a vendor's trailer) is not part of
+    the image: same size and same mask as without it. Formats that are not read are named as
+    such (400); sizes over the limits are 413, whatever the header says."""
+    import io
+
+    from PIL import Image
+
+    data, _ = scene(14)
+    jpeg = cv2.imencode(".jpg", cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR))[1].tobytes()
+    with_trailer = jpeg + b"\x00\x00\x00\x18ftypmp42" + bytes(np.random.default_rng(0).integers(0, 256, 4096, np.uint8))
+    plain, trailed = upload(api, jpeg), upload(api, with_trailer)
+    assert (trailed["width"], trailed["height"]) == (plain["width"], plain["height"]) == (200, 150)
+    clicks = [(100, 75, True), (20, 20, False)]
+    assert ask(api, trailed["image_id"], clicks)["mask"] == ask(api, plain["image_id"], clicks)["mask"]
+    for fmt in ("ICO", "TGA", "GIF"):
+        out = io.BytesIO()
+        Image.new("RGB", (32, 32)).save(out, fmt)
+        assert_error(api.post("/v1/images", content=out.getvalue()), 400, fmt, "not supported")
+    assert_error(api.post("/v1/images", content=png_header(2_000_000, 1)), 413, "2000000x1")
+    assert_error(api.post("/v1/images", content=png_header(50_000, 50_000)), 413)
 
 
 def test_too_large(api):
@@ -346,15 +382,32 @@ def test_bad_clicks(api):
     for raw in ('{"clicks": [{"x": NaN, "y": 1}]}', '{"clicks": [{"x": 1, "y": Infinity}]}',
                 '{"clicks": [{"x": 1e999, "y": 1}]}'):
         assert_error(api.post(url, content=raw, headers={"content-type": "application/json"}), (400, 422), "finite")
-    assert_error(api.post(url, json={"clicks": []}), (400, 422), "clicks")
+    assert_error(api.post(url, json={"clicks": []}), 422, "clicks")
     assert_error(api.post(url, json={}), (400, 422), "clicks")
-    assert_error(api.post(url, json={"clicks": [{"x": 1, "y": 1}] * 25}), 400, "24")
+    assert_error(api.post(url, json={"clicks": [{"x": 1, "y": 1}] * 25}), 422, "24")
     assert_error(api.post(url, json={"clicks": [{"x": 1, "y": 1}], "format": "gif"}), (400, 422), "format")
     assert_error(api.post(url, json={"clicks": [{"x": "left", "y": 1}]}), (400, 422))
     assert_error(api.post(url, content='{"clicks": [', headers={"content-type": "application/json"}), 400, "JSON")
     assert_error(api.post(url, content="", headers={"content-type": "application/json"}), (400, 422))
     assert_error(api.get("/v1/nothing-here"), 404)
     assert_error(api.put("/v1/images"), 405)
+
+
+def test_one_status_per_cause(api):
+    """A click body is a few KiB: 413 over 64 KiB (--max-body-mb is for uploads); JSON sent as
+    another content type: 415; HEAD where GET is; a trailing slash is not redirected (Starlette
+    would build the Location from the Host header)."""
+    data, _ = scene(15)
+    url = f"/v1/images/{upload(api, data)['image_id']}/masks"
+    assert_error(api.post(url, json={"clicks": [{"x": 1, "y": 1}], "pad": "x" * 70_000}), 413, "64 KiB")
+    assert_error(api.post(url, content='{"clicks": [{"x": 1, "y": 1}]}', headers={"content-type": "text/plain"}),
+                 415, "application/json")
+    for path in ("/healthz", "/v1/model", "/"):
+        head, get = api.head(path), api.get(path)
+        assert head.status_code == get.status_code == 200 and head.content == b""
+        assert head.headers["content-type"] == get.headers["content-type"]
+    r = api.get("/v1/model/", headers={"Host": "evil.example"})
+    assert r.status_code == 404 and "evil" not in r.headers.get("location", "")
 
 
 # -- access ----------------------------------------------------------------------------------
@@ -369,6 +422,20 @@ def test_api_key(keyed_server):
         assert anonymous.get("/readyz").json() == {"ready": True}
         assert right.get("/v1/model").status_code == 200
         assert right.get("/metrics").status_code == 200
+        for scheme in ("bearer", "BEARER"):  # schemes are case-insensitive (RFC 9110)
+            assert anonymous.get("/v1/model", headers={"Authorization": f"{scheme} {KEY}"}).status_code == 200
+
+
+def test_page_and_client_are_open_behind_the_key(keyed_server):
+    """The page holds no data: it loads without the key and sends the one in its URL's #key=."""
+    with keyed_server.client(key=None) as anonymous:
+        page = anonymous.get("/")
+        assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+        assert anonymous.get("/ois-client.js").status_code == 200
+        assert anonymous.get("/demo.png").headers["content-type"] == "image/png"
+        assert anonymous.get("/openapi.json").status_code == 200
+        for path in ("/v1/model", "/metrics", "/anything-else", "/../manifest.json"):  # closed unless open by name
+            assert_error(anonymous.get(path), 401)
 
 
 def test_cors(keyed_server):

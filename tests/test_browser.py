@@ -45,10 +45,10 @@ def chromium():
         browser.close()
 
 
-def start_serve(export_dir: Path, precision: str):
+def start_serve(export_dir: Path, precision: str, *args: str):
     """`ois-deploy serve` on a free loopback port; returns (process, URL) from its first line."""
     proc = subprocess.Popen([sys.executable, "-m", "ois_deploy", "serve", str(export_dir), "--port", "0",
-                             "--precision", precision], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                             "--precision", precision, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     for line in proc.stdout:
         if match := re.search(r"http://\S+", line):
             return proc, match.group(0)
@@ -86,13 +86,13 @@ SESSION_JS = """async ([clicks, precision]) => {
 }"""
 
 
-def open_page(chromium, url):
+def open_page(chromium, url, fragment: str = ""):
     """The page at `/`, and the list its console errors and uncaught exceptions go into."""
     page = chromium.new_page()
     errors = []
     page.on("console", lambda m: m.type == "error" and errors.append(m.text))
     page.on("pageerror", lambda e: errors.append(str(e)))
-    page.goto(url + "/")
+    page.goto(url + "/" + fragment)
     return page, errors
 
 
@@ -163,6 +163,31 @@ def test_page_ui(server, chromium):
     assert page.text_content("#s-area") == "–"
     assert errors == []
     page.close()
+
+
+def test_page_behind_an_api_key(tiny_export, chromium):
+    """serve --api-key: the page and its files load without the key, and the page sends the key
+    given in its URL's fragment (#key=..., never sent to the server) with its API calls: it
+    segments. The same page without the key is told 401 by the API."""
+    proc, url = start_serve(tiny_export, "fp32", "--api-key", "page-test-key")
+    try:
+        page, errors = open_page(chromium, url, "#key=page-test-key")
+        page.click("#demo")
+        page.wait_for_function("document.getElementById('s-image').textContent === '480x360'")
+        box = page.locator("#canvas").bounding_box()
+        page.mouse.click(box["x"] + 122.5, box["y"] + 188.5)
+        page.wait_for_function("document.getElementById('s-clicks').textContent === '1'")
+        assert int(page.text_content("#s-area").split()[0]) > 1000
+        assert errors == []
+        page.close()
+        anonymous = chromium.new_page()
+        anonymous.goto(url + "/")
+        status = anonymous.evaluate("fetch('/v1/model').then((r) => r.status)")
+        assert status == 401
+        anonymous.close()
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0
 
 
 HELPERS_JS = """async ([src, h, w, crop, out, frames, mask, st]) => {

@@ -289,6 +289,40 @@ def test_export_replaces_an_old_folder_whole_and_refuses_a_second_export(export_
     one_error(done.returncode, done.stderr, "its weights differ")
 
 
+KILLED_WRITER = """
+import os, signal, sys
+from pathlib import Path
+from ois_deploy import io
+target = Path(sys.argv[1])
+if sys.argv[2] == "between-renames":  # the old folder renamed aside, the new one not yet in
+    io.shutil.rmtree = lambda *a, **k: None
+    io.os.rename = lambda a, b, rename=os.rename: (rename(a, b), Path(b).name.startswith(".") and os.kill(os.getpid(), signal.SIGKILL))
+with io.staged_folder(target) as staging:
+    (staging / "half.onnx").write_bytes(b"half")
+    if sys.argv[2] == "writing":
+        os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+@pytest.mark.parametrize("when", ["writing", "between-renames"])
+def test_a_killed_writer_leaves_nothing_after_the_next_export(when, tmp_path):
+    """SIGKILL cannot be caught: the staging folder (or the old folder renamed aside) stays. The
+    next write into the same place removes it, and puts an old folder aside back first (seen
+    here through a next write that fails: the old folder is what is left)."""
+    target = tmp_path / "out"
+    target.mkdir()
+    (target / "old.txt").write_text("old")
+    killed = subprocess.run([sys.executable, "-c", KILLED_WRITER, str(target), when], capture_output=True, text=True,
+                            timeout=120)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    assert [p for p in listing(tmp_path) if p.startswith(".out.") and "/" not in p]  # left behind
+    with pytest.raises(KeyboardInterrupt):
+        with staged_folder(target) as staging:
+            (staging / "new.txt").write_text("new")
+            raise KeyboardInterrupt
+    assert listing(tmp_path) == ["out", "out/old.txt"]
+
+
 def test_staged_folder_keeps_the_old_folder_on_an_error(tmp_path):
     target = tmp_path / "out"
     target.mkdir()
@@ -454,9 +488,31 @@ def png_header_only(path: Path, width: int, height: int) -> Path:
     return path
 
 
+def test_a_jpeg_with_a_trailer_is_read_and_other_formats_are_named(tmp_path, capsys):
+    """Data after a JPEG's end marker (a phone's motion-photo video) is not truncation: predict
+    reads the image before it, as without the trailer. A truncated JPEG is still refused, and a
+    format that is not read is named (not "corrupt")."""
+    ok, jpeg = cv2.imencode(".jpg", np.random.default_rng(0).integers(0, 256, (90, 160, 3), dtype=np.uint8))
+    plain, trailed = tmp_path / "plain.jpg", tmp_path / "motion.jpg"
+    plain.write_bytes(jpeg.tobytes())
+    trailed.write_bytes(jpeg.tobytes() + b"\x00\x00\x00\x18ftypmp42" + bytes(5000))
+    for image in (plain, trailed):
+        code, _, err = run(["predict", "-i", str(image), "--click", "80,45,+", "-o", str(tmp_path / f"{image.stem}.png"),
+                            "--backend", "torch"], capsys)
+        assert code == 0, err
+    assert np.array_equal(cv2.imread(str(tmp_path / "plain.png")), cv2.imread(str(tmp_path / "motion.png")))
+    cut = tmp_path / "cut.jpg"
+    cut.write_bytes(jpeg.tobytes()[: len(jpeg) * 3 // 4])
+    Image.new("RGB", (16, 16)).save(tmp_path / "icon.ico")
+    for image, words in ((cut, ("truncated",)), (tmp_path / "icon.ico", ("ICO", "not supported"))):
+        code, _, err = run(["predict", "-i", str(image), "--click", "1,1,+", "-o", str(tmp_path / "m.png")], capsys)
+        one_error(code, err, *words)
+
+
 def test_image_pixel_limits_on_every_command(tmp_path, tiny_export, dataset, capsys):
     for width, height, words in ((12000, 9000, ("12000x9000", "over the limit of 100,000,000")),
-                                 (40000, 40000, ("too large to read safely",))):  # Pillow's own limit
+                                 (40000, 40000, ("too large to read safely",)),  # Pillow's own limit
+                                 (2_000_000, 1, ("2000000x1", "too wide"))):  # OpenCV's widest
         huge = png_header_only(tmp_path / "huge.png", width, height)
         code, _, err = run(["predict", "-i", str(huge), "--click", "1,1,+", "-o", str(tmp_path / "m.png")], capsys)
         one_error(code, err, *words)

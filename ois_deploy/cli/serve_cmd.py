@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-import socket
+import math
+import os
 import sys
 from typing import Optional
 
@@ -11,45 +12,6 @@ import typer
 from ..errors import UserError
 from .app import BackendOpt, DeviceOpt, PrecisionOpt, app
 from .console import note
-
-
-def bind_socket(host: str, port: int) -> socket.socket:
-    """A listening socket on host:port (port 0: a free one), so that the URL printed is the real
-    one and a port in use is a one-line error before anything is served."""
-    try:
-        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
-    except socket.gaierror as e:
-        raise UserError(f"cannot resolve host {host!r}: {e.strerror}") from None
-    family, kind, proto, _, address = infos[0]
-    sock = socket.socket(family, kind, proto)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    try:
-        sock.bind(address)
-        sock.listen(2048)
-    except OSError as e:
-        sock.close()
-        raise UserError(f"cannot listen on {host}:{port}: {e.strerror}") from None
-    sock.set_inheritable(True)
-    return sock
-
-
-def url_of(sock: socket.socket) -> str:
-    host, port = sock.getsockname()[:2]
-    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
-
-
-def run_uvicorn(asgi_app, sock: socket.socket) -> None:
-    """Serve until SIGINT/SIGTERM; uvicorn then stops accepting and finishes requests in flight."""
-    import signal
-
-    import uvicorn
-
-    # uvicorn handles SIGINT/SIGTERM while it runs, then re-raises the signal under the handlers it
-    # found: these make that a clean return (exit 0 after a graceful stop) instead of a kill.
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: None)
-    config = uvicorn.Config(asgi_app, log_level="warning", access_log=False, timeout_graceful_shutdown=30)
-    uvicorn.Server(config).run(sockets=[sock])
 
 
 @app.command()
@@ -67,6 +29,13 @@ def serve(
     api_key: Optional[str] = typer.Option(None, "--api-key", envvar="OIS_API_KEY", show_envvar=True,
                                           help="Require Authorization: Bearer KEY (all routes but /healthz, /readyz)."),
     allow_origin: list[str] = typer.Option([], "--allow-origin", help="Origin allowed cross-origin requests; repeat."),
+    read_timeout: float = typer.Option(10, "--read-timeout", min=0.1,
+                                       help="Seconds a client may take for a request's head, and between parts of its body "
+                                            "(408 or closed after)."),
+    max_connections: int = typer.Option(1000, "--max-connections", min=1,
+                                        help="Open connections; over it, the one idle the longest is closed."),
+    max_queue: int = typer.Option(32, "--max-queue", min=0,
+                                  help="Model requests waiting for a free slot (one per core); 503 + Retry-After above."),
     threads: int = typer.Option(0, "--threads", min=0, help="Intra-op threads per model call (0: the backend's default)."),
     ray: bool = typer.Option(False, "--ray", help="Deploy on Ray Serve: replicas behind one endpoint (extra: ray)."),
     replicas: int = typer.Option(1, "--replicas", min=1, help="With --ray: model replicas."),
@@ -77,28 +46,37 @@ def serve(
     """Serve a model over HTTP: post an image once, then post click sequences for masks."""
     from ..runtime.registry import RunnerSpec, default_backend, open_runner
     from ..serve.app import create_app
+    from ..serve.server import bind_socket, run_uvicorn, url_of
     from ..serve.service import SegmentationService
 
     import fastapi, uvicorn  # noqa: F401,E401  (a missing extra ends here, as one line)
 
+    if api_key is None and "OIS_API_KEY" in os.environ:  # typer takes an empty variable for none given
+        api_key = os.environ["OIS_API_KEY"]
     if api_key is not None and not api_key.strip():
-        raise UserError("--api-key (or OIS_API_KEY) is empty")
+        raise UserError("--api-key (or OIS_API_KEY) is empty: give a key, or unset OIS_API_KEY to serve without one")
+    for name, value in (("--cache-mb", cache_mb), ("--max-body-mb", max_body_mb), ("--read-timeout", read_timeout)):
+        if not math.isfinite(value):
+            raise UserError(f"{name} must be a finite number, not {value}")
     spec = RunnerSpec(backend or default_backend(model), model, precision, device=device, threads=threads)
     if ray:
         from ..serve.ray_app import RayOptions, serve_on_ray
 
-        return serve_on_ray(spec, RayOptions(replicas, cpus_per_replica, gpus_per_replica, cache_mb, max_image_pixels,
-                                             api_key, tuple(allow_origin), max_body_mb), host, port, ray_address)
+        opts = RayOptions(replicas, cpus_per_replica, gpus_per_replica, cache_mb, max_image_pixels, api_key,
+                          tuple(allow_origin), max_body_mb, read_timeout=read_timeout, max_queue=max_queue)
+        return serve_on_ray(spec, opts, host, port, ray_address)
     runner = open_runner(spec)
     note(*runner.notes)
     service = SegmentationService(runner, cache_mb=cache_mb, max_image_pixels=max_image_pixels,
-                                  export_dir=spec.export_dir)
-    asgi_app = create_app(service, api_key=api_key, allow_origins=allow_origin, max_body_mb=max_body_mb)
+                                  export_dir=spec.export_dir, max_queue=max_queue)
+    asgi_app = create_app(service, api_key=api_key, allow_origins=allow_origin, max_body_mb=max_body_mb,
+                          read_timeout=read_timeout)
     sock = bind_socket(host, port)
     # The URL on stdout, flushed: scripts and tests read it (the socket already listens).
     print(f"serving {runner.cfg.name} ({runner.name} {runner.precision}) at {url_of(sock)}", flush=True)
     try:
-        run_uvicorn(asgi_app, sock)
+        run_uvicorn(asgi_app, sock, head_timeout=read_timeout, keep_alive_timeout=read_timeout,
+                    max_connections=max_connections)
     finally:
         service.close()
     print("stopped", file=sys.stderr)

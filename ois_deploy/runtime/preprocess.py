@@ -57,6 +57,16 @@ def as_rgb(image: np.ndarray) -> np.ndarray:
 
 
 DEFAULT_MAX_PIXELS = 100_000_000
+MAX_SIDE = 1 << 20  # OpenCV's decoders refuse a wider or taller image (CV_IO_MAX_IMAGE_WIDTH)
+# Pillow's names of the formats read (MPO: a JPEG with more pictures after it, as phones write them).
+FORMATS = {"PNG": "PNG", "JPEG": "JPEG", "MPO": "JPEG", "BMP": "BMP", "TIFF": "TIFF", "WEBP": "WebP"}
+SUPPORTED = "PNG, JPEG, BMP, TIFF, WebP"
+
+
+class ImageTooLarge(UserError):
+    """An image over a size limit (pixels, side): the server answers 413, the CLI as any UserError."""
+
+
 # EXIF orientation -> (transpose first, then np.rot90 quarter turns counter-clockwise, then flip left-right)
 _ORIENTATIONS = {2: (False, 0, True), 3: (False, 2, False), 4: (False, 2, True), 5: (True, 0, False),
                  6: (False, 3, False), 7: (True, 2, False), 8: (False, 1, False)}
@@ -76,13 +86,18 @@ def image_header(data: bytes, name: str = "image") -> tuple[int, int, int]:
         with img:
             # A PNG's eXIf chunk after the pixel data is found only by decoding them all (Pillow's
             # getexif loads the image): such an orientation is not read, the pixels stay unread.
-            exif_read = img.format in ("JPEG", "TIFF", "WEBP") or (img.format == "PNG" and "exif" in img.info)
+            exif_read = img.format in ("JPEG", "MPO", "TIFF", "WEBP") or (img.format == "PNG" and "exif" in img.info)
             orientation = img.getexif().get(0x0112, 1) if exif_read else 1
+            if img.format not in FORMATS:
+                raise UserError(f"cannot read {name}: {img.format} images are not supported; use {SUPPORTED}")
+            if max(img.width, img.height) > MAX_SIDE:
+                raise ImageTooLarge(f"{name} is {img.width}x{img.height}: a side over {MAX_SIDE:,} pixels is too "
+                                    f"{'wide' if img.width > MAX_SIDE else 'tall'} to decode")
             return img.width, img.height, orientation if orientation in range(1, 9) else 1
     except Image.DecompressionBombError as e:
-        raise UserError(f"{name} is too large to read safely: {e}") from None
+        raise ImageTooLarge(f"{name} is too large to read safely: {e}") from None
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError):
-        raise UserError(f"cannot read {name}: not a supported image file (PNG, JPEG, BMP, TIFF, WebP)") from None
+        raise UserError(f"cannot read {name}: not a supported image file ({SUPPORTED})") from None
 
 
 def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, name: str = "image") -> np.ndarray:
@@ -93,8 +108,8 @@ def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, name: str = 
         raise UserError(f"{name} is empty")
     width, height, orientation = image_header(data, name)
     if width * height > max_pixels:
-        raise UserError(f"{name} is {width}x{height} = {width * height:,} pixels, over the limit of {max_pixels:,}")
-    if data[:2] == b"\xff\xd8" and not data.rstrip(b"\x00").endswith(b"\xff\xd9"):
+        raise ImageTooLarge(f"{name} is {width}x{height} = {width * height:,} pixels, over the limit of {max_pixels:,}")
+    if data[:2] == b"\xff\xd8" and not _jpeg_complete(data):
         raise UserError(f"cannot read {name}: the JPEG data is truncated")
     image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
     if image is None or image.size == 0:
@@ -112,6 +127,40 @@ def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, name: str = 
         image = np.rot90(image, turns) if turns else image
         image = np.ascontiguousarray(image[:, ::-1] if flip else image)
     return image
+
+
+def _jpeg_complete(data: bytes) -> bool:
+    """Whether the JPEG that starts `data` reaches its end marker (EOI). Anything after it (a
+    phone's motion-photo video, a vendor's trailer) is not the image's concern. OpenCV decodes a
+    truncated JPEG without an error (grey below the cut), hence this walk over its segments."""
+    i, n = 2, len(data)
+    while i + 1 < n:
+        if data[i] != 0xFF:
+            return False  # not at a marker: corrupt
+        marker = data[i + 1]
+        if marker == 0xFF:  # fill byte before a marker
+            i += 1
+        elif marker == 0xD9:  # EOI
+            return True
+        elif marker == 0x01 or 0xD0 <= marker <= 0xD7:  # markers without a length
+            i += 2
+        else:
+            if i + 4 > n:
+                return False
+            i += 2 + int.from_bytes(data[i + 2:i + 4], "big")
+            if marker == 0xDA:  # start of scan: entropy-coded data up to the next real marker
+                while True:
+                    i = data.find(b"\xff", i)
+                    if i < 0 or i + 1 >= n:
+                        return False
+                    follower = data[i + 1]
+                    if follower == 0 or 0xD0 <= follower <= 0xD7:  # stuffed 0xFF, restart marker
+                        i += 2
+                    elif follower == 0xFF:
+                        i += 1
+                    else:
+                        break
+    return False
 
 
 def read_image(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:

@@ -4,10 +4,15 @@ Every v1 route awaits only the service's methods (add_image, masks, state, delet
 stats, model_info, ready), so any object with the same methods gets the same API. Errors of every
 kind leave as a 4xx with {"error": "one line"}; an unexpected exception is logged and answered
 with a 500 without its traceback.
+
+The middleware bounds what a client can make the server hold: a body limit per route (an upload
+gets --max-body-mb, every other route a few KiB), the body's read timeout, and the cancellation
+of work whose client has gone (server.py bounds the connections and request heads).
 """
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import inspect
 import logging
@@ -15,11 +20,14 @@ import os
 import time
 from pathlib import Path
 from typing import Any, Literal, Union
+from urllib.parse import urlsplit
+
+import anyio
 
 from fastapi import FastAPI, Path as PathParam, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, create_model
 from starlette.exceptions import HTTPException
 from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import ClientDisconnect
@@ -33,7 +41,12 @@ from .service import ApiError
 log = logging.getLogger("ois_deploy.serve")
 
 WEB_DIR = Path(__file__).resolve().parents[1] / "web"  # the browser client, mounted at / when present
-OPEN_PATHS = ("/healthz", "/readyz")  # no API key needed
+# Open without the API key (every other path needs it, routes added later included): health, the
+# schema, and the browser page's files (mount_static), which hold no data.
+OPEN_PATHS = ("/healthz", "/readyz", "/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc", "/demo.png")
+JSON_BODY_BYTES = 64 * 1024  # any route but uploads: 24 clicks are under 2 KiB
+MIN_BODY_RATE = 16 * 1024  # bytes/s a body must average once it has taken longer than the read timeout
+DEFAULT_MAX_CLICKS = 24  # the schema's bound when the service's model_info() is async (unknown here)
 IMAGE_ID = PathParam(pattern="^[0-9a-f]{64}$", description="SHA-256 (hex) of the image file's bytes.")
 
 
@@ -56,9 +69,13 @@ class Click(BaseModel):  # strict: JSON types as the schema says them (no "1" fo
     positive: bool = Field(True, strict=True, description="true: on the object; false: background.")
 
 
-class MasksRequest(BaseModel):
-    clicks: list[Click] = Field(min_length=1, description="The whole click sequence so far, in order.")
-    format: Literal["rle", "png", "polygons"] = Field("rle", description="Encoding of the returned mask.")
+def masks_request(max_clicks: int) -> type[BaseModel]:
+    """The masks route's body, its click list bounded by the model's max_clicks in the schema."""
+    return create_model(
+        "MasksRequest",
+        clicks=(list[Click], Field(min_length=1, max_length=max_clicks,
+                                   description="The whole click sequence so far, in order.")),
+        format=(Literal["rle", "png", "polygons"], Field("rle", description="Encoding of the returned mask.")))
 
 
 class RLE(BaseModel):
@@ -99,8 +116,9 @@ class Ready(BaseModel):
 
 
 def _errors(*codes: int) -> dict:
-    text = {400: "Bad request", 401: "Missing or wrong API key", 404: "Not found", 413: "Too large",
-            422: "Invalid request body or parameters", 503: "Not ready"}
+    text = {400: "Bad request", 401: "Missing or wrong API key", 404: "Not found", 408: "The body came too slowly",
+            413: "Too large", 415: "Not JSON", 422: "Invalid request body or parameters",
+            503: "Not ready, or busy (Retry-After)"}
     return {code: {"model": ErrorBody, "description": text[code]} for code in codes}
 
 
@@ -112,43 +130,100 @@ def _json_response(status: int, message: str, headers: dict | None = None) -> JS
     return JSONResponse({"error": " ".join(str(message).split())}, status, headers=headers)
 
 
-class BodyLimit:
-    """413 for a body over the limit: from Content-Length before reading, or while streaming."""
+CLOSE = {"Connection": "close"}  # a refused body is not read: the connection cannot carry another request
 
-    def __init__(self, app, max_bytes: int):
-        self.app, self.max_bytes = app, max_bytes
+
+class BodyGuard:
+    """The request body, bounded: 413 over the route's limit (from Content-Length before reading,
+    or counted while it streams), 408 when a part takes over `read_timeout` seconds to come or,
+    after that long, the body averages under MIN_BODY_RATE (a client trickling bytes)."""
+
+    def __init__(self, app, limits: dict[tuple[str, str], int], read_timeout: float):
+        self.app, self.limits, self.read_timeout = app, limits, read_timeout
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        too_large = f"the request body is over this server's limit of {self.max_bytes / (1 << 20):g} MB"
+        limit = self.limits.get((scope["method"], scope["path"]), JSON_BODY_BYTES)
+        too_large = f"the request body is over this route's limit of {_size(limit)}"
         length = dict(scope["headers"]).get(b"content-length")
-        if length is not None and length.isdigit() and int(length) > self.max_bytes:
-            return await _json_response(413, too_large)(scope, receive, send)
-        seen = 0
+        if length is not None and length.isdigit() and int(length) > limit:
+            return await _json_response(413, too_large, CLOSE)(scope, receive, send)
+        seen, start = 0, None
 
-        async def limited():
-            nonlocal seen
-            message = await receive()
+        async def guarded():
+            nonlocal seen, start
+            start = start or time.monotonic()
+            with anyio.move_on_after(self.read_timeout) as waited:
+                message = await receive()
+            if waited.cancelled_caught:
+                raise HTTPException(408, f"no part of the request body came for {self.read_timeout:g} s", CLOSE)
             seen += len(message.get("body", b""))
-            if seen > self.max_bytes:
-                raise HTTPException(413, too_large)  # answered by the app's handler
+            if seen > limit:
+                raise HTTPException(413, too_large, CLOSE)  # answered by the app's handler
+            elapsed = time.monotonic() - start
+            if message.get("more_body") and elapsed > self.read_timeout and seen < MIN_BODY_RATE * elapsed:
+                raise HTTPException(408, f"the request body is coming too slowly ({seen / elapsed:.0f} B/s; "
+                                         f"send at least {_size(MIN_BODY_RATE)}/s)", CLOSE)
             return message
 
-        await self.app(scope, limited, send)
+        await self.app(scope, guarded, send)
+
+
+def _size(n: int) -> str:
+    return f"{n / (1 << 20):g} MB" if n >= 1 << 20 else f"{n / 1024:g} KiB"
+
+
+class CancelOnDisconnect:
+    """Once the request body is read, watch the connection: a client that goes away cancels its
+    request (the service then drops it from the queue, or stops it before its next model call)."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        body_read = anyio.Event()
+
+        async def tracked():
+            message = await receive()
+            if not message.get("more_body"):
+                body_read.set()
+            return message
+
+        async with anyio.create_task_group() as group:
+            async def watch():
+                await body_read.wait()
+                while (await receive())["type"] != "http.disconnect":
+                    pass
+                group.cancel_scope.cancel()
+
+            group.start_soon(watch)
+            await self.app(scope, tracked, send)
+            group.cancel_scope.cancel()
 
 
 class ApiKey:
-    """Authorization: Bearer KEY on every route but the open ones (and CORS preflights, which
-    browsers send without credentials), compared in constant time."""
+    """Authorization: Bearer KEY (the scheme in any case), compared in constant time, on every
+    path but OPEN_PATHS, the files of `static_dir` (the page, which sends the key from its URL's
+    #key=...) and CORS preflights (sent without credentials): a route added later is closed."""
 
-    def __init__(self, app, key: str):
-        self.app, self.key = app, f"Bearer {key}".encode()
+    def __init__(self, app, key: str, static_dir: Path | None):
+        self.app, self.key, self.static_dir = app, key.encode(), static_dir
+
+    def _open(self, path: str) -> bool:
+        if path in OPEN_PATHS:
+            return True
+        if self.static_dir is None:
+            return False
+        name = os.path.normpath(path.lstrip("/") or "index.html")
+        return not name.startswith("..") and (Path(self.static_dir) / name).is_file()
 
     async def __call__(self, scope, receive, send):
-        if scope["type"] == "http" and scope["path"] not in OPEN_PATHS and scope["method"] != "OPTIONS":
-            given = dict(scope["headers"]).get(b"authorization", b"")
-            if not hmac.compare_digest(given, self.key):
+        if scope["type"] == "http" and scope["method"] != "OPTIONS" and not self._open(scope["path"]):
+            scheme, _, given = dict(scope["headers"]).get(b"authorization", b"").strip().partition(b" ")
+            if not (scheme.lower() == b"bearer" and hmac.compare_digest(given.strip(), self.key)):
                 response = _json_response(401, "missing or wrong API key: send Authorization: Bearer KEY",
                                           {"WWW-Authenticate": "Bearer"})
                 return await response(scope, receive, send)
@@ -157,7 +232,10 @@ class ApiKey:
 
 class Observe:
     """Request count and latency per route template, and the cross-origin isolation headers
-    (COOP/COEP) that multithreaded WebAssembly in the browser client needs."""
+    (COOP/COEP) that multithreaded WebAssembly in the browser client needs. Also: HEAD is
+    answered as GET (the server sends no body), and a request still running when a graceful
+    shutdown runs out of time gets a JSON 503 rather than uvicorn's plain-text 500 and traceback.
+    Status 499 (nginx's "client closed request"): the client went away before an answer."""
 
     HEADERS = [(b"cross-origin-opener-policy", b"same-origin"), (b"cross-origin-embedder-policy", b"require-corp")]
 
@@ -167,7 +245,9 @@ class Observe:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        start, status = time.perf_counter(), 500
+        start, status = time.perf_counter(), 499
+        if scope["method"] == "HEAD":
+            scope = {**scope, "method": "GET"}
 
         async def send_with_headers(message):
             nonlocal status
@@ -178,6 +258,10 @@ class Observe:
 
         try:
             await self.app(scope, receive, send_with_headers)
+        except asyncio.CancelledError:  # uvicorn cancels what is left when a graceful shutdown times out
+            if status == 499:
+                await _json_response(503, "the server is shutting down; retry the request", CLOSE)(
+                    scope, receive, send_with_headers)
         finally:
             route = getattr(scope.get("route"), "path", None) or "unmatched"
             self.metrics.observe_request(scope["method"], route, status, time.perf_counter() - start)
@@ -198,41 +282,74 @@ async def _value(result):
 
 
 # -- the app ---------------------------------------------------------------------------------
+def normalize_origin(origin: str) -> str:
+    """An --allow-origin value as browsers send Origin: scheme://host[:port], without a slash."""
+    parts = urlsplit(origin.strip())
+    if parts.scheme not in ("http", "https") or not parts.netloc or parts.path not in ("", "/") or parts.query:
+        raise UserError(f"--allow-origin {origin!r} is not an origin: give scheme://host[:port], e.g. "
+                        "https://annotate.example")
+    return f"{parts.scheme}://{parts.netloc}".lower()
+
+
 def create_app(service, *, api_key: str | None = None, allow_origins=(), max_body_mb: float = 50,
-               static_dir: Path | None = WEB_DIR) -> FastAPI:
-    """The API v1 app over `service`. static_dir (default: ois_deploy/web, the browser client)
-    is mounted at / after the API routes when it exists; None mounts nothing."""
+               read_timeout: float = 10, max_uploads: int = 8, static_dir: Path | None = WEB_DIR) -> FastAPI:
+    """The API v1 app over `service`. Upload bodies held at once (received or waiting to be
+    encoded) total at most `max_uploads` x `max_body_mb` (503 + Retry-After beyond): a byte
+    budget, so that bodies trickled in by slow clients do not use it up. static_dir (default:
+    ois_deploy/web, the browser client) is mounted at / after the API routes when it exists;
+    None mounts nothing."""
+    if api_key is not None and not api_key.strip():
+        raise UserError("the API key is empty: give a key, or none to serve without one")
+    allow_origins = [normalize_origin(o) for o in allow_origins]
+    info = service.model_info()
+    max_clicks = DEFAULT_MAX_CLICKS if inspect.isawaitable(info) else info["max_clicks"]
+    if inspect.iscoroutine(info):
+        info.close()
+    upload_budget, held = max_uploads * int(max_body_mb * (1 << 20)), 0  # bytes of upload bodies held now
     metrics = Metrics()
-    app = FastAPI(title="ois-deploy", version=__version__, summary="Interactive segmentation: embed once, click many.")
+    # No slash redirects: Starlette builds their Location from the Host header.
+    app = FastAPI(title="ois-deploy", version=__version__, summary="Interactive segmentation: embed once, click many.",
+                  redirect_slashes=False)
     app.state.service, app.state.metrics = service, metrics
     protected = _errors(401) if api_key else {}
 
-    @app.post("/v1/images", response_model=ImageInfo, tags=["v1"], responses={**_errors(400, 413), **protected},
+    @app.post("/v1/images", response_model=ImageInfo, tags=["v1"],
+              responses={**_errors(400, 408, 413, 503), **protected},
               openapi_extra={"requestBody": {"required": True, "description": "The image file's bytes (PNG, JPEG, "
                                              "BMP, TIFF, WebP).", "content": {"application/octet-stream": BINARY}}})
     async def post_image(request: Request):
         """Encode an image (once per content); returns its id."""
+        nonlocal held
         data = bytearray()
-        async for chunk in request.stream():
-            data += chunk
-        info = await service.add_image(bytes(data))
+        try:  # upload bodies are held in memory until encoded: a byte budget for all of them at once
+            async for chunk in request.stream():
+                if held + len(chunk) > upload_budget:
+                    return _json_response(503, "the server is holding as many uploads as it may; retry shortly",
+                                          {"Retry-After": "1", **CLOSE})
+                held += len(chunk)
+                data += chunk
+            info = await service.add_image(bytes(data))
+        finally:
+            held -= len(data)
         if not info["cached"]:
             metrics.encoder.observe(info["encoder_ms"] / 1000)
         return info
 
-    @app.post("/v1/images/{image_id}/masks", response_model=MaskResponse, tags=["v1"],
-              responses={**_errors(400, 404, 422), **protected})
-    async def post_masks(body: MasksRequest, image_id: str = IMAGE_ID):
+    async def post_masks(body, image_id: str = IMAGE_ID):
         """The mask for the whole click sequence so far."""
         clicks = [(c.x, c.y, c.positive) for c in body.clicks]
         result = await service.masks(image_id, clicks, body.format)
         metrics.decoder.observe(result["decoder_ms"] / 1000)
         return JSONResponse(result)  # as MaskResponse says; not re-validated (RLE counts are long lists)
 
+    post_masks.__annotations__["body"] = masks_request(max_clicks)  # built here: FastAPI reads it from the signature
+    app.post("/v1/images/{image_id}/masks", response_model=MaskResponse, tags=["v1"],
+             responses={**_errors(400, 404, 408, 413, 415, 422, 503), **protected})(post_masks)
+
     @app.get("/v1/images/{image_id}/state", tags=["v1"], response_class=Response,
              responses={200: {"content": {"application/octet-stream": BINARY},
                               "description": "The encoder outputs as safetensors (metadata: width, height, input_size)."},
-                        **_errors(404, 422), **protected})
+                        **_errors(404, 422, 503), **protected})
     async def get_state(image_id: str = IMAGE_ID):
         """The image's encoder state, for clients that run the decoder themselves."""
         data = await service.state(image_id)
@@ -282,10 +399,12 @@ def create_app(service, *, api_key: str | None = None, allow_origins=(), max_bod
     _error_handlers(app)
     # The last added is the outermost: Observe sees every response, CORS answers preflights
     # before the key is checked, the key before the body is read.
-    app.add_middleware(BodyLimit, max_bytes=int(max_body_mb * (1 << 20)))
+    app.add_middleware(BodyGuard, limits={("POST", "/v1/images"): int(max_body_mb * (1 << 20))},
+                       read_timeout=read_timeout)
+    app.add_middleware(CancelOnDisconnect)  # outside BodyGuard: its watch waits without the body's timeout
     if api_key:
-        app.add_middleware(ApiKey, key=api_key)
-    app.add_middleware(Cors, allow_origins=list(allow_origins), allow_methods=["GET", "POST", "DELETE"],
+        app.add_middleware(ApiKey, key=api_key, static_dir=static_dir)
+    app.add_middleware(Cors, allow_origins=allow_origins, allow_methods=["GET", "POST", "DELETE"],
                        allow_headers=["Authorization", "Content-Type"])
     app.add_middleware(Observe, metrics=metrics)
     if static_dir is not None:
@@ -309,7 +428,10 @@ def mount_static(app: FastAPI, directory: Path) -> None:
             if route.name != "web" and getattr(route, "methods", None) and route.path_regex.match(request.url.path):
                 raise HTTPException(405, headers={"Allow": ", ".join(sorted(route.methods))})
         path = os.path.normpath(os.path.join(*request.path_params["path"].split("/")))
-        return await files.get_response(path, request.scope)
+        response = await files.get_response(path, request.scope)
+        if "location" in response.headers:  # a folder's slash redirect: a path, not the Host header's URL
+            response.headers["location"] = urlsplit(response.headers["location"]).path
+        return response
 
     app.router.add_route("/{path:path}", web, methods=["GET", "HEAD"], name="web", include_in_schema=False)
 
@@ -317,7 +439,7 @@ def mount_static(app: FastAPI, directory: Path) -> None:
 def _error_handlers(app: FastAPI) -> None:
     @app.exception_handler(ApiError)
     async def api_error(request, exc: ApiError):
-        return _json_response(exc.status, exc.message)
+        return _json_response(exc.status, exc.message, {"Retry-After": "1"} if exc.status == 503 else None)
 
     @app.exception_handler(UserError)
     async def user_error(request, exc: UserError):
@@ -333,6 +455,9 @@ def _error_handlers(app: FastAPI) -> None:
         first = errors[0] if errors else {}
         if first.get("type") == "json_invalid":
             return _json_response(400, f"malformed JSON: {first.get('ctx', {}).get('error', 'cannot parse the body')}")
+        kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        if kind and kind != "application/json" and not kind.endswith("+json") and first.get("loc") == ("body",):
+            return _json_response(415, f"the body must be JSON, sent with Content-Type: application/json (got {kind})")
         where = ".".join(str(p) for p in first.get("loc", ()) if p != "body") or "body"
         more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
         return _json_response(422, f"{where}: {first.get('msg', 'invalid')}{more}")

@@ -21,6 +21,9 @@ STATS_SERIES = {
     "evictions": ("ois_cache_evictions", "counter", "Images dropped to keep the cache within its bound."),
     "encodes": ("ois_encodes", "counter", "Encoder runs."),
     "decodes": ("ois_decodes", "counter", "Decoder runs (one per click replayed)."),
+    "in_flight": ("ois_model_requests_in_flight", "gauge", "Model requests running or waiting for a slot."),
+    "rejected": ("ois_rejected", "counter", "Model requests refused with 503: the queue was full."),
+    "abandoned": ("ois_abandoned", "counter", "Model requests stopped because their client went away."),
 }
 
 

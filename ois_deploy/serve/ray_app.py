@@ -57,6 +57,8 @@ class RayOptions:
     api_key: str | None = None
     allow_origins: tuple[str, ...] = ()
     max_body_mb: float = 50
+    read_timeout: float = 10
+    max_queue: int = 32  # per replica
 
     @property
     def calls_per_replica(self) -> int:
@@ -145,7 +147,8 @@ def replica_deployment(opts: RayOptions):
             from .service import SegmentationService
 
             self.service = SegmentationService(open_runner(spec), cache_mb=opts.cache_mb,
-                                               max_image_pixels=opts.max_image_pixels, export_dir=spec.export_dir)
+                                               max_image_pixels=opts.max_image_pixels, export_dir=spec.export_dir,
+                                               max_queue=opts.max_queue, slots=opts.calls_per_replica)
             self.store = store
             self.slots = asyncio.Semaphore(opts.calls_per_replica)
             self.affinity = {"affinity_hits": 0, "affinity_misses": 0}
@@ -298,7 +301,7 @@ class Ingress:
 
         await self.proxy.start()
         return create_app(self.proxy, api_key=self.opts.api_key, allow_origins=self.opts.allow_origins,
-                          max_body_mb=self.opts.max_body_mb)
+                          max_body_mb=self.opts.max_body_mb, read_timeout=self.opts.read_timeout)
 
 
 def build_app(spec: RunnerSpec, opts: RayOptions):
@@ -314,7 +317,7 @@ def build_app(spec: RunnerSpec, opts: RayOptions):
 def serve_on_ray(spec: RunnerSpec, opts: RayOptions, host: str, port: int, address: str | None) -> None:
     """`ois-deploy serve --ray`: deploy, print the URL, and on SIGINT/SIGTERM remove the
     application (Serve lets requests in flight finish); a local Ray instance stops with it."""
-    from ..cli.serve_cmd import bind_socket
+    from .server import bind_socket
 
     build_app(spec, opts)  # bad arguments end as one line before Ray starts
     with bind_socket(host, port) as sock:  # a port in use is a one-line error; 0 picks a free one

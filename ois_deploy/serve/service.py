@@ -9,8 +9,13 @@ decoder sees exactly the inputs `Predictor` gives it for the same clicks, so the
 identical (`decode_clicks` is the one code path).
 
 All methods that run the model are async and do their work in a worker thread, so the event
-loop is never blocked. The HTTP app (app.py) calls only the async methods below; another object
-with the same methods (a proxy to Ray Serve replicas) can stand in for this class.
+loop is never blocked. At most one model request per core runs at a time (a decoded image and
+its activations, or a mask at the image's size, each), at most `max_queue` more wait; beyond,
+503 (the app adds Retry-After). A request cancelled while it waits never runs; one cancelled
+while it runs (its client went away) stops before its next model call.
+
+The HTTP app (app.py) calls only the async methods below; another object with the same methods
+(a proxy to Ray Serve replicas) can stand in for this class.
 """
 
 from __future__ import annotations
@@ -33,13 +38,17 @@ from ..contract import ENCODER_OUTPUTS, is_export_folder, read_manifest
 from ..errors import UserError
 from ..runtime.base import Runner
 from ..runtime.predictor import Encoded, decode_clicks, empty_prev, encode_image
-from ..runtime.preprocess import decode_image, image_header
+from ..runtime.preprocess import ImageTooLarge, decode_image, image_header
 from .masks import FORMATS, encode_mask
 
 log = logging.getLogger("ois_deploy.serve")
 
 MAX_PREFIXES = 8  # fed-back masks kept per image: the current sequence's last prefixes (extend, undo)
 Click = tuple[float, float, bool]
+
+
+class _Abandoned(Exception):
+    """Raised in a worker thread whose caller was cancelled: nobody waits for its result."""
 
 
 class ApiError(Exception):
@@ -72,7 +81,7 @@ def _state_nbytes(runner: Runner, state) -> int:
 
 class SegmentationService:
     def __init__(self, runner: Runner, cache_mb: float = 1024, max_image_pixels: int = 40_000_000,
-                 export_dir: str | Path | None = None):
+                 export_dir: str | Path | None = None, max_queue: int = 32, slots: int | None = None):
         self.runner = runner
         self.cfg = runner.cfg
         self.max_clicks = self.cfg.decoder.max_clicks
@@ -88,21 +97,26 @@ class SegmentationService:
         # runner that says it is not thread-safe, run one call at a time.
         serial = not runner.thread_safe or runner.name.startswith("torch")
         self._run_lock = threading.Lock() if serial else nullcontext()
-        # Uploads decode and encode at most this many at a time: a burst of them waits here instead
-        # of holding that many decoded images and encoder activations at once (memory bound).
-        self._encode_slots = threading.BoundedSemaphore(max(1, os.cpu_count() or 1))
+        # Model requests (upload: decode and encode; masks: the decodes and the mask at the image's
+        # size) run at most this many at a time: a burst waits here instead of holding that many
+        # images' worth of memory at once (the bound of docs/serving.md, "Memory").
+        self.slots = max(1, slots or os.cpu_count() or 1)
+        self._model_slots = threading.BoundedSemaphore(self.slots)
+        self.max_in_flight = self.slots + max(0, int(max_queue))
+        self._in_flight = 0  # admitted model requests, running or waiting
         self._closed = False
-        self.counters = {"hits": 0, "misses": 0, "evictions": 0, "encodes": 0, "decodes": 0}
+        self.counters = {"hits": 0, "misses": 0, "evictions": 0, "encodes": 0, "decodes": 0, "rejected": 0,
+                         "abandoned": 0}
 
     # -- the API -----------------------------------------------------------------------------
     async def add_image(self, data: bytes) -> dict:
-        return await anyio.to_thread.run_sync(self._add_image, bytes(data))
+        return await self._run(self._add_image, bytes(data))
 
     async def masks(self, image_id: str, clicks: list[Click], fmt: str = "rle") -> dict:
-        return await anyio.to_thread.run_sync(self._masks, image_id, list(clicks), fmt)
+        return await self._run(self._masks, image_id, list(clicks), fmt)
 
     async def state(self, image_id: str) -> bytes:
-        return await anyio.to_thread.run_sync(self._state, image_id)
+        return await self._run(self._state, image_id)
 
     async def delete(self, image_id: str) -> None:
         with self._lock:
@@ -121,7 +135,8 @@ class SegmentationService:
     async def stats(self) -> dict:
         """Cache and model counters, for /metrics."""
         with self._lock:
-            return {"entries": len(self._cache), "bytes": self._bytes, "capacity_bytes": self.capacity, **self.counters}
+            return {"entries": len(self._cache), "bytes": self._bytes, "capacity_bytes": self.capacity,
+                    "in_flight": self._in_flight, **self.counters}
 
     def model_info(self) -> dict:
         return {
@@ -132,7 +147,7 @@ class SegmentationService:
             "max_clicks": self.max_clicks,
             "formats": list(FORMATS),
             "decoder_graphs": {meta["precision"]: f"/v1/model/{name}" for name, meta in self._decoder_graphs().items()},
-            "manifest": self.manifest,
+            "manifest": self._public_manifest(),
         }
 
     def ready(self) -> bool:
@@ -142,8 +157,50 @@ class SegmentationService:
         self._closed = True
         self.runner.close()
 
+    def _public_manifest(self) -> dict | None:
+        """The manifest without the exporting machine's paths: the weights file by name only."""
+        if not self.manifest:
+            return self.manifest
+        weights = dict(self.manifest.get("weights", {}))
+        if isinstance(weights.get("path"), str):
+            weights["path"] = Path(weights["path"]).name
+        return {**self.manifest, "weights": weights}
+
+    # -- admission: a bounded queue in front of the model slots ------------------------------
+    async def _run(self, work, *args):
+        """work(*args, stop) in a worker thread, admitted if fewer than slots + max_queue model
+        requests are in flight (503 otherwise). Cancelled (the client went away): `stop` is set
+        and the thread ends before its next model call; the caller does not wait for it."""
+        with self._lock:
+            if self._in_flight >= self.max_in_flight:
+                self.counters["rejected"] += 1
+                raise ApiError(503, f"the server is busy: {self._in_flight} model requests are running or waiting; "
+                                    "retry shortly")
+            self._in_flight += 1
+        stop = threading.Event()
+        try:
+            return await anyio.to_thread.run_sync(self._in_slot, work, args, stop, abandon_on_cancel=True)
+        except anyio.get_cancelled_exc_class():
+            stop.set()
+            with self._lock:
+                self.counters["abandoned"] += 1
+            raise
+        finally:
+            with self._lock:
+                self._in_flight -= 1
+
+    def _in_slot(self, work, args: tuple, stop: threading.Event):
+        with self._model_slots:
+            self._check(stop)
+            return work(*args, stop)
+
+    @staticmethod
+    def _check(stop: threading.Event) -> None:
+        if stop.is_set():
+            raise _Abandoned
+
     # -- work, in worker threads -------------------------------------------------------------
-    def _add_image(self, data: bytes) -> dict:
+    def _add_image(self, data: bytes, stop: threading.Event) -> dict:
         image_id = hashlib.sha256(data).hexdigest()
         with self._lock:
             entry = self._cache.get(image_id)
@@ -160,13 +217,15 @@ class SegmentationService:
             if width * height > self.max_image_pixels:
                 raise ApiError(413, f"the image is {width}x{height} = {width * height:,} pixels, over this server's "
                                     f"limit of {self.max_image_pixels:,}")
-            with self._encode_slots:
-                image = decode_image(data, self.max_image_pixels)
-                start = time.perf_counter()
-                with self._run_lock:
-                    encoded = encode_image(self.runner, image)
-                encoder_ms = (time.perf_counter() - start) * 1000
-                del image
+            image = decode_image(data, self.max_image_pixels)
+            self._check(stop)
+            start = time.perf_counter()
+            with self._run_lock:
+                encoded = encode_image(self.runner, image)
+            encoder_ms = (time.perf_counter() - start) * 1000
+            del image
+        except ImageTooLarge as e:
+            raise ApiError(413, str(e)) from None
         except UserError as e:
             raise ApiError(400, str(e)) from None
         with self._lock:
@@ -181,7 +240,7 @@ class SegmentationService:
         return {"image_id": image_id, "width": encoded.frame.width, "height": encoded.frame.height,
                 "encoder_ms": round(encoder_ms, 3), "cached": False}
 
-    def _masks(self, image_id: str, clicks: list[Click], fmt: str) -> dict:
+    def _masks(self, image_id: str, clicks: list[Click], fmt: str, stop: threading.Event) -> dict:
         if fmt not in FORMATS:
             raise ApiError(400, f"unknown format {fmt!r}; use one of {', '.join(FORMATS)}")
         entry = self._get(image_id)
@@ -210,12 +269,14 @@ class SegmentationService:
         new = []
         t0 = time.perf_counter()
         for k in range(start, len(seq)):
+            self._check(stop)
             with self._run_lock:
                 prediction, prev = decode_clicks(self.runner, entry.encoded, seq[:k + 1], prev, with_logits=False)
             new.append((tuple(seq[:k + 1]), prev))
+            with self._lock:
+                self.counters["decodes"] += 1  # as they run: a request stopped half-way counts what it ran
         decoder_ms = (time.perf_counter() - t0) * 1000
         with self._lock:
-            self.counters["decodes"] += len(new)
             if self._cache.get(image_id) is entry:  # still cached: keep the new prefixes
                 before = entry.nbytes
                 for key, p in new[-MAX_PREFIXES:]:
@@ -230,7 +291,7 @@ class SegmentationService:
                 "decoder_ms": round(decoder_ms, 3), "decodes": len(new), "area": int(mask.sum()),
                 "format": fmt, "mask": encode_mask(mask, fmt)}
 
-    def _state(self, image_id: str) -> bytes:
+    def _state(self, image_id: str, stop: threading.Event) -> bytes:
         from safetensors.numpy import save
 
         entry = self._get(image_id)
