@@ -140,15 +140,29 @@ class BodyLimit:
 
 class ApiKey:
     """Authorization: Bearer KEY on every route but the open ones (and CORS preflights, which
-    browsers send without credentials), compared in constant time."""
+    browsers send without credentials), compared in constant time. HTTP Basic auth with KEY as
+    the password (any user name) is taken too: Label Studio's ML-backend connection sends only that."""
 
     def __init__(self, app, key: str):
         self.app, self.key = app, f"Bearer {key}".encode()
+        self.password = f":{key}".encode()
+
+    def _basic_ok(self, given: bytes) -> bool:
+        import base64
+        import binascii
+
+        if not given.startswith(b"Basic "):
+            return False
+        try:
+            decoded = base64.b64decode(given[6:], validate=True)
+        except binascii.Error:
+            return False
+        return hmac.compare_digest(decoded[decoded.find(b":"):] if b":" in decoded else b"", self.password)
 
     async def __call__(self, scope, receive, send):
         if scope["type"] == "http" and scope["path"] not in OPEN_PATHS and scope["method"] != "OPTIONS":
             given = dict(scope["headers"]).get(b"authorization", b"")
-            if not hmac.compare_digest(given, self.key):
+            if not (hmac.compare_digest(given, self.key) or self._basic_ok(given)):
                 response = _json_response(401, "missing or wrong API key: send Authorization: Bearer KEY",
                                           {"WWW-Authenticate": "Bearer"})
                 return await response(scope, receive, send)
@@ -199,9 +213,10 @@ async def _value(result):
 
 # -- the app ---------------------------------------------------------------------------------
 def create_app(service, *, api_key: str | None = None, allow_origins=(), max_body_mb: float = 50,
-               static_dir: Path | None = WEB_DIR) -> FastAPI:
+               static_dir: Path | None = WEB_DIR, label_studio=None) -> FastAPI:
     """The API v1 app over `service`. static_dir (default: ois_deploy/web, the browser client)
-    is mounted at / after the API routes when it exists; None mounts nothing."""
+    is mounted at / after the API routes when it exists; None mounts nothing. label_studio
+    (LabelStudioOptions) adds Label Studio's ML-backend routes under /label-studio."""
     metrics = Metrics()
     app = FastAPI(title="ois-deploy", version=__version__, summary="Interactive segmentation: embed once, click many.")
     app.state.service, app.state.metrics = service, metrics
@@ -288,6 +303,10 @@ def create_app(service, *, api_key: str | None = None, allow_origins=(), max_bod
     app.add_middleware(Cors, allow_origins=list(allow_origins), allow_methods=["GET", "POST", "DELETE"],
                        allow_headers=["Authorization", "Content-Type"])
     app.add_middleware(Observe, metrics=metrics)
+    if label_studio is not None:
+        from .label_studio import PREFIX, label_studio_router
+
+        app.include_router(label_studio_router(service, label_studio), prefix=PREFIX)
     if static_dir is not None:
         mount_static(app, static_dir)
     return app
