@@ -48,7 +48,9 @@ LABEL_CONFIG = """<View>
   </KeyPointLabels>
 </View>"""
 USER, PASSWORD = "annotator@example.com", "ois-test-password"
-MAX_PIXELS = 1_000_000  # the backend's pixel limit here: demo.png is under it, BIG over it
+MAX_PIXELS = 1_000_000  # the backend's pixel limit here: demo.png is under it, big.png over it
+API_KEY = secrets.token_hex(16)  # our backend's --api-key: Label Studio sends it by HTTP Basic auth
+AUTH = ("label-studio", API_KEY)
 
 
 def free_port() -> int:
@@ -104,15 +106,15 @@ def label_studio(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def backend(tiny_export, label_studio, tmp_path_factory):
-    """`ois-deploy serve --label-studio` on a free loopback port, the token by environment;
-    127.0.0.1 is an allowed external image host (its own /demo.png is one). Yields its URL."""
+    """`ois-deploy serve --label-studio` on a free loopback port, the token and --api-key by
+    environment; 127.0.0.1 is an allowed external image host (its own /demo.png is one). Yields its URL."""
     url, token = label_studio
     log_path = tmp_path_factory.mktemp("backend") / "stderr.log"
     with open(log_path, "w") as log:
         proc = subprocess.Popen([sys.executable, "-m", "ois_deploy", "serve", str(tiny_export), "--port", "0",
                                  "--label-studio", "--label-studio-url", url, "--label-studio-allow-host", "127.0.0.1",
                                  "--max-image-pixels", str(MAX_PIXELS), "--max-body-mb", "1"],
-                                env={**os.environ, "LABEL_STUDIO_API_KEY": token}, stdout=subprocess.PIPE, stderr=log,
+                                env={**os.environ, "LABEL_STUDIO_API_KEY": token, "OIS_API_KEY": API_KEY}, stdout=subprocess.PIPE, stderr=log,
                                 text=True, start_new_session=True)
     for line in proc.stdout:
         if match := re.search(r"http://\S+", line):
@@ -124,7 +126,7 @@ def backend(tiny_export, label_studio, tmp_path_factory):
     stop(proc)
     output = proc.stdout.read() + log_path.read_text()
     assert proc.returncode == 0, output
-    assert token not in output  # the token is never printed nor logged
+    assert token not in output and API_KEY not in output  # never printed nor logged
 
 
 class LabelStudio:
@@ -190,7 +192,8 @@ def setup(label_studio, backend):
     project = ls.project("OIS in Label Studio", LABEL_CONFIG)
     task = ls.upload(project, "demo.png", DEMO.read_bytes())
     ml = ls.call("POST", "/api/ml", json={"url": f"{backend}/label-studio", "project": project,
-                                          "is_interactive": True, "title": "OIS"})
+                                          "is_interactive": True, "title": "OIS", "auth_method": "BASIC_AUTH",
+                                          "basic_auth_user": AUTH[0], "basic_auth_pass": AUTH[1]})
     assert ml["readable_state"] == "Connected", ml
     return ls, project, task, ml["id"]
 
@@ -218,17 +221,32 @@ def test_interactive_masks_equal_predictor(setup, backend, tiny_export):
     answer = ls.interactive(ml, task, key_points(CLICKS[:1], 480, 360, label="Ground"))
     assert answer["data"]["result"][0]["value"]["brushlabels"] == ["Ground"]
     # One fetch and one encode of the image for all of these requests.
-    metrics = httpx.get(f"{backend}/metrics").text
+    metrics = httpx.get(f"{backend}/metrics", auth=AUTH).text
     assert re.search(r"^ois_encodes_total 1\.0$", metrics, re.M), re.findall(r"^ois_encodes.*$", metrics, re.M)
 
 
-def test_external_image_on_the_allow_list(setup, backend):
-    """An external image URL (here our own /demo.png on 127.0.0.1, an allowed host): same image,
-    same cache entry, so no new encode."""
+def test_external_image_on_the_allow_list(setup, backend, tmp_path):
+    """An external image URL on an allowed host (a static file server on 127.0.0.1): the same
+    bytes as the uploaded file, so the same cache entry and no new encode."""
     ls, project, _, ml = setup
-    task = ls.task(project, {"image": f"{backend}/demo.png"})
-    answer = ls.interactive(ml, task, key_points(CLICKS[:1], 480, 360))
+    (tmp_path / "demo.png").write_bytes(DEMO.read_bytes())
+    port = free_port()
+    files = subprocess.Popen([sys.executable, "-m", "http.server", str(port), "--bind", "127.0.0.1", "--directory",
+                              str(tmp_path)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                             start_new_session=True)
+    try:
+        for _ in range(100):
+            try:
+                httpx.get(f"http://127.0.0.1:{port}/demo.png", timeout=1)
+                break
+            except httpx.HTTPError:
+                time.sleep(0.1)
+        task = ls.task(project, {"image": f"http://127.0.0.1:{port}/demo.png"})
+        answer = ls.interactive(ml, task, key_points(CLICKS[:1], 480, 360))
+    finally:
+        stop(files)
     assert answer["data"]["result"][0]["type"] == "brushlabels"
+    assert re.search(r"^ois_encodes_total 1\.0$", httpx.get(f"{backend}/metrics", auth=AUTH).text, re.M)
 
 
 def _status(answer: dict) -> int:
@@ -267,7 +285,8 @@ def test_bad_input_through_label_studio(setup, backend, label_studio):
     other = ls.project("Boxes only", '<View><Image name="image" value="$image"/><RectangleLabels name="box" '
                                      'toName="image"><Label value="A"/></RectangleLabels></View>')
     refused = ls.client.post("/api/ml", json={"url": f"{backend}/label-studio", "project": other,
-                                              "is_interactive": True, "title": "OIS"})
+                                              "is_interactive": True, "title": "OIS", "auth_method": "BASIC_AUTH",
+                                              "basic_auth_user": AUTH[0], "basic_auth_pass": AUTH[1]})
     assert refused.status_code == 400 and "422 Client Error" in refused.text
     # Our backend stayed up and answers all of this without a 5xx.
     assert ls.interactive(ml, task, key_points(CLICKS[:1], 480, 360))["data"]["result"]
@@ -290,14 +309,19 @@ def test_bad_input_direct(backend):
         ({"tasks": [task], "label_config": LABEL_CONFIG, "params": {"context": context}}, 400, "cannot fetch the task's image"),
     ]
     for body, status, message in cases:
-        response = httpx.post(predict, json=body, timeout=60)
+        response = httpx.post(predict, json=body, auth=AUTH, timeout=60)
         assert response.status_code == status, (body, response.text)
         if message:
             assert message in response.json()["error"]
         else:
             assert response.json() == {"results": []}
-    assert httpx.post(predict, content=b"{", timeout=10).status_code == 400
-    assert httpx.get(f"{backend}/label-studio/health").json()["status"] == "UP"
+    assert httpx.post(predict, content=b"{", auth=AUTH, timeout=10).status_code == 400
+    assert httpx.get(f"{backend}/label-studio/health", auth=AUTH).json()["status"] == "UP"
+    # --api-key: Bearer KEY or Basic with KEY as password; anything else 401.
+    assert httpx.get(f"{backend}/label-studio/health", headers={"Authorization": f"Bearer {API_KEY}"}).status_code == 200
+    for auth in (None, ("label-studio", "wrong"), (API_KEY, "")):
+        assert httpx.get(f"{backend}/label-studio/health", auth=auth).status_code == 401
+    assert httpx.get(f"{backend}/label-studio/health", headers={"Authorization": "Basic %%%"}).status_code == 401
 
 
 def png(image: np.ndarray) -> bytes:
@@ -307,3 +331,63 @@ def png(image: np.ndarray) -> bytes:
     Image.fromarray(image).save(buffer, format="PNG")
     return buffer.getvalue()
 
+
+
+CHROMIUM = os.environ.get("OIS_CHROMIUM", "/usr/bin/chromium")
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", "--no-first-run"]
+
+
+def test_annotation_page_in_chromium(setup, label_studio, tiny_export, tmp_path):
+    """Label Studio's own annotation page in headless Chromium: Auto-Annotation on, the smart
+    key-point tool, one click on the front ellipse; OIS's brush region appears as a suggestion,
+    is accepted and submitted, and the stored annotation's mask equals Predictor's for that point."""
+    if not Path(CHROMIUM).is_file():
+        pytest.skip(f"no Chromium at {CHROMIUM} (apt-get install chromium)")
+    sync_api = pytest.importorskip("playwright.sync_api", reason="Playwright is not installed (pip install 'ois-deploy[dev]')")
+    ls, project, _, ml = setup
+    task = ls.upload(project, "demo-page.png", DEMO.read_bytes())
+    url, _ = label_studio
+    shot = Path(os.environ.get("OIS_LABEL_STUDIO_SCREENSHOT", tmp_path / "label-studio.png"))
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 900})
+            page.set_default_timeout(60_000)
+            page.goto(f"{url}/user/login/")
+            page.fill("input[name=email]", USER)
+            page.fill("input[name=password]", PASSWORD)
+            with page.expect_navigation():
+                page.click("button[type=submit]")
+            assert "/user/login" not in page.url, page.inner_text("body")[:500]
+            page.goto(f"{url}/projects/{project}/data?task={task}")
+            page.get_by_text("Auto-Annotation").click()
+            # The smart tools sit in a group below zoom-out that opens on hover; the smart key point is its last tool.
+            zoom_out = page.locator("[aria-label=zoom-out]").bounding_box()
+            page.mouse.move(zoom_out["x"] + zoom_out["width"] / 2, zoom_out["y"] + zoom_out["height"] * 1.6)
+            page.locator("[aria-label=key-point-tool]").last.click()
+            page.get_by_text("Ellipse", exact=True).nth(1).click()  # the key points' label (BrushLabels' is first)
+            stage = page.locator("canvas").last.bounding_box()
+            x, y = CLICKS[0][:2]
+            with page.expect_response(lambda r: r.url.endswith(f"/api/ml/{ml}/interactive-annotating")) as answer:
+                page.mouse.click(stage["x"] + (x + 0.5) / 480 * stage["width"],
+                                 stage["y"] + (y + 0.5) / 360 * stage["height"])
+            suggestion = answer.value.json()["data"]["result"]
+            assert [r["type"] for r in suggestion] == ["brushlabels"]
+            page.get_by_text("1 suggestions").wait_for()
+            page.screenshot(path=str(shot))
+            page.locator(".lsf-auto-accept__action_type_accept").click()
+            with page.expect_response(lambda r: "/annotations" in r.url and r.request.method == "POST"):
+                page.get_by_label("Submit current annotation").click()
+        finally:
+            browser.close()
+
+    (annotation,) = ls.call("GET", f"/api/tasks/{task}/annotations")
+    regions = {r["type"]: r for r in annotation["result"]}
+    assert regions["brushlabels"]["value"]["brushlabels"] == ["Ellipse"]
+    point = regions["keypointlabels"]["value"]  # where the click landed, as Label Studio stored it
+    predictor = Predictor.open(str(tiny_export), backend="ort", precision="fp32")
+    predictor.set_image(read_image(DEMO))
+    want = predictor.click(point["x"] * 480 / 100, point["y"] * 360 / 100).mask
+    assert abs(point["x"] * 4.8 - x) < 2 and abs(point["y"] * 3.6 - y) < 2
+    assert iou(decode_brush(regions["brushlabels"]), want) >= 0.999
