@@ -25,6 +25,7 @@ brush = pytest.importorskip("label_studio_converter.brush",
                             reason="label-studio-converter is not installed (pip install 'ois-deploy[label-studio]')")
 pytest.importorskip("fastapi", reason="the serve extra is not installed")
 
+from ois_deploy.runtime.ort_web_backend import CHROMIUM, CHROMIUM_ARGS  # noqa: E402
 from ois_deploy.runtime.predictor import Predictor  # noqa: E402
 from ois_deploy.runtime.preprocess import read_image  # noqa: E402
 
@@ -324,6 +325,21 @@ def test_bad_input_direct(backend):
     assert httpx.get(f"{backend}/label-studio/health", headers={"Authorization": "Basic %%%"}).status_code == 401
 
 
+@pytest.mark.parametrize("args, message", [
+    (["--label-studio-url", "ftp://example.com"], "must be an http(s) URL"),
+    (["--label-studio-token", "secret-token-value"], "without --label-studio-url"),
+    (["--label-studio-url", "http://localhost:8080", "--ray"], "not available with --ray"),
+])
+def test_cli_refuses_bad_options(tiny_export, args, message):
+    """One line and exit code 2, before the model is loaded; the token is not echoed."""
+    done = subprocess.run([sys.executable, "-m", "ois_deploy", "serve", str(tiny_export), "--port", "0",
+                           "--label-studio", *args], capture_output=True, text=True, timeout=120,
+                          env={k: v for k, v in os.environ.items() if not k.startswith("LABEL_STUDIO_")})
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert message in done.stderr and len(done.stderr.strip().splitlines()) == 1
+    assert "secret-token-value" not in done.stdout + done.stderr
+
+
 def png(image: np.ndarray) -> bytes:
     from PIL import Image
 
@@ -332,10 +348,6 @@ def png(image: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
-
-CHROMIUM = os.environ.get("OIS_CHROMIUM", "/usr/bin/chromium")
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync", "--no-first-run"]
 
 
 def test_annotation_page_in_chromium(setup, label_studio, tiny_export, tmp_path):

@@ -178,7 +178,7 @@ class ImageSource:
             url = urljoin(base.rstrip("/") + "/", url.lstrip("/"))
         parts = urlsplit(url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise ApiError(400, f"the task's image must be an http(s) URL, got {url[:200]!r}")
+            raise ApiError(400, f"the task's image must be an http(s) URL, got {_shown(url)!r}")
         if base and (parts.scheme, parts.netloc) == (urlsplit(base).scheme, urlsplit(base).netloc):
             return url, True
         if parts.hostname.lower() not in {h.lower() for h in self.options.allow_hosts}:
