@@ -27,6 +27,7 @@ from starlette.staticfiles import StaticFiles
 
 from .. import __version__
 from ..errors import UserError
+from .label_studio import basic_auth_matches
 from .metrics import Metrics
 from .service import ApiError
 
@@ -144,25 +145,12 @@ class ApiKey:
     the password (any user name) is taken too: Label Studio's ML-backend connection sends only that."""
 
     def __init__(self, app, key: str):
-        self.app, self.key = app, f"Bearer {key}".encode()
-        self.password = f":{key}".encode()
-
-    def _basic_ok(self, given: bytes) -> bool:
-        import base64
-        import binascii
-
-        if not given.startswith(b"Basic "):
-            return False
-        try:
-            decoded = base64.b64decode(given[6:], validate=True)
-        except binascii.Error:
-            return False
-        return hmac.compare_digest(decoded[decoded.find(b":"):] if b":" in decoded else b"", self.password)
+        self.app, self.key, self.password = app, f"Bearer {key}".encode(), key
 
     async def __call__(self, scope, receive, send):
         if scope["type"] == "http" and scope["path"] not in OPEN_PATHS and scope["method"] != "OPTIONS":
             given = dict(scope["headers"]).get(b"authorization", b"")
-            if not (hmac.compare_digest(given, self.key) or self._basic_ok(given)):
+            if not (hmac.compare_digest(given, self.key) or basic_auth_matches(given, self.password)):
                 response = _json_response(401, "missing or wrong API key: send Authorization: Bearer KEY",
                                           {"WWW-Authenticate": "Bearer"})
                 return await response(scope, receive, send)

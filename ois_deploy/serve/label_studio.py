@@ -13,6 +13,7 @@ without key points an empty prediction. The token is never logged nor put in a m
 
 from __future__ import annotations
 
+import hmac
 import logging
 import math
 import uuid
@@ -240,6 +241,22 @@ class ImageSource:
                 raise ApiError(400, f"Label Studio refused the personal access token (HTTP {response.status_code})")
             self._access = access
         return {"Authorization": f"Bearer {self._access}"}
+
+
+def basic_auth_matches(header: bytes, password: str) -> bool:
+    """Authorization: Basic with this password (any user name), compared in constant time: how
+    Label Studio authenticates to an ML backend (serve's ApiKey takes it beside Bearer KEY)."""
+    import base64
+    import binascii
+
+    if not header.startswith(b"Basic "):
+        return False
+    try:
+        decoded = base64.b64decode(header[6:], validate=True)
+    except binascii.Error:
+        return False
+    given = decoded[decoded.find(b":") + 1:] if b":" in decoded else None
+    return given is not None and hmac.compare_digest(given, password.encode())
 
 
 def _too_large(limit: int) -> ApiError:
