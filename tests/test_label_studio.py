@@ -6,6 +6,7 @@ against Predictor's masks for the same clicks. Bad input gets a 4xx or an empty 
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import re
@@ -105,29 +106,38 @@ def label_studio(tmp_path_factory):
         log.close()
 
 
-@pytest.fixture(scope="module")
-def backend(tiny_export, label_studio, tmp_path_factory):
-    """`ois-deploy serve --label-studio` on a free loopback port, the token and --api-key by
-    environment; 127.0.0.1 is an allowed external image host (its own /demo.png is one). Yields its URL."""
-    url, token = label_studio
-    log_path = tmp_path_factory.mktemp("backend") / "stderr.log"
+@contextlib.contextmanager
+def serve_label_studio(export_dir: Path, label_studio_url: str, env: dict, log_path: Path, *args: str):
+    """`ois-deploy serve --label-studio` on a free loopback port, secrets by environment; yields its
+    URL; stopped by SIGTERM, and no secret of `env` in anything it printed."""
     with open(log_path, "w") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "ois_deploy", "serve", str(tiny_export), "--port", "0",
-                                 "--label-studio", "--label-studio-url", url, "--label-studio-allow-host", "127.0.0.1",
-                                 "--max-image-pixels", str(MAX_PIXELS), "--max-body-mb", "1"],
-                                env={**os.environ, "LABEL_STUDIO_API_KEY": token, "OIS_API_KEY": API_KEY}, stdout=subprocess.PIPE, stderr=log,
-                                text=True, start_new_session=True)
+        proc = subprocess.Popen([sys.executable, "-m", "ois_deploy", "serve", str(export_dir), "--port", "0",
+                                 "--label-studio", "--label-studio-url", label_studio_url, *args],
+                                env={**os.environ, **env}, stdout=subprocess.PIPE, stderr=log, text=True,
+                                start_new_session=True)
     for line in proc.stdout:
         if match := re.search(r"http://\S+", line):
             break
     else:
         proc.wait()
         raise AssertionError(f"serve did not start: {log_path.read_text()}")
-    yield match.group(0)
-    stop(proc)
+    try:
+        yield match.group(0)
+    finally:
+        stop(proc)
     output = proc.stdout.read() + log_path.read_text()
     assert proc.returncode == 0, output
-    assert token not in output and API_KEY not in output  # never printed nor logged
+    assert not [name for name, secret in env.items() if secret in output]  # never printed nor logged
+
+
+@pytest.fixture(scope="module")
+def backend(tiny_export, label_studio, tmp_path_factory):
+    """Our backend with the legacy token and --api-key; 127.0.0.1 is an allowed external image host."""
+    url, token = label_studio
+    with serve_label_studio(tiny_export, url, {"LABEL_STUDIO_API_KEY": token, "OIS_API_KEY": API_KEY},
+                            tmp_path_factory.mktemp("backend") / "stderr.log", "--label-studio-allow-host", "127.0.0.1",
+                            "--max-image-pixels", str(MAX_PIXELS), "--max-body-mb", "1") as backend_url:
+        yield backend_url
 
 
 class LabelStudio:
@@ -248,6 +258,24 @@ def test_external_image_on_the_allow_list(setup, backend, tmp_path):
         stop(files)
     assert answer["data"]["result"][0]["type"] == "brushlabels"
     assert re.search(r"^ois_encodes_total 1\.0$", httpx.get(f"{backend}/metrics", auth=AUTH).text, re.M)
+
+
+def test_personal_access_token(setup, label_studio, tiny_export, tmp_path):
+    """A personal access token (Label Studio's default kind) instead of the legacy one: the
+    backend exchanges it for an access token and fetches the uploaded file with that."""
+    ls, project, task, _ = setup
+    pat = ls.call("POST", "/api/token/")["token"]
+    image = ls.call("GET", f"/api/tasks/{task}")["data"]["image"]
+    body = {"tasks": [{"id": task, "data": {"image": image}}], "label_config": LABEL_CONFIG,
+            "params": {"context": key_points(CLICKS[:1], 480, 360)}}
+    with serve_label_studio(tiny_export, label_studio[0], {"LABEL_STUDIO_API_KEY": pat}, tmp_path / "log") as url:
+        response = httpx.post(f"{url}/label-studio/predict", json=body, timeout=120)
+    assert response.status_code == 200, response.text
+    (region,) = response.json()["results"][0]["result"]
+    predictor = Predictor.open(str(tiny_export), backend="ort", precision="fp32")
+    predictor.set_image(read_image(DEMO))
+    point = body["params"]["context"]["result"][0]["value"]
+    assert iou(decode_brush(region), predictor.click(point["x"] * 480 / 100, point["y"] * 360 / 100).mask) >= 0.999
 
 
 def _status(answer: dict) -> int:
