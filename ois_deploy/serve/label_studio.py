@@ -14,7 +14,6 @@ without key points an empty prediction. The token is never logged nor put in a m
 from __future__ import annotations
 
 import hmac
-import logging
 import math
 import uuid
 from collections import OrderedDict
@@ -28,7 +27,6 @@ from fastapi import APIRouter, Request
 from .masks import rle_decode
 from .service import ApiError
 
-log = logging.getLogger("ois_deploy.serve.label_studio")
 
 PREFIX = "/label-studio"
 MAX_KNOWN_URLS = 4096  # image URL -> image id; an evicted or forgotten id is fetched again
