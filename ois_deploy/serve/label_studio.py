@@ -27,7 +27,6 @@ from fastapi import APIRouter, Request
 from .masks import rle_decode
 from .service import ApiError
 
-
 PREFIX = "/label-studio"
 MAX_KNOWN_URLS = 4096  # image URL -> image id; an evicted or forgotten id is fetched again
 
