@@ -6,13 +6,13 @@ PY := $(VENV)/bin/python
 TORCH_PIN ?= torch==2.13.0
 DEMO_IMAGE := ois_deploy/assets/demo.png
 
-.PHONY: install web demo test clean
+.PHONY: install web label-studio demo test clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet "$(TORCH_PIN)"
-	$(PY) -m pip install --quiet -e ".[cpu,export,train,plot,serve,ray,dev]"
+	$(PY) -m pip install --quiet -e ".[cpu,export,train,plot,serve,ray,label-studio,dev]"
 	touch $@
 
 # The browser client's onnxruntime-web, pinned in package-lock.json, copied out of node_modules
@@ -31,6 +31,18 @@ $(WEB_VENDOR)/.installed: package.json package-lock.json
 
 web: $(WEB_VENDOR)/.installed
 
+# A Label Studio server for tests/test_label_studio.py, in its own venv: it pins Django and many
+# other packages that must not meet ours. The tests find it at .venv-label-studio/bin/label-studio.
+LABEL_STUDIO_VENV := .venv-label-studio
+LABEL_STUDIO_PIN ?= label-studio==1.23.2
+$(LABEL_STUDIO_VENV)/.installed:
+	$(PYTHON) -m venv $(LABEL_STUDIO_VENV)
+	$(LABEL_STUDIO_VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(LABEL_STUDIO_VENV)/bin/python -m pip install --quiet "$(LABEL_STUDIO_PIN)"
+	touch $@
+
+label-studio: $(LABEL_STUDIO_VENV)/.installed
+
 install: $(VENV)/.installed web
 
 # The main job, on the embedded default: ois-tiny with its bundled trained weights. Export the
@@ -46,8 +58,8 @@ demo: install
 	$(VENV)/bin/ois-deploy predict --backend ort --model artifacts/$(PRESET) --precision fp16 --image $(DEMO_IMAGE) \
 		$(DEMO_CLICKS) --out artifacts/demo_mask.png --overlay artifacts/demo_overlay.png
 
-test: install
+test: install label-studio
 	$(PY) -m pytest -q
 
 clean:
-	rm -rf $(VENV) artifacts node_modules $(WEB_VENDOR)
+	rm -rf $(VENV) $(LABEL_STUDIO_VENV) artifacts node_modules $(WEB_VENDOR)

@@ -42,6 +42,15 @@ def serve(
     ray_address: Optional[str] = typer.Option(None, "--ray-address", help="With --ray: a Ray cluster (default: start a local one)."),
     cpus_per_replica: float = typer.Option(1, "--cpus-per-replica", min=0, help="With --ray: CPUs each replica reserves."),
     gpus_per_replica: float = typer.Option(0, "--gpus-per-replica", min=0, help="With --ray: GPUs each replica reserves."),
+    label_studio: bool = typer.Option(False, "--label-studio", help="Also serve Label Studio's ML-backend API under "
+                                      "/label-studio (docs/label-studio.md; extra: label-studio)."),
+    label_studio_url: Optional[str] = typer.Option(None, "--label-studio-url", envvar="LABEL_STUDIO_URL", show_envvar=True,
+                                                   help="With --label-studio: Label Studio's address, where task images are fetched."),
+    label_studio_token: Optional[str] = typer.Option(None, "--label-studio-token", envvar="LABEL_STUDIO_API_KEY",
+                                                     show_envvar=True, show_default=False,
+                                                     help="With --label-studio: its API token (prefer the environment variable)."),
+    label_studio_allow_host: list[str] = typer.Option([], "--label-studio-allow-host",
+                                                      help="With --label-studio: a host task images may be fetched from; repeat."),
 ):
     """Serve a model over HTTP: post an image once, then post click sequences for masks."""
     from ..runtime.registry import RunnerSpec, default_backend, open_runner
@@ -59,6 +68,11 @@ def serve(
         if not math.isfinite(value):
             raise UserError(f"{name} must be a finite number, not {value}")
     spec = RunnerSpec(backend or default_backend(model), model, precision, device=device, threads=threads)
+    ls_options = None
+    if label_studio:
+        from ..serve.label_studio import options_from_cli
+
+        ls_options = options_from_cli(label_studio_url, label_studio_token, label_studio_allow_host, max_body_mb, ray)
     if ray:
         from ..serve.ray_app import RayOptions, serve_on_ray
 
@@ -70,7 +84,7 @@ def serve(
     service = SegmentationService(runner, cache_mb=cache_mb, max_image_pixels=max_image_pixels,
                                   export_dir=spec.export_dir, max_queue=max_queue)
     asgi_app = create_app(service, api_key=api_key, allow_origins=allow_origin, max_body_mb=max_body_mb,
-                          read_timeout=read_timeout)
+                          read_timeout=read_timeout, label_studio=ls_options)
     sock = bind_socket(host, port)
     # The URL on stdout, flushed: scripts and tests read it (the socket already listens).
     print(f"serving {runner.cfg.name} ({runner.name} {runner.precision}) at {url_of(sock)}", flush=True)

@@ -35,6 +35,7 @@ from starlette.staticfiles import StaticFiles
 
 from .. import __version__
 from ..errors import UserError
+from .label_studio import basic_auth_matches
 from .metrics import Metrics
 from .service import ApiError
 
@@ -207,7 +208,9 @@ class CancelOnDisconnect:
 class ApiKey:
     """Authorization: Bearer KEY (the scheme in any case), compared in constant time, on every
     path but OPEN_PATHS, the files of `static_dir` (the page, which sends the key from its URL's
-    #key=...) and CORS preflights (sent without credentials): a route added later is closed."""
+    #key=...) and CORS preflights (sent without credentials): a route added later is closed.
+    HTTP Basic auth with KEY as the password (any user name) is taken too: Label Studio's
+    ML-backend connection sends only that."""
 
     def __init__(self, app, key: str, static_dir: Path | None):
         self.app, self.key, self.static_dir = app, key.encode(), static_dir
@@ -220,10 +223,15 @@ class ApiKey:
         name = os.path.normpath(path.lstrip("/") or "index.html")
         return not name.startswith("..") and (Path(self.static_dir) / name).is_file()
 
+    def _authorized(self, header: bytes) -> bool:
+        scheme, _, given = header.strip().partition(b" ")
+        if scheme.lower() == b"bearer":
+            return hmac.compare_digest(given.strip(), self.key)
+        return scheme.lower() == b"basic" and basic_auth_matches(given.strip(), self.key)
+
     async def __call__(self, scope, receive, send):
         if scope["type"] == "http" and scope["method"] != "OPTIONS" and not self._open(scope["path"]):
-            scheme, _, given = dict(scope["headers"]).get(b"authorization", b"").strip().partition(b" ")
-            if not (scheme.lower() == b"bearer" and hmac.compare_digest(given.strip(), self.key)):
+            if not self._authorized(dict(scope["headers"]).get(b"authorization", b"")):
                 response = _json_response(401, "missing or wrong API key: send Authorization: Bearer KEY",
                                           {"WWW-Authenticate": "Bearer"})
                 return await response(scope, receive, send)
@@ -292,12 +300,13 @@ def normalize_origin(origin: str) -> str:
 
 
 def create_app(service, *, api_key: str | None = None, allow_origins=(), max_body_mb: float = 50,
-               read_timeout: float = 10, max_uploads: int = 8, static_dir: Path | None = WEB_DIR) -> FastAPI:
+               read_timeout: float = 10, max_uploads: int = 8, static_dir: Path | None = WEB_DIR, label_studio=None) -> FastAPI:
     """The API v1 app over `service`. Upload bodies held at once (received or waiting to be
     encoded) total at most `max_uploads` x `max_body_mb` (503 + Retry-After beyond): a byte
     budget, so that bodies trickled in by slow clients do not use it up. static_dir (default:
     ois_deploy/web, the browser client) is mounted at / after the API routes when it exists;
-    None mounts nothing."""
+    None mounts nothing. label_studio (LabelStudioOptions) adds Label Studio's ML-backend routes
+    under /label-studio."""
     if api_key is not None and not api_key.strip():
         raise UserError("the API key is empty: give a key, or none to serve without one")
     allow_origins = [normalize_origin(o) for o in allow_origins]
@@ -407,6 +416,10 @@ def create_app(service, *, api_key: str | None = None, allow_origins=(), max_bod
     app.add_middleware(Cors, allow_origins=allow_origins, allow_methods=["GET", "POST", "DELETE"],
                        allow_headers=["Authorization", "Content-Type"])
     app.add_middleware(Observe, metrics=metrics)
+    if label_studio is not None:
+        from .label_studio import PREFIX, label_studio_router
+
+        app.include_router(label_studio_router(service, label_studio), prefix=PREFIX)
     if static_dir is not None:
         mount_static(app, static_dir)
     return app
