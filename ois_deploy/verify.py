@@ -31,7 +31,9 @@ TOLERANCES = {
     "fp32": {"rel_l2": 1e-4, "mask_iou_mean": 0.99, "mask_iou_min": 0.9},
     "fp16": {"rel_l2": 1e-2, "mask_iou_mean": 0.98, "mask_iou_min": 0.5},
     "int8": {"rel_l2": 0.15, "mask_iou_mean": 0.98, "mask_iou_min": 0.5},  # rel_l2 measured: docs/design.md §4.1
-    "bf16": {"rel_l2": 0.05, "mask_iou_mean": 0.98, "mask_iou_min": 0.5},  # PLACEHOLDER
+    # BF16 (8 mantissa bits against FP16's 11), measured with openvino on ois-tiny: rel_l2 up to
+    # 0.043 (random weights' depth), session mask IoU mean 0.976 (trained): docs/design.md §4.2
+    "bf16": {"rel_l2": 0.05, "mask_iou_mean": 0.97, "mask_iou_min": 0.5},
 }
 DECODER_SHAPES = ((1, 1), (3, 24), (16, 5))  # (P, N)
 SESSION_CLICKS = 5

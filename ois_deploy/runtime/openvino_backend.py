@@ -95,6 +95,18 @@ def isa_info() -> dict:
             "cpu_flags": {k: v for k, v in cpu_flags().items() if k != "model"}}
 
 
+def compile_settings(precision: str, threads: int = 0, streams: int = 0, hint: str = "LATENCY") -> dict:
+    """OpenVINO CPU compile settings for a precision (0 threads or streams: the hint's choice)."""
+    if hint not in HINTS:
+        raise UserError(f"OpenVINO performance hint must be {' or '.join(HINTS)}, not {hint!r}")
+    config = {"INFERENCE_PRECISION_HINT": PRECISION_HINTS[precision], "PERFORMANCE_HINT": hint}
+    if threads:
+        config["INFERENCE_NUM_THREADS"] = threads
+    if streams:
+        config["NUM_STREAMS"] = streams
+    return config
+
+
 class OpenVinoRunner(Runner):
     """One compiled model per graph on OpenVINO's CPU plugin, with a pool of infer requests."""
 
@@ -109,8 +121,6 @@ class OpenVinoRunner(Runner):
             raise UserError(f"precision must be one of {', '.join(PRECISION_HINTS)} for openvino, not {precision!r}")
         if precision == "bf16" and (missing := missing_units("bf16")):
             raise UserError(missing)
-        if hint not in HINTS:
-            raise UserError(f"OpenVINO performance hint must be {' or '.join(HINTS)}, not {hint!r}")
         self.export_dir = Path(export_dir)
         self.manifest = read_manifest(self.export_dir)
         graphs = graph_precision(precision)
@@ -118,11 +128,7 @@ class OpenVinoRunner(Runner):
             raise UserError(f"{export_dir} has no {graphs} graphs (it has {', '.join(self.manifest['precisions'])})"
                             + (": ois-deploy export --precision fp32,int8" if precision == "int8" else ""))
         super().__init__(manifest_config(self.manifest), precision, "cpu", weights_notes(self.manifest))
-        config = {"INFERENCE_PRECISION_HINT": PRECISION_HINTS[precision], "PERFORMANCE_HINT": hint}
-        if threads:
-            config["INFERENCE_NUM_THREADS"] = threads
-        if streams:
-            config["NUM_STREAMS"] = streams
+        config = compile_settings(precision, threads, streams, hint)
         core = ov.Core()
         self.compiled, self._idle = {}, {}
         self.cache_dirs: dict[str, Path] = {}
@@ -144,6 +150,7 @@ class OpenVinoRunner(Runner):
             except Exception as e:
                 raise UserError(f"cannot load {path} in OpenVINO: {str(e).strip().splitlines()[0]}") from None
             self._idle[role] = queue.SimpleQueue()
+        self.loaded_from_cache = {role: bool(c.get_property("LOADED_FROM_CACHE")) for role, c in self.compiled.items()}
         # what OpenVINO actually chose, for bench records and reports
         decoder = self.compiled["decoder"]
         self.runtime_info = {
