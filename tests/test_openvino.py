@@ -16,6 +16,7 @@ import pytest
 pytest.importorskip("openvino", reason="the openvino extra is not installed (pip install 'ois-deploy[openvino]')")
 
 from ois_deploy.cli import main  # noqa: E402
+from ois_deploy.cli.export_cmds import parse_precisions  # noqa: E402
 from ois_deploy.contract import read_manifest, write_manifest  # noqa: E402
 from ois_deploy.provenance import sha256_file  # noqa: E402
 from ois_deploy.runtime.openvino_backend import CACHE_DIR, OpenVinoRunner, missing_units  # noqa: E402
@@ -149,3 +150,9 @@ def test_bench_records_the_isa_the_runtime_used(int8_export, tmp_path, capsys):
     isa = record["runtime_isa"]
     assert record["backend"] == "openvino" and isa["execution_precision"] == "f32"
     assert "FP32" in isa["openvino_capabilities"] and "amx_bf16" in isa["cpu_flags"]
+
+
+def test_bf16_is_a_runtime_precision_not_an_export(capsys, tmp_path):
+    assert parse_precisions("fp32,bf16") == ("fp32", "bf16")
+    code, _, err = run(["export", "--preset", "ois-tiny", "--precision", "bf16", "--out", str(tmp_path / "x")], capsys)
+    assert code == 2 and "bf16 runs the fp32 graphs" in err and not (tmp_path / "x").exists()

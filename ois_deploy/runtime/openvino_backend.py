@@ -6,9 +6,8 @@ refused on CPUs without AVX512-BF16 or AMX-BF16), int8 (the export's QDQ graphs,
 so that the node groups the export kept in FP32 stay FP32).
 
 Compiled models are cached in DIR/openvino-cache/<key>/, one folder per graph hash, OpenVINO
-version, precision and compile settings. OpenVINO's own cache keys a model read from a file by
-its path and settings, not by its contents, so a re-exported graph at the same path could be
-served from a stale blob; a folder per graph hash rules that out.
+version, precision and compile settings, so that a changed graph is never served from a stale
+blob whatever key OpenVINO itself computes.
 
 Thread safety: a compiled model may be shared by threads, an InferRequest may not. Each call
 takes an idle request from a pool (creating one when all are busy) and returns it afterwards,
