@@ -114,6 +114,7 @@ def ort_session(path: Path, threads: int):
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     options.log_severity_level = 3
+    options.enable_cpu_mem_arena = False  # a 1024 px encoder's arena, kept per session, adds up over many graphs
     session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     return lambda feed: session.run(None, feed)
 
@@ -129,7 +130,7 @@ def openvino_precisions() -> list[str]:
     return [p for p in ("fp32", "bf16", "int8") if not missing_units(p)]
 
 
-def sam_calls(paths: dict[str, Path], threads: int, rng) -> dict:
+def sam_calls(paths: dict[str, Path], threads: int, rng, graphs_wanted: set[str]) -> dict:
     image = rng.standard_normal((1, 3, SAM_IMAGE, SAM_IMAGE)).astype(np.float32)
     graphs = {("ort", "fp32"): lambda path: ort_session(path, threads)}
     for precision in openvino_precisions():
@@ -146,13 +147,16 @@ def sam_calls(paths: dict[str, Path], threads: int, rng) -> dict:
     }
     calls = {}
     for (runtime, precision), make in graphs.items():
-        encoder, decoder = make(paths["encoder"]), make(paths["decoder"])
-        calls[("sam-vit-b", runtime, precision, "encoder")] = lambda e=encoder: e({"image": image})
-        calls[("sam-vit-b", runtime, precision, "decoder")] = lambda d=decoder: d(feed)
+        if "encoder" in graphs_wanted:
+            encoder = make(paths["encoder"])
+            calls[("sam-vit-b", runtime, precision, "encoder")] = lambda e=encoder: e({"image": image})
+        if "decoder" in graphs_wanted:
+            decoder = make(paths["decoder"])
+            calls[("sam-vit-b", runtime, precision, "decoder")] = lambda d=decoder: d(feed)
     return calls
 
 
-def ois_calls(preset: str, threads: int, rng) -> dict:
+def ois_calls(preset: str, threads: int, rng, graphs_wanted: set[str]) -> dict:
     model, report = load_model(preset)
     folder = ensure_export(preset, model, report, ("fp32", "int8"))
     del model
@@ -166,9 +170,13 @@ def ois_calls(preset: str, threads: int, rng) -> dict:
     state = runners[("ort", "fp32")].encode(image)  # every decoder decodes the same FP32 state
     calls = {}
     for (runtime, precision), runner in runners.items():
-        calls[(preset, runtime, precision, "encoder")] = lambda r=runner: r.encode(image)
-        handed = runner.state_from_numpy(state)
-        calls[(preset, runtime, precision, "decoder")] = lambda r=runner, s=handed: r.decode(s, coords, labels, prev)
+        if "encoder" in graphs_wanted:
+            calls[(preset, runtime, precision, "encoder")] = lambda r=runner: r.encode(image)
+        if "decoder" in graphs_wanted:
+            handed = runner.state_from_numpy(state)
+            calls[(preset, runtime, precision, "decoder")] = lambda r=runner, s=handed: r.decode(s, coords, labels, prev)
+    if "decoder" not in graphs_wanted:
+        return calls
     # a whole click through the Predictor on each runtime's fastest precision (by the table: bf16 on
     # OpenVINO where the CPU has it, else int8; int8 on ONNX Runtime)
     photo = (rng.random((size, size, 3)) * 255).astype(np.uint8)
@@ -209,8 +217,10 @@ def run_rounds(calls: dict, rounds: int, encoder_rounds: int) -> dict:
 def result_rows(medians: dict) -> list[dict]:
     """One row per (model, runtime, precision, graph); decoders and encoders with their ratio to
     SAM's fastest, clicks with their ratio to the same runner's bare decoder."""
-    sam_best = {g: min(ms for (m, _, _, graph), (ms, _) in medians.items() if m == "sam-vit-b" and graph == g)
-                for g in ("encoder", "decoder")}
+    sam_best: dict[str, float] = {}
+    for (model, _, _, graph), (ms, _) in medians.items():
+        if model == "sam-vit-b":
+            sam_best[graph] = min(ms, sam_best.get(graph, ms))
     rows = []
     for (model, runtime, precision, graph), (ms, n) in medians.items():
         row = {"model": model, "runtime": runtime, "precision": precision, "graph": graph, "median_ms": round(ms, 2), "calls": n}
@@ -256,6 +266,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=7, help="decoder calls per graph")
     parser.add_argument("--encoder-rounds", type=int, default=3, help="encoder calls per graph")
     parser.add_argument("--threads", type=int, default=2, help="threads per call, both runtimes")
+    parser.add_argument("--graphs", nargs="+", choices=("decoder", "encoder"), default=["decoder", "encoder"],
+                        help="what to time (decoder: with Predictor clicks); encoders in a process of their own use less memory")
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--report", nargs="+", type=Path, help="render the table from these result files")
     parser.add_argument("--readme", type=Path, help="with --report: write it between the README's peer-report markers")
@@ -267,9 +279,10 @@ def main() -> None:
             raise UserError(f"{args.readme} has no peer report block ({REPORT_START} ... {REPORT_END})")
         return
     rng = np.random.default_rng(0)
-    calls = sam_calls(export_sam(SAM_DIR), args.threads, rng)
+    graphs = set(args.graphs)
+    calls = sam_calls(export_sam(SAM_DIR), args.threads, rng, graphs)
     for preset in args.presets:
-        calls.update(ois_calls(preset, args.threads, rng))
+        calls.update(ois_calls(preset, args.threads, rng, graphs))
     rows = result_rows(run_rounds(calls, args.rounds, args.encoder_rounds))
     result = {
         "benchmark": "per-click decoder, encoder and Predictor click on CPU runtimes, OIS vs SAM ViT-B, median ms",
@@ -287,7 +300,7 @@ def main() -> None:
         result["versions"]["segment-anything"] = version("segment-anything")
     except Exception:
         pass
-    out = args.out or RESULTS / f"peer_sam_{result['date'][:10]}_{'_'.join(args.presets)}.json"
+    out = args.out or RESULTS / f"peer_sam_{result['date'][:10]}_{'_'.join(args.graphs)}_{'_'.join(args.presets)}.json"
     out.write_text(json.dumps(result, indent=2) + "\n")
     for r in rows:
         ratio = f"  x{r['vs_sam_best']:.2f} SAM's best" if "vs_sam_best" in r else f"  x{r['vs_decoder']:.2f} decoder"
