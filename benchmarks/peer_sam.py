@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import os
 import statistics
 import sys
 import time
@@ -255,8 +256,11 @@ def report_table(files: list[Path]) -> str:
             values = " | ".join(f"{by_column[c]['median_ms']:,.1f}" if c in by_column else "-" for c in COLUMNS)
             lines.append(f"| `{model}` | {graph} | {values} | {ratio} ({fastest['runtime']} {fastest['precision']}) |")
     lines.append("")
-    lines.append(f"Median ms, {data['threads']} threads, {data['machine']['cpu']}; flags: {' / '.join(sorted(flags))}; "
-                 f"no AMX. {', '.join(sorted(dates))}; files: {', '.join(p.name for p in files)}.")
+    amx = "AMX" if any(v is True for f, v in data["cpu_flags"].items() if f.startswith("amx")) else "no AMX"
+    loads = ", ".join("-".join(map(str, json.loads(p.read_text()).get("load_average", ["?"]))) for p in files)
+    lines.append(f"Median ms, {data['threads']} threads, {data['machine']['cpu']} ({data['machine']['cores']} cores, "
+                 f"load average before-after each run: {loads}); flags: {' / '.join(sorted(flags))}; {amx}. "
+                 f"{', '.join(sorted(dates))}; files: {', '.join(p.name for p in files)}.")
     return "\n".join(lines)
 
 
@@ -283,6 +287,7 @@ def main() -> None:
     calls = sam_calls(export_sam(SAM_DIR), args.threads, rng, graphs)
     for preset in args.presets:
         calls.update(ois_calls(preset, args.threads, rng, graphs))
+    load_before = os.getloadavg()[0]
     rows = result_rows(run_rounds(calls, args.rounds, args.encoder_rounds))
     result = {
         "benchmark": "per-click decoder, encoder and Predictor click on CPU runtimes, OIS vs SAM ViT-B, median ms",
@@ -292,6 +297,8 @@ def main() -> None:
         "threads": args.threads, "rounds": args.rounds, "encoder_rounds": args.encoder_rounds,
         "openvino_settings": "PERFORMANCE_HINT LATENCY, streams: the hint's choice (1); bf16: INFERENCE_PRECISION_HINT bf16",
         "cpu_flags": cpu_flags(), "machine": machine_info(), "versions": tool_versions(), "date": now_utc(),
+        # the machine may be shared: 1-minute load average before and after the rounds
+        "load_average": [round(load_before, 1), round(os.getloadavg()[0], 1)],
         "results": rows,
     }
     try:
