@@ -61,6 +61,16 @@ def int8_export(tmp_path_factory):
     return out
 
 
+def run_cli(argv, capsys):
+    """(exit code, stdout, stderr) of `ois-deploy ARGV` run in this process."""
+    from ois_deploy.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    out, err = capsys.readouterr()
+    return exit_info.value.code, out, err
+
+
 @pytest.fixture
 def rng():
     return np.random.default_rng(1234)

@@ -15,19 +15,13 @@ import pytest
 
 pytest.importorskip("openvino", reason="the openvino extra is not installed (pip install 'ois-deploy[openvino]')")
 
-from ois_deploy.cli import main  # noqa: E402
 from ois_deploy.cli.export_cmds import parse_precisions  # noqa: E402
 from ois_deploy.contract import read_manifest, write_manifest  # noqa: E402
 from ois_deploy.provenance import sha256_file  # noqa: E402
 from ois_deploy.runtime.openvino_backend import CACHE_DIR, OpenVinoRunner, missing_units  # noqa: E402
 from ois_deploy.verify import ASSETS, TOLERANCES, verify  # noqa: E402
 
-
-def run(argv, capsys):
-    with pytest.raises(SystemExit) as exit_info:
-        main(argv)
-    out, err = capsys.readouterr()
-    return exit_info.value.code, out, err
+from conftest import run_cli as run  # noqa: E402
 
 
 @pytest.fixture
