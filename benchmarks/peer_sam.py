@@ -157,17 +157,18 @@ def sam_calls(paths: dict[str, Path], threads: int, rng, graphs_wanted: set[str]
     return calls
 
 
-def ois_calls(preset: str, threads: int, rng, graphs_wanted: set[str]) -> dict:
+def ois_calls(preset: str, threads: int, rng, graphs_wanted: set[str], int8: bool = True) -> dict:
     model, report = load_model(preset)
-    folder = ensure_export(preset, model, report, ("fp32", "int8"))
+    folder = ensure_export(preset, model, report, ("fp32", "int8") if int8 else ("fp32",))
     del model
     size = read_size(folder)
     image = (rng.random((1, 3, size, size)) * 255).astype(np.float32)
     coords = (rng.random((1, 1, 2)) * (size - 1)).astype(np.float32)
     labels = np.ones((1, 1), np.int32)
     prev = rng.random((1, 1, size, size)).astype(np.float32)
-    runners = {("ort", p): OrtRunner(folder, p, providers="cpu", threads=threads) for p in ("fp32", "int8")}
-    runners.update({("openvino", p): OpenVinoRunner(folder, p, threads=threads) for p in openvino_precisions()})
+    precisions = [p for p in openvino_precisions() if int8 or p != "int8"]
+    runners = {("ort", p): OrtRunner(folder, p, providers="cpu", threads=threads) for p in ("fp32", "int8") if p in precisions}
+    runners.update({("openvino", p): OpenVinoRunner(folder, p, threads=threads) for p in precisions})
     state = runners[("ort", "fp32")].encode(image)  # every decoder decodes the same FP32 state
     calls = {}
     for (runtime, precision), runner in runners.items():
@@ -179,9 +180,10 @@ def ois_calls(preset: str, threads: int, rng, graphs_wanted: set[str]) -> dict:
     if "decoder" not in graphs_wanted:
         return calls
     # a whole click through the Predictor on each runtime's fastest precision (by the table: bf16 on
-    # OpenVINO where the CPU has it, else int8; int8 on ONNX Runtime)
+    # OpenVINO where the CPU has it; int8 on ONNX Runtime)
     photo = (rng.random((size, size, 3)) * 255).astype(np.uint8)
-    for runtime, precision in (("ort", "int8"), ("openvino", "bf16" if "bf16" in openvino_precisions() else "int8")):
+    fastest = {"ort": "int8" if int8 else "fp32", "openvino": "bf16" if "bf16" in precisions else precisions[-1]}
+    for runtime, precision in fastest.items():
         predictor = Predictor(runners[(runtime, precision)])
         predictor.set_image(photo)
 
@@ -270,6 +272,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=7, help="decoder calls per graph")
     parser.add_argument("--encoder-rounds", type=int, default=3, help="encoder calls per graph")
     parser.add_argument("--threads", type=int, default=2, help="threads per call, both runtimes")
+    parser.add_argument("--no-int8", action="store_true", help="skip the INT8 graphs (calibrating a 1024 px preset is slow)")
     parser.add_argument("--graphs", nargs="+", choices=("decoder", "encoder"), default=["decoder", "encoder"],
                         help="what to time (decoder: with Predictor clicks); encoders in a process of their own use less memory")
     parser.add_argument("--out", type=Path, default=None)
@@ -286,7 +289,7 @@ def main() -> None:
     graphs = set(args.graphs)
     calls = sam_calls(export_sam(SAM_DIR), args.threads, rng, graphs)
     for preset in args.presets:
-        calls.update(ois_calls(preset, args.threads, rng, graphs))
+        calls.update(ois_calls(preset, args.threads, rng, graphs, int8=not args.no_int8))
     load_before = os.getloadavg()[0]
     rows = result_rows(run_rounds(calls, args.rounds, args.encoder_rounds))
     result = {
