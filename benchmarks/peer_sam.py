@@ -250,13 +250,15 @@ def report_table(files: list[Path]) -> str:
         for r in data["results"]:
             cells.setdefault((r["model"], r["graph"]), {})[(r["runtime"], r["precision"])] = r
         for (model, graph), by_column in cells.items():
-            if (model, graph) in seen:
+            # ratios are to SAM in the same run: SAM's rows of each run are shown
+            label = f"`{model}`" if model != "sam-vit-b" or not seen else f"`{model}` (run {path.stem[len('peer_sam_'):]})"
+            if (label, graph) in seen:
                 continue
-            seen.add((model, graph))
+            seen.add((label, graph))
             fastest = min(by_column.values(), key=lambda r: r["median_ms"])
             ratio = f"{fastest['vs_sam_best']:.2f}x" if "vs_sam_best" in fastest else f"{fastest['vs_decoder']:.2f}x its decoder"
             values = " | ".join(f"{by_column[c]['median_ms']:,.1f}" if c in by_column else "-" for c in COLUMNS)
-            lines.append(f"| `{model}` | {graph} | {values} | {ratio} ({fastest['runtime']} {fastest['precision']}) |")
+            lines.append(f"| {label} | {graph} | {values} | {ratio} ({fastest['runtime']} {fastest['precision']}) |")
     lines.append("")
     amx = "AMX" if any(v is True for f, v in data["cpu_flags"].items() if f.startswith("amx")) else "no AMX"
     loads = ", ".join("-".join(map(str, json.loads(p.read_text()).get("load_average", ["?"]))) for p in files)
