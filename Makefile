@@ -12,7 +12,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet "$(TORCH_PIN)"
-	$(PY) -m pip install --quiet -e ".[cpu,export,train,plot,serve,ray,label-studio,dev]"
+	$(PY) -m pip install --quiet -e ".[cpu,export,train,plot,serve,ray,label-studio,openvino,dev]"
 	touch $@
 
 # The browser client's onnxruntime-web, pinned in package-lock.json, copied out of node_modules

@@ -64,6 +64,7 @@ def ensure_export(preset: str, model, report, precisions=("fp32", "fp16", "int8"
         manifest, same_model = None, False
     if not (same_model and set(floats) <= set(manifest["precisions"])):
         print(f"exporting {preset} to {out} ...", flush=True)
+        EXPORTS.mkdir(parents=True, exist_ok=True)
         manifest = export_model(model, weights_provenance(report), ExportRequest(out, floats))
     if "int8" in precisions and "int8" not in manifest["precisions"]:
         print(f"quantizing {preset} ...", flush=True)

@@ -23,11 +23,11 @@ import numpy as np
 
 from ois_deploy.errors import run_script
 from ois_deploy.model.weights import load_model
-from ois_deploy.provenance import machine_info, now_utc, tool_versions
+from ois_deploy.provenance import cpu_flags, machine_info, now_utc, tool_versions
 
 sys.path.insert(0, str(Path(__file__).parent))
 from bench_cpu import ensure_export  # noqa: E402
-from peer_sam import cpu_flags  # noqa: E402
+
 
 RESULTS = Path(__file__).parent / "results"
 TOP_NODES = 15

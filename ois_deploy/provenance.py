@@ -10,6 +10,7 @@ import platform
 from pathlib import Path
 
 TOOLS = ("ois-deploy", "torch", "numpy", "onnx", "onnxruntime", "onnxruntime-gpu", "onnxscript", "onnxslim", "polygraphy", "tensorrt",
+         "openvino",
          "fastapi", "uvicorn", "httpx", "prometheus-client", "ray")
 
 
@@ -31,6 +32,21 @@ def cpu_name() -> str:
     except OSError:
         pass
     return platform.processor() or platform.machine()
+
+
+# The CPU features that decide which kernels the runtimes pick (recorded beside CPU figures).
+CPU_FLAGS = ("avx2", "fma", "avx512f", "avx512bw", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_tile", "amx_bf16",
+             "amx_int8")
+
+
+def cpu_flags() -> dict:
+    """{"model": the CPU's name, flag: present} for CPU_FLAGS, from /proc/cpuinfo (all False elsewhere)."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        lines = []
+    flags = next((set(line.split(":", 1)[1].split()) for line in lines if line.startswith("flags")), set())
+    return {"model": cpu_name(), **{f: f in flags for f in CPU_FLAGS}}
 
 
 def machine_info() -> dict:

@@ -48,6 +48,29 @@ def tiny_export(tmp_path_factory):
     return out
 
 
+@pytest.fixture(scope="session")
+def int8_export(tmp_path_factory):
+    """One `export --precision int8` of ois-tiny (bundled weights; fp32 + int8 graphs) for the
+    whole run: tests/test_int8.py and tests/test_openvino.py."""
+    from ois_deploy.cli import main
+
+    out = tmp_path_factory.mktemp("int8") / "ois-tiny"
+    with pytest.raises(SystemExit) as exit_info:
+        main(["export", "--preset", "ois-tiny", "--out", str(out), "--precision", "int8"])
+    assert exit_info.value.code == 0
+    return out
+
+
+def run_cli(argv, capsys):
+    """(exit code, stdout, stderr) of `ois-deploy ARGV` run in this process."""
+    from ois_deploy.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    out, err = capsys.readouterr()
+    return exit_info.value.code, out, err
+
+
 @pytest.fixture
 def rng():
     return np.random.default_rng(1234)

@@ -1,6 +1,7 @@
 """INT8 graphs (export/quantize.py): export, lint, verify and the runtime, on the trained ois-tiny.
 
-One `export --precision int8` (fp32 + int8 graphs, about a minute) serves the whole module.
+One `export --precision int8` (fp32 + int8 graphs, about a minute; conftest's int8_export) serves
+this module and the openvino tests.
 """
 
 import json
@@ -25,15 +26,6 @@ def run(argv, capsys):
         main(argv)
     out, err = capsys.readouterr()
     return exit_info.value.code, out, err
-
-
-@pytest.fixture(scope="module")
-def int8_export(tmp_path_factory):
-    out = tmp_path_factory.mktemp("int8") / "ois-tiny"
-    with pytest.raises(SystemExit) as exit_info:
-        main(["export", "--preset", "ois-tiny", "--out", str(out), "--precision", "int8"])
-    assert exit_info.value.code == 0
-    return out
 
 
 def test_export_writes_int8_graphs_and_records_them(int8_export):

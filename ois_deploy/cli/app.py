@@ -17,10 +17,10 @@ CheckpointOpt = typer.Option(
 )
 JsonOpt = typer.Option(None, "--json", help="Write results as JSON to PATH; '-' for stdout.")
 BackendOpt = typer.Option(None, "--backend",
-                          help="torch, torch-cuda (PyTorch), ort, ort-cuda, ort-trt, trt or aoti (export folder). "
+                          help="torch, torch-cuda (PyTorch), ort, ort-cuda, ort-trt, trt, aoti or openvino (export folder). "
                                "Default: torch for a preset, ort for an export folder.")
 DeviceOpt = typer.Option(None, "--device", help="torch: cpu (default) or cuda; aoti: cpu or cuda (default: cuda where its packages were built and a GPU is seen); ort: auto (default), cpu, cuda or tensorrt.")
-PrecisionOpt = typer.Option("fp32", "--precision", help="fp32 or fp16.")
+PrecisionOpt = typer.Option("fp32", "--precision", help="fp32, fp16, int8 or bf16 (which of them: the backend's; see `backends`).")
 MaxImagePixelsOpt = typer.Option(100_000_000, "--max-image-pixels", min=1,
                                  help="Refuse images with more pixels than this (read from the file's header before decoding).")
 

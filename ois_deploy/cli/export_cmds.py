@@ -15,17 +15,21 @@ from .console import console_for, progress_steps, table
 
 
 PRECISION_NAMES = ("fp32", "fp16", "int8")
+RUNTIME_PRECISIONS = (*PRECISION_NAMES, "bf16")  # bf16: a runtime setting on the fp32 graphs (openvino)
 
 
 def parse_precisions(text: str, export: bool = False) -> tuple[str, ...]:
-    """fp32, fp16, int8, both (fp32 and fp16), all, or a comma list such as fp32,int8. For an
-    export, int8 brings fp32: the int8 graphs are quantized from the fp32 ones."""
+    """fp32, fp16, int8, both (fp32 and fp16), all, or a comma list such as fp32,int8 (outside
+    an export also bf16). For an export, int8 brings fp32: the int8 graphs are quantized from
+    the fp32 ones."""
+    allowed = PRECISION_NAMES if export else RUNTIME_PRECISIONS
     names = {"both": ["fp32", "fp16"], "all": list(PRECISION_NAMES)}.get(text) or [p.strip() for p in text.split(",")]
-    if not all(p in PRECISION_NAMES for p in names):
-        raise UserError(f"precision must be fp32, fp16, int8, both, all or a comma list of them, not {text!r}")
+    if not all(p in allowed for p in names):
+        raise UserError(f"precision must be {', '.join(allowed)}, both, all or a comma list of them, not {text!r}"
+                        + (" (bf16 runs the fp32 graphs: export fp32)" if "bf16" in names else ""))
     if export and "int8" in names:
         names.append("fp32")
-    return tuple(p for p in PRECISION_NAMES if p in names)
+    return tuple(p for p in RUNTIME_PRECISIONS if p in names)
 
 
 def print_lint(console: Console, reports) -> bool:
@@ -150,7 +154,7 @@ def lint(folder: str = typer.Argument(..., help="Export folder.")):
 def verify(
     folder: str = typer.Argument(..., help="Export folder."),
     backend: str = typer.Option("ort", "--backend", help="Backend to check against PyTorch FP32."),
-    precision: Optional[str] = typer.Option(None, "--precision", help="fp32, fp16, int8, both, all or a list (default: what was exported)."),
+    precision: Optional[str] = typer.Option(None, "--precision", help="fp32, fp16, int8, bf16 (openvino), both, all or a list (default: what was exported and the backend runs)."),
     images: Optional[str] = typer.Option(None, "--images", help="Folder of real images (default: bundled ones)."),
     checkpoint: Optional[str] = CheckpointOpt,
     rel_l2_fp32: Optional[float] = typer.Option(None, "--rel-l2-fp32", help="Tolerance override."),
@@ -164,7 +168,7 @@ def verify(
 
     check_json(json, inputs=[folder])
 
-    tolerances: dict = {"fp32": {}, "fp16": {}, "int8": {}}
+    tolerances: dict = {"fp32": {}, "fp16": {}, "int8": {}, "bf16": {}}
     if rel_l2_fp32 is not None:
         tolerances["fp32"]["rel_l2"] = rel_l2_fp32
     if rel_l2_fp16 is not None:

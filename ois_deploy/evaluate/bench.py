@@ -17,7 +17,7 @@ import numpy as np
 
 from ..errors import UserError
 from ..io import atomic_write_bytes
-from ..provenance import machine_info, now_utc, tool_versions
+from ..provenance import cpu_flags, machine_info, now_utc, tool_versions
 from ..runtime.preprocess import to_input
 from .clicker import PRED_THRESHOLD, Clicker
 
@@ -135,6 +135,9 @@ def bench_record(predictor, backend: str, precision: str, result: dict) -> dict:
         "preset": predictor.cfg.name,
         "device": machine.get("gpu") if "cuda" in str(device).lower() else machine["cpu"],
         "runtime_device": device if isinstance(device, str) else ",".join(device),
+        # which units the runtime could use (OpenVINO: its capabilities and chosen precision), so a
+        # CPU figure can be read without the machine
+        "runtime_isa": getattr(runner, "runtime_info", None) or ({} if runner.on_gpu else {"cpu_flags": cpu_flags()}),
         "machine": machine,
         "versions": tool_versions(),
         "date": now_utc(),
@@ -178,14 +181,14 @@ def report_table(records: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def update_readme(readme: Path, table: str) -> bool:
-    """Replace the text between the report markers of the README, if it has them."""
+def update_readme(readme: Path, table: str, start: str = REPORT_START, end: str = REPORT_END) -> bool:
+    """Replace the text between a pair of report markers of the README, if it has them."""
     if not readme.is_file():
         return False
     text = readme.read_text()
-    if REPORT_START not in text or REPORT_END not in text:
+    if start not in text or end not in text:
         return False
-    head, rest = text.split(REPORT_START, 1)
-    _, tail = rest.split(REPORT_END, 1)
-    atomic_write_bytes(readme, f"{head}{REPORT_START}\n{table}\n{REPORT_END}{tail}".encode())
+    head, rest = text.split(start, 1)
+    _, tail = rest.split(end, 1)
+    atomic_write_bytes(readme, f"{head}{start}\n{table}\n{end}{tail}".encode())
     return True

@@ -39,6 +39,7 @@ class RunnerSpec:
     device: str | None = None  # torch, aoti: cpu/cuda; ort: auto/cpu/cuda/tensorrt (ONNX Runtime providers)
     threads: int = 0  # intra-op threads (0: the backend's default)
     order_attention: str | None = None  # override of the model's mode (torch backends; ablations)
+    streams: int = 0  # openvino: NUM_STREAMS (0: what its LATENCY hint picks)
 
     @property
     def export_dir(self) -> Path | None:
@@ -56,6 +57,8 @@ BACKENDS: dict[str, Backend] = {
         Backend("trt", "trt_backend", True, True, ("fp32", "fp16"), "gpu", "TensorRT engines (ois-deploy build)"),
         Backend("aoti", "aoti_backend", True, False, ("fp32", "fp16"), "export",
                 "AOTInductor packages (ois-deploy build --engine aoti), CPU or CUDA"),
+        Backend("openvino", "openvino_backend", True, False, ("fp32", "bf16", "int8"), "openvino",
+                "OpenVINO on the CPU: fp32, bf16 (AVX512-BF16/AMX), int8 (the QDQ graphs)"),
         Backend("ort-web", "ort_web_backend", True, False, ("fp32", "fp16"), "dev",
                 "Decoder in headless Chromium through onnxruntime-web (WASM), encoder in ONNX Runtime; parity"),
     )

@@ -1,0 +1,152 @@
+"""The openvino backend on the trained ois-tiny: parity with PyTorch per precision, the
+compiled-model cache, sharing a runner across threads, and what `bench` records about the ISA.
+
+bf16 and int8 run where the CPU has the units (AVX512-BF16/AMX-BF16; VNNI/AMX-INT8) and skip
+naming the missing flags elsewhere. The graphs: conftest's int8_export (fp32 + int8).
+"""
+
+import json
+import shutil
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import onnx
+import pytest
+
+pytest.importorskip("openvino", reason="the openvino extra is not installed (pip install 'ois-deploy[openvino]')")
+
+from ois_deploy.cli.export_cmds import parse_precisions  # noqa: E402
+from ois_deploy.contract import read_manifest, write_manifest  # noqa: E402
+from ois_deploy.provenance import sha256_file  # noqa: E402
+from ois_deploy.runtime.openvino_backend import CACHE_DIR, OpenVinoRunner, missing_units  # noqa: E402
+from ois_deploy.verify import ASSETS, TOLERANCES, verify  # noqa: E402
+
+from conftest import run_cli as run  # noqa: E402
+
+
+@pytest.fixture
+def export_copy(int8_export, tmp_path):
+    """A private copy of the export (without any compiled-model cache) that a test may change."""
+    folder = tmp_path / "ois-tiny"
+    shutil.copytree(int8_export, folder, ignore=shutil.ignore_patterns(CACHE_DIR))
+    return folder
+
+
+def blobs(folder):
+    return {p.relative_to(folder): p.read_bytes() for p in (folder / CACHE_DIR).rglob("*.blob")}
+
+
+def random_state_and_clicks(runner, rng, prompts=3, clicks=2):
+    s = runner.cfg.input_size
+    state = runner.encode((rng.random((1, 3, s, s)) * 255).astype(np.float32))
+    coords = (rng.random((prompts, clicks, 2)) * (s - 1)).astype(np.float32)
+    labels = np.ones((prompts, clicks), np.int32)
+    prev = rng.random((prompts, 1, s, s)).astype(np.float32)
+    return state, coords, labels, prev
+
+
+@pytest.mark.slow
+def test_verify_openvino_fp32_passes(int8_export, tmp_path, capsys):
+    out_json = tmp_path / "verify.json"
+    code, out, _ = run(["verify", str(int8_export), "--backend", "openvino", "--precision", "fp32",
+                        "--json", str(out_json)], capsys)
+    result = json.loads(out_json.read_text())
+    assert code == 0 and result["passed"], result["failures"]
+    assert [r["precision"] for r in result["results"]] == ["fp32"] * len(result["results"])
+    assert max(r["rel_l2"] for r in result["results"]) <= TOLERANCES["fp32"]["rel_l2"]
+    assert result["providers"] == ["OpenVINO CPU (f32)"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("precision, executes_in", [("bf16", "bf16"), ("int8", "f32")])
+def test_verify_openvino_reduced_precisions(int8_export, precision, executes_in):
+    """bf16: the fp32 graphs in BF16; int8: the QDQ graphs, their kept-FP32 nodes in FP32."""
+    if missing := missing_units(precision):
+        pytest.skip(missing)
+    result = verify(int8_export, backend="openvino", precisions=(precision,))
+    assert result["passed"], result["failures"]
+    assert result["providers"] == [f"OpenVINO CPU ({executes_in})"]
+    # the reduced precision is really in use: errors well above FP32's
+    assert max(r["rel_l2"] for r in result["results"]) > 10 * TOLERANCES["fp32"]["rel_l2"]
+
+
+def test_bf16_runs_or_names_the_missing_flag(int8_export, tmp_path, capsys):
+    mask = tmp_path / "mask.png"
+    code, _, err = run(["predict", "--backend", "openvino", "--model", str(int8_export), "--precision", "bf16",
+                        "--image", str(ASSETS / "demo.png"), "--click", "122,188,+", "--out", str(mask)], capsys)
+    if missing_units("bf16"):
+        assert code == 2 and "avx512_bf16 or amx_bf16" in err and "Traceback" not in err
+        assert not mask.exists()
+    else:
+        assert code == 0 and mask.is_file(), err
+
+
+def test_precision_without_graphs_is_refused(export_copy, capsys):
+    manifest = read_manifest(export_copy)
+    manifest["precisions"] = ["fp32"]
+    manifest["graphs"] = {k: v for k, v in manifest["graphs"].items() if v["precision"] == "fp32"}
+    write_manifest(export_copy, manifest)
+    code, _, err = run(["bench", str(export_copy), "--backend", "openvino", "--precision", "int8"], capsys)
+    assert code == 2 and "has no int8 graphs" in err and "--precision fp32,int8" in err
+
+
+def test_compiled_model_cache_is_reused_and_never_stale(export_copy, rng):
+    first = OpenVinoRunner(export_copy, "fp32")
+    assert first.loaded_from_cache == {"encoder": False, "decoder": False}
+    compiled = blobs(export_copy)
+    assert len(compiled) == 2  # one blob per graph, each in its own keyed folder
+    state, coords, labels, prev = random_state_and_clicks(first, rng)
+    before = first.decode(state, coords, labels, prev)
+
+    second = OpenVinoRunner(export_copy, "fp32")
+    assert second.loaded_from_cache == {"encoder": True, "decoder": True}
+    assert blobs(export_copy) == compiled  # read, not rewritten, nothing added
+    np.testing.assert_array_equal(second.decode(state, coords, labels, prev), before)
+
+    # A changed decoder graph at the same path (manifest updated, as a re-export does): its logits + 1.
+    path = export_copy / "decoder.onnx"
+    graph = onnx.load(str(path))
+    last = graph.graph.node[-1]
+    last.output[0] = "mask_logits_before"
+    graph.graph.initializer.append(onnx.numpy_helper.from_array(np.array(1.0, np.float32), "one"))
+    graph.graph.node.append(onnx.helper.make_node("Add", ["mask_logits_before", "one"], ["mask_logits"]))
+    onnx.save(graph, str(path))
+    manifest = read_manifest(export_copy)
+    manifest["graphs"]["decoder.onnx"]["sha256"] = sha256_file(path)
+    write_manifest(export_copy, manifest)
+
+    changed = OpenVinoRunner(export_copy, "fp32")
+    assert changed.loaded_from_cache == {"encoder": True, "decoder": False}
+    assert len(blobs(export_copy)) == 3 and set(compiled) < set(blobs(export_copy))
+    np.testing.assert_allclose(changed.decode(state, coords, labels, prev), before + 1, atol=1e-4)
+
+
+def test_runner_shared_across_threads_with_streams(int8_export, rng):
+    runner = OpenVinoRunner(int8_export, "fp32", threads=2, streams=2)
+    assert runner.runtime_info["num_streams"] == 2 and runner.runtime_info["threads"] == 2
+    state, coords, labels, prev = random_state_and_clicks(runner, rng, prompts=6, clicks=3)
+    jobs = [(coords[i : i + 1], labels[i : i + 1], prev[i : i + 1]) for i in range(len(coords))]
+    sequential = [runner.decode(state, *job) for job in jobs]
+    with ThreadPoolExecutor(3) as pool:
+        parallel = list(pool.map(lambda job: runner.decode(state, *job), jobs))
+    for got, want in zip(parallel, sequential):
+        np.testing.assert_array_equal(got, want)
+    # and all prompt sets in one call (the decoder broadcasts the image state over them)
+    np.testing.assert_allclose(runner.decode(state, coords, labels, prev), np.concatenate(sequential), atol=1e-4)
+
+
+@pytest.mark.slow
+def test_bench_records_the_isa_the_runtime_used(int8_export, tmp_path, capsys):
+    code, _, err = run(["bench", str(int8_export), "--backend", "openvino", "--clicks", "2", "--repeats", "1", "--no-sat",
+                        "--results-dir", str(tmp_path)], capsys)
+    assert code == 0, err
+    record = json.loads((tmp_path / "bench.jsonl").read_text().splitlines()[-1])
+    isa = record["runtime_isa"]
+    assert record["backend"] == "openvino" and isa["execution_precision"] == "f32"
+    assert "FP32" in isa["openvino_capabilities"] and "amx_bf16" in isa["cpu_flags"]
+
+
+def test_bf16_is_a_runtime_precision_not_an_export(capsys, tmp_path):
+    assert parse_precisions("fp32,bf16") == ("fp32", "bf16")
+    code, _, err = run(["export", "--preset", "ois-tiny", "--precision", "bf16", "--out", str(tmp_path / "x")], capsys)
+    assert code == 2 and "bf16 runs the fp32 graphs" in err and not (tmp_path / "x").exists()
