@@ -18,7 +18,6 @@ import torch
 from ..contract import manifest_config, read_manifest
 from ..errors import UserError
 from ..model import ImageState
-from ..model.weights import reference_model
 from ..provenance import sha256_file
 from .torch_backend import TorchRunner
 
