@@ -24,6 +24,7 @@ import numpy as np
 
 from ..contract import graph_file
 from ..errors import UserError
+from ..runtime.base import Runner
 
 CALIBRATION_STREAM = 3  # make_scene seeds [3, i]: training uses stream 1, held-out scenes 2
 CALIBRATION_SCENES = 8
@@ -153,19 +154,24 @@ def calibration_images(scenes: int = CALIBRATION_SCENES) -> list[tuple[str, np.n
     return items
 
 
-class _Recorder:
-    """A Runner wrapper that keeps the inputs of every encode and decode call as numpy feeds."""
+class _Recorder(Runner):
+    """A runner over another that keeps the inputs of every encode and decode call as numpy
+    feeds. Being a plain Runner, it runs the host click loop: the feeds are what a graph backend
+    is given."""
+
+    name = "calibration"
 
     def __init__(self, inner):
-        self.inner, self.cfg, self.name, self.notes = inner, inner.cfg, "calibration", []
+        super().__init__(inner.cfg, "fp32", "cpu")
+        self.inner = inner
         self.encoder_feeds, self.decoder_feeds = [], []
 
-    def encode(self, image):
+    def _encode(self, image):
         self.encoder_feeds.append({"image": image})
         state = self.inner.encode(image)
         return state, self.inner.state_to_numpy(state)
 
-    def decode(self, state, coords, labels, prev_mask):
+    def _decode(self, state, coords, labels, prev_mask):
         torch_state, arrays = state
         self.decoder_feeds.append({**arrays, "point_coords": coords, "point_labels": labels, "prev_mask": prev_mask})
         return self.inner.decode(torch_state, coords, labels, prev_mask)
