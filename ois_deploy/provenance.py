@@ -39,13 +39,18 @@ CPU_FLAGS = ("avx2", "fma", "avx512f", "avx512bw", "avx512_vnni", "avx_vnni", "a
              "amx_int8")
 
 
-def cpu_flags() -> dict:
-    """{"model": the CPU's name, flag: present} for CPU_FLAGS, from /proc/cpuinfo (all False elsewhere)."""
+def cpu_features() -> set[str]:
+    """The CPU's feature flags from /proc/cpuinfo ('flags' on x86, 'Features' on ARM; empty elsewhere)."""
     try:
         lines = Path("/proc/cpuinfo").read_text().splitlines()
     except OSError:
-        lines = []
-    flags = next((set(line.split(":", 1)[1].split()) for line in lines if line.startswith("flags")), set())
+        return set()
+    return next((set(line.split(":", 1)[1].split()) for line in lines if line.startswith(("flags", "Features"))), set())
+
+
+def cpu_flags() -> dict:
+    """{"model": the CPU's name, flag: present} for CPU_FLAGS (all False where unknown)."""
+    flags = cpu_features()
     return {"model": cpu_name(), **{f: f in flags for f in CPU_FLAGS}}
 
 

@@ -18,7 +18,7 @@ import torch
 from ..contract import manifest_config, read_manifest
 from ..errors import UserError
 from ..model import ImageState
-from ..provenance import sha256_file
+from ..provenance import cpu_features, sha256_file
 from .torch_backend import TorchRunner
 
 PACKAGE_FILES = {"encoder": "encoder.pt2", "decoder": "decoder.pt2"}
@@ -36,14 +36,8 @@ def package_dir(export_dir: Path, device: str, precision: str) -> Path:
 
 
 def cpu_isa_flags() -> list[str]:
-    """The CPU's instruction-set extensions (Linux /proc/cpuinfo; 'Features' on ARM)."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith(("flags", "Features")):
-                return sorted(f for f in line.split(":", 1)[1].split() if ISA_FLAG.match(f))
-    except OSError:
-        pass
-    return []
+    """The CPU's instruction-set extensions a package may have been compiled for."""
+    return sorted(f for f in cpu_features() if ISA_FLAG.match(f))
 
 
 def runtime_facts(device: str) -> dict:

@@ -74,18 +74,10 @@ class Runner(ABC):
         return str(self.device).startswith("cuda")
 
     def encode(self, image: np.ndarray) -> Any:
-        start = time.perf_counter()
-        state = self._encode(image)
-        self.synchronize()
-        self._timed("encode", start)
-        return state
+        return self._measured("encode", self._encode, image)
 
     def decode(self, state: Any, coords: np.ndarray, labels: np.ndarray, prev_mask: np.ndarray) -> np.ndarray:
-        start = time.perf_counter()
-        logits = self._decode(state, coords, labels, prev_mask)
-        self.synchronize()
-        self._timed("decode", start)
-        return logits
+        return self._measured("decode", self._decode, state, coords, labels, prev_mask)
 
     # -- the click loop around the decoder (docs/design.md §2.2); on the host here -----------
     def encode_frame(self, image: np.ndarray, frame: Frame) -> Any:
@@ -121,11 +113,16 @@ class Runner(ABC):
         self._hooks.append(hook)
         return lambda: self._hooks.remove(hook)
 
-    def _timed(self, kind: str, start: float) -> None:
+    def _measured(self, kind: str, fn: Callable, *args) -> Any:
+        """fn(*args), its device work finished, timed as `kind` for last_ms and the hooks."""
+        start = time.perf_counter()
+        out = fn(*args)
+        self.synchronize()
         ms = (time.perf_counter() - start) * 1000
         self.last_ms[kind] = ms
         for hook in self._hooks:
             hook(kind, ms)
+        return out
 
     def __enter__(self) -> "Runner":
         return self

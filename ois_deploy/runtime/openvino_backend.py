@@ -87,9 +87,8 @@ def tile_state_inputs(model, ops) -> int:
     return changed
 
 
-def isa_info() -> dict:
+def isa_info(core) -> dict:
     """What OpenVINO's CPU plugin can use here, and the CPU flags behind it (for bench records)."""
-    core = import_openvino().Core()
     return {"openvino_capabilities": list(core.get_property("CPU", "OPTIMIZATION_CAPABILITIES")),
             "cpu_flags": {k: v for k, v in cpu_flags().items() if k != "model"}}
 
@@ -157,7 +156,7 @@ class OpenVinoRunner(Runner):
             "num_streams": int(decoder.get_property("NUM_STREAMS")),
             "threads": int(decoder.get_property("INFERENCE_NUM_THREADS")),
             "performance_hint": str(decoder.get_property("PERFORMANCE_HINT")),
-            **isa_info(),
+            **isa_info(core),
             "openvino": ov.__version__,
         }
         self.providers = [f"OpenVINO CPU ({self.runtime_info['execution_precision']})"]

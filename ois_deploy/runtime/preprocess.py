@@ -228,9 +228,9 @@ def bilinear_rows(start: int, stop: int, src: int, dst: int) -> tuple[np.ndarray
     return i0, np.minimum(i0 + 1, src - 1), (y - i0).astype(np.float32)
 
 
-def strips(frame: Frame) -> range:
-    """Start rows of the strips a mask of the image's size is made in."""
-    return range(0, frame.height, max(1, STRIP_ELEMENTS // frame.width))
+def strips(frame: Frame, elements: int = STRIP_ELEMENTS) -> range:
+    """Start rows of the strips of at most `elements` values a mask of the image's size is made in."""
+    return range(0, frame.height, max(1, elements // frame.width))
 
 
 def mask_to_image(logits_sxs: np.ndarray, frame: Frame, cut: float) -> np.ndarray:
@@ -240,9 +240,9 @@ def mask_to_image(logits_sxs: np.ndarray, frame: Frame, cut: float) -> np.ndarra
     h, w = frame.resized
     crop = logits_sxs[:h, :w]
     mask = np.empty((frame.height, frame.width), bool)
-    step = strips(frame).step
-    for start in strips(frame):
-        stop = min(start + step, frame.height)
+    rows_at = strips(frame)
+    for start in rows_at:
+        stop = min(start + rows_at.step, frame.height)
         i0, i1, a = bilinear_rows(start, stop, h, frame.height)
         rows = crop[i0] + (crop[i1] - crop[i0]) * a[:, None]
         rows = cv2.resize(rows, (frame.width, stop - start), interpolation=cv2.INTER_LINEAR)

@@ -4,7 +4,6 @@ weights an export folder was made from."""
 from __future__ import annotations
 
 import sys
-import time
 
 import numpy as np
 import torch
@@ -117,11 +116,9 @@ class TorchRunner(Runner):
         return self.model.decode(state, coords, labels, prev)
 
     def _timed_decode(self, state, coords, labels, prev) -> torch.Tensor:
-        start = time.perf_counter()
-        logits = self._decode_on_device(state, self._tensor(coords), self._tensor(labels), self._tensor(prev))
-        self.synchronize()
-        self._timed("decode", start)
-        return logits
+        """decode(), leaving the logits on the device."""
+        return self._measured("decode", self._decode_on_device, state, self._tensor(coords), self._tensor(labels),
+                              self._tensor(prev))
 
     @torch.inference_mode()
     def _decode(self, state, coords: np.ndarray, labels: np.ndarray, prev_mask: np.ndarray) -> np.ndarray:

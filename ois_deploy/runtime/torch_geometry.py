@@ -15,7 +15,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .preprocess import Frame, bilinear_rows
+from .preprocess import Frame, bilinear_rows, strips
 
 
 def _area_resize(x: torch.Tensor, dim: int, size: int) -> torch.Tensor:
@@ -98,9 +98,9 @@ def to_image(logits_sxs: torch.Tensor, frame: Frame, cut: float, with_logits: bo
     h, w = frame.resized
     crop = logits_sxs[0, 0, :h, :w]
     mask = torch.empty((frame.height, frame.width), dtype=torch.bool, device=crop.device)
-    step = max(1, strip_elements // frame.width)
-    for start in range(0, frame.height, step):
-        stop = min(start + step, frame.height)
+    rows_at = strips(frame, strip_elements)
+    for start in rows_at:
+        stop = min(start + rows_at.step, frame.height)
         i0, i1, a = (torch.from_numpy(v).to(crop.device) for v in bilinear_rows(start, stop, h, frame.height))
         rows = crop[i0] + (crop[i1] - crop[i0]) * a[:, None]
         rows = F.interpolate(rows[None, None], size=(stop - start, frame.width), mode="bilinear", align_corners=False)

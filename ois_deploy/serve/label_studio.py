@@ -13,7 +13,6 @@ without key points an empty prediction. The token is never logged nor put in a m
 
 from __future__ import annotations
 
-import hmac
 import math
 import uuid
 from collections import OrderedDict
@@ -238,21 +237,6 @@ class ImageSource:
                 raise ApiError(400, f"Label Studio refused the personal access token (HTTP {response.status_code})")
             self._access = access
         return {"Authorization": f"Bearer {self._access}"}
-
-
-def basic_auth_matches(credentials: bytes, key: bytes) -> bool:
-    """The base64 credentials of `Authorization: Basic ...` carry this key as the password (any
-    user name), compared in constant time: how Label Studio authenticates to an ML backend
-    (serve's ApiKey takes it beside Bearer KEY)."""
-    import base64
-    import binascii
-
-    try:
-        decoded = base64.b64decode(credentials, validate=True)
-    except binascii.Error:
-        return False
-    user, colon, given = decoded.partition(b":")
-    return bool(colon) and hmac.compare_digest(given, key)
 
 
 def _too_large(limit: int) -> ApiError:
