@@ -18,6 +18,7 @@ import torch
 from ..contract import manifest_config, read_manifest
 from ..errors import UserError
 from ..model import ImageState
+from ..model.graphs import DecoderGraph, EncoderGraph, reference_for
 from ..provenance import cpu_features, sha256_file
 from .torch_backend import TorchRunner
 
@@ -123,8 +124,6 @@ def load_package(path: Path, device: str):
 
 def compiled_reference(manifest: dict, precision: str, device: str, checkpoint: str | None) -> AotiModel:
     """The fallback: the export's reference model through torch.compile, compiled on first use."""
-    from ..export.aoti import DecoderGraph, EncoderGraph, reference_for
-
     model = reference_for(manifest, precision, checkpoint).to(device)
     return AotiModel(model.cfg, model.dtype, torch.compile(EncoderGraph(model)),
                      torch.compile(DecoderGraph(model), dynamic=True), device)
