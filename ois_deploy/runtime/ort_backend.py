@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import os
 from pathlib import Path
 from typing import Any
 
@@ -178,6 +179,8 @@ class OrtRunner(Runner):
         if self.providers[0] != "CPUExecutionProvider":
             load_gpu_libraries(ort)
         if "TensorrtExecutionProvider" in self.providers:
+            if precision == "fp32":  # the provider has no TF32 switch; NVIDIA's libraries honour this one
+                os.environ.setdefault("NVIDIA_TF32_OVERRIDE", "0")
             for folder in ("encoder", *PROFILE_NAMES.values()):
                 (self.export_dir / TRT_CACHE_DIR / folder).mkdir(parents=True, exist_ok=True)
         # The TensorRT provider runs only the first of several profiles: a session per profile.
