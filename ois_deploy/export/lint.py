@@ -4,8 +4,8 @@
 - ops outside TensorRT's ONNX parser, and the forbidden patterns of docs/design.md §3 (OneHot,
   NonZero, Loop, If, Scan; shape tensors computed from input values; -inf/NaN constants);
 - the FP32 islands of an fp16 graph (docs/design.md §4): LayerNormalization and Softmax read
-  float32, the attention logits before a Softmax come from a float32 MatMul (not a float16 one
-  cast up), and a fused Attention node reads float32 Q and K (its logits are in their dtype);
+  float32, the attention logits before a Softmax are not float16 values cast up, and a fused
+  Attention node reads float32 Q and K (its logits are computed in their dtype);
 - input/output names, dtypes and dynamic axes as the contract declares.
 Each problem names the node (or tensor) it is about.
 """
@@ -219,8 +219,8 @@ def _island_problems(node, graph, types: dict) -> list[str]:
 
 
 def _logits_in_fp16(logits: str, graph, types: dict) -> list[str]:
-    """Walk from a Softmax's input back through the scale and bias arithmetic: a MatMul found
-    there must read float32, and no float16 tensor may be cast up on the way."""
+    """Walk from a Softmax's input back through the scale and bias arithmetic: a float16 tensor
+    cast up on the way means the logits (or their bias) were computed in float16."""
     producer = {out: n for n in graph.node for out in n.output}
     problems, todo, seen = [], [logits], set()
     while todo:
@@ -231,9 +231,6 @@ def _logits_in_fp16(logits: str, graph, types: dict) -> list[str]:
         seen.add(name)
         if node.op_type in LOGIT_ARITHMETIC:
             todo += [i for i in node.input if i]
-        elif node.op_type == "MatMul" and any(types.get(i) != FLOAT for i in node.input):
-            problems.append(f"logits {logits!r} come from MatMul {node.name or '?'} on "
-                            f"{'/'.join(_dtype_name(types.get(i)) for i in node.input)} inputs; it must stay in an FP32 island")
         elif node.op_type == "Cast" and types.get(node.input[0]) == FLOAT16:
             problems.append(f"logits {logits!r} are float16 {node.input[0]!r} cast up; "
                             "they must be computed in an FP32 island")
