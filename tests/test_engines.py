@@ -7,6 +7,7 @@ import json
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from ois_deploy.cli import main
@@ -260,8 +261,6 @@ def test_torch_cuda_parity(tiny_export, precision):
 def test_cuda_graph_decoder_matches_eager(tiny, rng):
     import copy
 
-    import numpy as np
-
     from ois_deploy.runtime.torch_backend import TorchRunner
 
     graphs, eager = TorchRunner(copy.deepcopy(tiny), "cuda"), TorchRunner(copy.deepcopy(tiny), "cuda", cuda_graphs=False)
@@ -291,5 +290,48 @@ def test_tensorrt_build_and_parity(tiny_export, tmp_path):
     manifest = build_engines(folder, "fp16", timing_cache=str(tmp_path / "timing.cache"))
     assert (folder / "encoder.plan").is_file() and manifest["engines"]["precision"] == "fp16"
     assert (tmp_path / "timing.cache").is_file()
-    result = verify(folder, backend="trt")
+    result = verify(folder, backend="trt")  # decoder shapes include (3, 24) and (16, 5): split over the profiles
     assert result["passed"], result["failures"]
+
+    from ois_deploy.runtime.trt_backend import TrtRunner
+
+    with TrtRunner(folder) as runner:
+        assert runner.on_gpu and not runner.thread_safe and runner.precision == "fp16"
+        rng = np.random.default_rng(0)
+        first = runner.encode(rng.uniform(0, 255, (1, 3, S, S)).astype(np.float32))
+        kept = runner.state_to_numpy(first)
+        second = runner.encode(rng.uniform(0, 255, (1, 3, S, S)).astype(np.float32))
+        for name, array in runner.state_to_numpy(first).items():  # the second encode wrote fresh outputs
+            np.testing.assert_array_equal(array, kept[name])
+        assert first.image_embed.data_ptr() != second.image_embed.data_ptr()
+
+
+def ort_gpu_skip(provider: str) -> str | None:
+    if not has_cuda():
+        return "needs a CUDA GPU"
+    import onnxruntime
+
+    if provider not in onnxruntime.get_available_providers():
+        return f"onnxruntime here has no {provider} (onnxruntime-gpu is not installed)"
+    if provider == "TensorrtExecutionProvider" and not HAS_TRT:
+        return "the TensorRT provider needs tensorrt's libraries"
+    return None
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend, provider", [("ort-cuda", "CUDAExecutionProvider"), ("ort-trt", "TensorrtExecutionProvider")])
+def test_onnxruntime_gpu_providers_parity(tiny_export, tmp_path, backend, provider):
+    if ort_gpu_skip(provider):
+        pytest.skip(ort_gpu_skip(provider))
+    import shutil
+
+    from ois_deploy.runtime.ort_backend import OrtRunner
+    from ois_deploy.verify import verify
+
+    folder = tmp_path / "export"
+    shutil.copytree(tiny_export, folder)
+    result = verify(folder, backend=backend)
+    assert result["passed"], result["failures"]
+    runner = OrtRunner(folder, "fp16", providers="cuda" if backend == "ort-cuda" else "tensorrt")
+    assert runner.active_provider == provider and runner.on_gpu
+    assert sorted(runner.decoders) == ([0, 1] if backend == "ort-trt" else [0])

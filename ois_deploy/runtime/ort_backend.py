@@ -131,8 +131,9 @@ def check_provider(active: list[str], asked: str, path: Path) -> None:
                         f"{PROVIDER_NEEDS.get(asked, 'that provider did not load')}")
 
 
-def open_session(ort, path: Path, options, providers: list) -> Any:
-    """An InferenceSession on the first of providers or UserError, never a silent fallback."""
+def open_session(ort, path: Path, options, providers: list, check: bool = True) -> Any:
+    """An InferenceSession on the first of providers or UserError, never a silent fallback
+    (check=False: on whichever of them ONNX Runtime could load, for the automatic choice)."""
     asked = providers[0][0] if isinstance(providers[0], tuple) else providers[0]
     try:
         # enable_fallback=0: a provider that fails raises here (and in run()) instead of ONNX
@@ -140,7 +141,8 @@ def open_session(ort, path: Path, options, providers: list) -> Any:
         session = ort.InferenceSession(str(path), options, providers=providers, enable_fallback=0)
     except Exception as e:
         raise UserError(f"cannot load {path} on {asked}: {first_line(e)}") from None
-    check_provider(session.get_providers(), asked, path)
+    if check:
+        check_provider(session.get_providers(), asked, path)
     return session
 
 
@@ -183,23 +185,30 @@ class OrtRunner(Runner):
                 os.environ.setdefault("NVIDIA_TF32_OVERRIDE", "0")
             for folder in ("encoder", *PROFILE_NAMES.values()):
                 (self.export_dir / TRT_CACHE_DIR / folder).mkdir(parents=True, exist_ok=True)
-        # The TensorRT provider runs only the first of several profiles: a session per profile.
-        profiles = (INTERACTIVE, SAT) if self.providers[0] == "TensorrtExecutionProvider" else (INTERACTIVE,)
+        # Asked for a provider: refused elsewhere; auto: whatever the first session got, for all.
+        check = providers != "auto"
         self.sessions, self.decoders = {}, {}
         for role in ("encoder", "decoder"):
             path = self.export_dir / graph_file(role, precision)
             check_graph(path, self.manifest)
-            for profile in profiles[: 1 if role == "encoder" else None]:
-                session = open_session(ort, path, options, session_providers(self.providers, cfg, self.export_dir, role, profile))
+            # The TensorRT provider runs only the first of several profiles: a session per profile.
+            for profile in (INTERACTIVE, SAT) if role == "decoder" and self._on_tensorrt() else (INTERACTIVE,):
+                session = open_session(ort, path, options, session_providers(self.providers, cfg, self.export_dir, role, profile),
+                                       check)
                 check_metadata(path, session.get_modelmeta().custom_metadata_map, self.manifest, role, precision)
                 self.sessions.setdefault(role, session)
-                if role == "decoder":
+                if role == "encoder":  # the decoder asks for what the encoder got
+                    self.providers = [p for p in self.providers if p in session.get_providers()]
+                else:
                     self.decoders[profile] = session
         # Where the sessions actually run, not what was asked for.
-        self.active_provider = self.sessions["encoder"].get_providers()[0]
+        self.active_provider = self.providers[0]
         on_gpu = self.active_provider != "CPUExecutionProvider"
         super().__init__(cfg, precision, "cuda" if on_gpu else "cpu", weights_notes(self.manifest))
         self.input_types = {i.name: NUMPY_TYPES[i.type] for s in self.sessions.values() for i in s.get_inputs()}
+
+    def _on_tensorrt(self) -> bool:
+        return self.providers[0] == "TensorrtExecutionProvider"
 
     def close(self) -> None:
         self.sessions, self.decoders = {}, {}
