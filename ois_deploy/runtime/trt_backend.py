@@ -128,16 +128,16 @@ class TrtEngine:
         self.engine = runtime.deserialize_cuda_engine(path.read_bytes())
         if self.engine is None:
             raise UserError(f"TensorRT could not deserialise {path}: run ois-deploy build {path.parent} --rebuild")
-        self.context = self.engine.create_execution_context()
-        if self.context is None:
-            self.engine = None
-            raise UserError(f"TensorRT could not create an execution context for {path} (GPU memory?)")
         names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
         self.inputs = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
         self.outputs = [n for n in names if n not in self.inputs]
         self.dtypes = {n: torch_dtype(self.engine.get_tensor_dtype(n)) for n in names}
-        self.profile = 0  # a new context runs profile 0 until told otherwise
         self.stream = torch.cuda.Stream()
+        self.profile = 0  # a new context runs profile 0 until told otherwise
+        self.context = self.engine.create_execution_context()  # last: nothing after it can fail
+        if self.context is None:
+            self.engine = None
+            raise UserError(f"TensorRT could not create an execution context for {path} (GPU memory?)")
 
     def run(self, feed: dict, profile: int = 0) -> dict:
         """Inputs by name (CUDA tensors) -> fresh output tensors by name, on the caller's stream."""
