@@ -335,3 +335,29 @@ def test_onnxruntime_gpu_providers_parity(tiny_export, tmp_path, backend, provid
     runner = OrtRunner(folder, "fp16", providers="cuda" if backend == "ort-cuda" else "tensorrt")
     assert runner.active_provider == provider and runner.on_gpu
     assert sorted(runner.decoders) == ([0, 1] if backend == "ort-trt" else [0])
+
+
+def test_gpu_backends_refuse_another_device_or_precision(tiny_export):
+    from ois_deploy.runtime.registry import RunnerSpec, open_runner
+
+    with pytest.raises(UserError, match="backend ort-cuda runs on the cuda provider of a CUDA GPU, not on 'cpu'"):
+        open_runner(RunnerSpec("ort-cuda", str(tiny_export), "fp32", device="cpu"))
+    with pytest.raises(UserError, match="backend ort-trt runs on the tensorrt provider .* not on 'cpu'"):
+        open_runner(RunnerSpec("ort-trt", str(tiny_export), "fp16", device="cpu"))
+    with pytest.raises(UserError, match="TensorRT engines run on the CUDA GPU .* not on 'cpu'"):
+        open_runner(RunnerSpec("trt", str(tiny_export), "fp16", device="cpu"))
+
+
+def test_trt_refuses_a_precision_its_engines_do_not_hold(tiny_export, tmp_path):
+    import shutil
+
+    from ois_deploy.contract import read_manifest, write_manifest
+    from ois_deploy.runtime.registry import RunnerSpec, open_runner
+
+    folder = tmp_path / "engines"
+    shutil.copytree(tiny_export, folder)
+    manifest = read_manifest(folder)
+    manifest["engines"] = {**RUNTIME, "precision": "fp16", "graphs": {}, "files": {}}  # as `build` records them
+    write_manifest(folder, manifest)
+    with pytest.raises(UserError, match="engines in .* are fp16: ask for --precision fp16, or run ois-deploy build"):
+        open_runner(RunnerSpec("trt", str(folder), "fp32"))

@@ -261,7 +261,10 @@ class OrtRunner(Runner):
 
 
 def open_runner(spec) -> OrtRunner:
-    providers = BACKEND_PROVIDERS[spec.backend] or spec.device or "auto"
+    fixed = BACKEND_PROVIDERS[spec.backend]  # ort-cuda, ort-trt: the provider is the backend's
+    if fixed and spec.device not in (None, fixed, "cuda"):
+        raise UserError(f"backend {spec.backend} runs on the {fixed} provider of a CUDA GPU, not on {spec.device!r}")
+    providers = fixed or spec.device or "auto"
     runner = OrtRunner(spec.export_dir, spec.precision, providers=providers, threads=spec.threads)
     runner.name = spec.backend
     return runner

@@ -258,5 +258,12 @@ class TrtRunner(TorchRunner):
 
 
 def open_runner(spec) -> TrtRunner:
-    # The engines carry their own precision (one per build); the runner reports it.
+    """The engines hold one precision (one per build) and run on the GPU: anything else asked for
+    is refused, never run as what the engines are."""
+    if spec.device not in (None, "cuda", "cuda:0"):
+        raise UserError(f"TensorRT engines run on the CUDA GPU they were built for, not on {spec.device!r}")
+    engines = read_manifest(spec.export_dir).get("engines") or {}
+    if engines.get("precision", spec.precision) != spec.precision:
+        raise UserError(f"the engines in {spec.export_dir} are {engines['precision']}: ask for --precision "
+                        f"{engines['precision']}, or run ois-deploy build {spec.export_dir} --precision {spec.precision}")
     return TrtRunner(spec.export_dir)
