@@ -227,6 +227,7 @@ NOT_HERE = [  # backend, device asked for, why the refusal cannot be shown here 
     ("ort", "tpu", lambda: None),
     ("ort-cuda", None, lambda: missing_provider("CUDAExecutionProvider")),
     ("ort-trt", None, lambda: missing_provider("TensorrtExecutionProvider")),
+    ("ort-cuda", "cpu", lambda: None),  # a GPU backend asked to run elsewhere
     ("torch", "cuda", missing_cuda),
     ("torch", "tpu", lambda: None),
     ("torch-cuda", None, missing_cuda),
@@ -235,6 +236,7 @@ NOT_HERE = [  # backend, device asked for, why the refusal cannot be shown here 
     ("aoti", "tpu", lambda: None),
     ("openvino", "cuda", lambda: None),
     ("trt", None, missing_trt),
+    ("trt", "cpu", lambda: None),
 ]
 
 
