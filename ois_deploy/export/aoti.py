@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from ..contract import MAX_PROMPTS, read_manifest, write_manifest
-from ..errors import UserError
+from ..errors import UserError, first_line
 from ..io import folder_lock, staged_folder
 from ..model import ImageState
 from ..model.graphs import DecoderGraph, EncoderGraph, reference_for
@@ -75,7 +75,7 @@ def compile_package(exported, path: Path) -> None:
         try:
             aoti_compile_and_package(exported, package_path=str(path), inductor_configs=dict(INDUCTOR_CONFIGS))  # it adds keys to the dict
         except Exception as e:  # noqa: BLE001 - a compiler error is the build's verdict
-            raise UserError(f"AOTInductor could not compile {path.name}: {str(e).strip().splitlines()[0]}") from None
+            raise UserError(f"AOTInductor could not compile {path.name}: {first_line(e)}") from None
 
 
 # --- the probe: load and run a fresh package in a child process --------------------------------

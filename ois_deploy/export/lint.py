@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import UserError
+from ..errors import UserError, first_line
 from ..contract import (
     DECODER_INPUTS,
     DECODER_OUTPUTS,
@@ -144,7 +144,7 @@ def lint_graph(path: Path, role: str, precision: str, manifest: dict) -> LintRep
     try:
         onnx.checker.check_model(str(path), full_check=True)
     except Exception as e:
-        report.problems.append(f"onnx.checker: {str(e).strip().splitlines()[0]}")
+        report.problems.append(f"onnx.checker: {first_line(e)}")
         return report
     model = onnx.shape_inference.infer_shapes(onnx.load(str(path)), strict_mode=False)
     graph = model.graph

@@ -34,7 +34,7 @@ from ..contract import (
     state_shapes,
     write_manifest,
 )
-from ..errors import UserError
+from ..errors import UserError, first_line
 from ..io import check_output_folder, staged_folder
 from ..model import OIS, ImageState
 from ..model.attention import set_attention_impl
@@ -98,7 +98,7 @@ def _export(module: nn.Module, args: tuple, names_in, names_out, dynamic, opset:
                 verbose=False,
             )
     except Exception as e:  # the exporter's own errors are long; keep the first line
-        raise UserError(f"ONNX export failed: {str(e).strip().splitlines()[0]}") from e
+        raise UserError(f"ONNX export failed: {first_line(e)}") from e
     return program.model_proto
 
 

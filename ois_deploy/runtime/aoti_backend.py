@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from ..contract import manifest_config, read_manifest
-from ..errors import UserError
+from ..errors import UserError, first_line
 from ..model import ImageState
 from ..model.graphs import DecoderGraph, EncoderGraph, reference_for
 from ..provenance import cpu_features, sha256_file
@@ -151,7 +151,7 @@ def open_runner(spec) -> TorchRunner:
         model = AotiModel(manifest_config(manifest), dtype, encoder, decoder, device)
         notes = [f"packages: {spec.precision} AOTInductor, torch {entry['torch']}, {entry.get('gpu') or entry.get('cpu')}"]
     except Exception as e:  # noqa: BLE001 - any load failure: run the same graphs compiled here
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        reason = first_line(e)
         model = compiled_reference(manifest, spec.precision, device, spec.checkpoint)
         notes = [f"note: AOTInductor packages did not load here ({reason}); running torch.compile of the reference model"]
     runner = TorchRunner(model, device, notes=notes)

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 from ..contract import read_manifest
-from ..errors import UserError
+from ..errors import UserError, first_line
 from ..model import ImageState
 from ..model.weights import describe_weights, load_model, reference_model
 from . import torch_geometry as geometry
@@ -111,7 +111,7 @@ class TorchRunner(Runner):
             try:
                 return self.graphs.decode(coords, labels, prev)
             except RuntimeError as e:  # capture unsupported here: stay correct, run eagerly
-                print(f"note: CUDA graphs off ({str(e).splitlines()[0]})", file=sys.stderr)
+                print(f"note: CUDA graphs off ({first_line(e)})", file=sys.stderr)
                 self.graphs = None
         return self.model.decode(state, coords, labels, prev)
 
