@@ -1,7 +1,9 @@
 """GPU evidence in one run, within a time budget (docs/design.md §6): machine facts, the GPU tests,
 then for ois-b-1024 and ois-s-1024 at FP16 and FP32: `bench` and `verify` for torch-cuda and for
 AOTInductor packages (`build --engine aoti`), Predictor.click and set_image end to end, SAT by
-chunk size; and the peers in the same process: SAM ViT-B and ViT-H (segment-anything), SAM 2.1
+chunk size; where TensorRT and/or onnxruntime-gpu are importable, `build` + verify + bench +
+Predictor for trt, ort-cuda and ort-trt beside them (else the JSON says why not, per backend);
+and the peers in the same process: SAM ViT-B and ViT-H (segment-anything), SAM 2.1
 hiera-t and hiera-b+ (sam2), random weights, FP16 autocast: encoder, one click to logits at the
 image's full size, SAT (256 single points in one call). Run it through benchmarks/gpu_engines.sh,
 which carries the wheels the GPU machine lacks.
@@ -250,7 +252,27 @@ def facts() -> dict:
         except Exception as e:  # present but broken: say how
             info[module] = f"not importable ({type(e).__name__})"
     info["aoti_build"] = aoti_available()
+    info["gpu_backends"] = {name: why or "available" for name, why in gpu_backends().items()}
     return info
+
+
+def gpu_backends() -> dict[str, str | None]:
+    """trt, ort-cuda, ort-trt -> None where they can run here, else why not. ONNX Runtime lists
+    the providers it was compiled with, so the TensorRT one also needs tensorrt's own libraries."""
+    if not torch.cuda.is_available():
+        return dict.fromkeys(("trt", "ort-cuda", "ort-trt"), "no CUDA GPU here")
+    has_trt = importlib.util.find_spec("tensorrt") is not None
+    try:
+        import onnxruntime
+
+        providers = onnxruntime.get_available_providers()
+    except ImportError:
+        providers = []
+    no_trt = "tensorrt is not importable here (pip install 'ois-deploy[gpu]'; too large for .whl/)"
+    listed = f"onnxruntime here lists {', '.join(providers) or 'nothing'}: onnxruntime-gpu is not installed"
+    return {"trt": None if has_trt else no_trt,
+            "ort-cuda": None if "CUDAExecutionProvider" in providers else listed,
+            "ort-trt": (no_trt if not has_trt else None) if "TensorrtExecutionProvider" in providers else listed}
 
 
 def aoti_available() -> bool:
@@ -337,6 +359,20 @@ def main() -> None:
             run.step(f"Predictor {tag} aoti", lambda: predictor_session(folder, "aoti", precision, None, clicks), estimate_s=20)
             run.step(f"SAT chunks {tag} aoti", lambda: sat_sweep(folder, "aoti", precision, None,
                                                                 [1, 16] if smoke else [1, 16, 64, 256], reps, prompts), estimate_s=20)
+        for backend, why in gpu_backends().items():  # TensorRT and ONNX Runtime's GPU providers
+            for precision in precisions:
+                tag = f"{preset} {precision}"
+                if why:
+                    run._done(f"{backend} {tag}", {"status": "skipped", "why": why})
+                    continue
+                if backend == "trt" and run.step(f"build trt {tag}", lambda: cli(
+                        "build", folder, "--precision", precision, "--timing-cache", str(work / "trt.cache"),
+                        timeout=run.left()), estimate_s=300) is None:
+                    continue  # engines hold one precision: each is built, then checked and measured
+                run.step(f"verify {tag} {backend}", lambda: verify(Path(folder), backend, precision), estimate_s=60)
+                run.step(f"bench {tag} {backend}", lambda: bench(folder, backend, precision), estimate_s=40)
+                run.step(f"Predictor {tag} {backend}", lambda: predictor_session(folder, backend, precision, None, clicks),
+                         estimate_s=20)
     steps = run.record["steps"]
     print(json.dumps({k: v["status"] for k, v in steps.items()}, indent=1))
     print(f"wrote {args.out / 'gpu_engines.json'}")

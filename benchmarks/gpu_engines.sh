@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # One command for a lent GPU machine (H100/H200, no network, <= 10 minutes): machine facts, the
-# GPU tests, build/verify/bench for torch-cuda and AOTInductor, Predictor end to end, SAT, and the
-# SAM-family peers, as one JSON (benchmarks/gpu_engines.py says what runs).
+# GPU tests, build/verify/bench for torch-cuda and AOTInductor, and for trt, ort-cuda and ort-trt
+# where TensorRT / onnxruntime-gpu are importable (else the JSON says why; their wheels are far
+# over what can be carried to the machine), Predictor end to end, SAT, and the SAM-family peers,
+# as one JSON (benchmarks/gpu_engines.py says what runs).
 #   benchmarks/gpu_engines.sh prepare                    here, with network: the wheels the GPU
 #                                                        machine lacks, into .whl/ (git-ignored)
 #   benchmarks/gpu_engines.sh [--out DIR] [--budget-s S] on the GPU machine (carry .whl/)

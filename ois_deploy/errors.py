@@ -21,3 +21,10 @@ def run_script(main: Callable[[], None]) -> None:
         main()
     except UserError as e:
         exit_with(e)
+
+
+def first_line(error: BaseException) -> str:
+    """An exception's first non-empty line for a one-line message; its type name when it has none
+    (an empty or blank message must not make the message itself fail)."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return lines[0] if lines else type(error).__name__

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from .contract import ENCODER_OUTPUTS, read_manifest
-from .errors import UserError
+from .errors import UserError, first_line
 from .model.weights import reference_model
 from .provenance import machine_info, now_utc, tool_versions
 from .runtime.predictor import Predictor
@@ -225,7 +225,7 @@ def verify(
         except UserError:
             raise
         except Exception as e:  # a backend that cannot run its graph is a verdict, not a crash
-            raise UserError(f"{runner.name} failed to run the {precision} graphs: {str(e).strip().splitlines()[0]}") from None
+            raise UserError(f"{runner.name} failed to run the {precision} graphs: {first_line(e)}") from None
         for m in metrics:
             rows.append(m.row())
             failures += [f"{precision} {m.output}: {f}" for f in m.failures(tol)]

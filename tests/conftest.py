@@ -74,3 +74,20 @@ def run_cli(argv, capsys):
 @pytest.fixture
 def rng():
     return np.random.default_rng(1234)
+
+
+@pytest.fixture(scope="session")
+def aoti_export(tiny_export, tmp_path_factory):
+    """A copy of the ois-tiny export with CPU FP32 AOTInductor packages, built once through the
+    CLI (`build --engine aoti`): 1-2 min on two idle cores, 10 min seen under load."""
+    import shutil
+    import subprocess
+    import sys
+
+    folder = tmp_path_factory.mktemp("aoti") / "ois-tiny"
+    shutil.copytree(tiny_export, folder)
+    done = subprocess.run([sys.executable, "-m", "ois_deploy", "build", str(folder), "--engine", "aoti", "--device", "cpu"],
+                          capture_output=True, text=True, timeout=1800)
+    assert done.returncode == 0, done.stderr
+    assert "AOTInductor packages in" in done.stderr
+    return folder

@@ -11,9 +11,10 @@ from onnx import TensorProto, helper
 
 from ois_deploy.errors import UserError
 from ois_deploy.export.lint import lint_export, node_problems
-from ois_deploy.contract import read_manifest
+from ois_deploy.contract import read_manifest, write_manifest
 from ois_deploy.model import get_preset
 from ois_deploy.model.weights import load_model
+from ois_deploy.provenance import sha256_file
 from ois_deploy.verify import TOLERANCES, verify
 
 
@@ -22,6 +23,18 @@ def export_copy(tiny_export, tmp_path):
     dst = tmp_path / "copy"
     shutil.copytree(tiny_export, dst)
     return dst
+
+
+@pytest.fixture(scope="module")
+def fused_export(tmp_path_factory):
+    """ois-tiny's FP16 graphs with `--attention fused` (ONNX Attention, opset 23); about 45 s."""
+    from ois_deploy.export.onnx import ExportRequest, export_model
+    from ois_deploy.model.weights import weights_provenance
+
+    out = tmp_path_factory.mktemp("fused") / "ois-tiny"
+    model, report = load_model("ois-tiny")
+    export_model(model, weights_provenance(report), ExportRequest(out, precisions=("fp16",), opset=23, attention="fused"))
+    return out
 
 
 def test_export_writes_graphs_manifest_and_metadata(tiny_export):
@@ -88,8 +101,6 @@ def test_corrupted_graph_is_refused(export_copy):
     with pytest.raises(UserError, match="does not match its manifest"):
         verify(export_copy)
     manifest = json.loads((export_copy / "manifest.json").read_text())
-    from ois_deploy.provenance import sha256_file
-
     manifest["graphs"]["decoder.onnx"]["sha256"] = sha256_file(path)  # even with a matching hash
     (export_copy / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(UserError, match="cannot load"):
@@ -98,7 +109,6 @@ def test_corrupted_graph_is_refused(export_copy):
 
 def test_graph_from_another_preset_is_refused(export_copy):
     from ois_deploy.runtime.ort_backend import OrtRunner
-    from ois_deploy.provenance import sha256_file
 
     path = export_copy / "encoder.onnx"
     graph = onnx.load(str(path))
@@ -181,7 +191,8 @@ def test_lint_flags_fp16_layernorm_and_softmax():
         [w],
     )
     problems = node_problems(model, "fp16")
-    assert len(problems) == 1 and "ln16 (LayerNormalization): input is float16" in problems[0]
+    assert len(problems) == 2 and "ln16 (LayerNormalization): input is float16" in problems[0]
+    assert "softmax32 (Softmax): logits 'x32' are float16 'x' cast up" in problems[1]  # a float32 input is not enough
     assert node_problems(model, "fp32") == []
 
 
@@ -190,7 +201,6 @@ def test_export_from_a_checkpoint_records_and_checks_its_weights(tmp_path, tiny)
     import torch
 
     from ois_deploy.export.onnx import ExportRequest, export_model
-    from ois_deploy.provenance import sha256_file
     from ois_deploy.model.weights import save_checkpoint, weights_provenance
 
     import copy
@@ -222,3 +232,64 @@ def test_verify_on_a_folder_of_images(tiny_export, tmp_path):
     assert result["passed"] and result["images"] == [str(images / "a.png")]
     with pytest.raises(UserError, match="no images"):
         verify(tiny_export, images=tmp_path)
+
+
+@pytest.mark.slow
+def test_fused_fp16_graphs_keep_attention_logits_in_fp32_and_pass_verify(fused_export):
+    graph = onnx.shape_inference.infer_shapes(onnx.load(str(fused_export / "decoder.fp16.onnx"))).graph
+    types = {vi.name: vi.type.tensor_type.elem_type for vi in graph.value_info}
+    attention = [n for n in graph.node if n.op_type == "Attention"]
+    assert attention and "Softmax" not in {n.op_type for n in graph.node}  # one fused node per attention
+    assert all(types[n.input[0]] == types[n.input[1]] == TensorProto.FLOAT for n in attention)
+    assert [r.problems for r in lint_export(fused_export)] == [[], []]
+    result = verify(fused_export)
+    assert result["passed"], result["failures"]
+    assert {r["precision"] for r in result["results"]} == {"fp16"}
+
+
+def computed_in_fp16(folder, graph_name: str, node_of, inputs: int) -> str:
+    """Rewrite one node of a real graph to compute in float16: its first `inputs` inputs cast down,
+    its output cast back up to float32 (a valid graph, the FP32 island gone); the manifest records
+    the new hash, so only lint's island check can object. Returns the node's name and float16 output."""
+    path = folder / graph_name
+    model = onnx.load(str(path))
+    nodes = model.graph.node
+    index, node = next((i, n) for i, n in enumerate(nodes) if node_of(n))
+    casts = [helper.make_node("Cast", [name], [f"{name}_as_fp16"], to=TensorProto.FLOAT16) for name in node.input[:inputs]]
+    for i in range(inputs):
+        node.input[i] = f"{node.input[i]}_as_fp16"
+    output = node.output[0]
+    node.output[0] = f"{output}_fp16"
+    up = helper.make_node("Cast", [node.output[0]], [output], to=TensorProto.FLOAT)
+    stale = [vi for vi in model.graph.value_info if vi.name == output]
+    for vi in stale:
+        model.graph.value_info.remove(vi)
+    for offset, extra in enumerate(casts):
+        nodes.insert(index + offset, extra)
+    nodes.insert(index + len(casts) + 1, up)
+    onnx.save(model, str(path))
+    manifest = read_manifest(folder)
+    manifest["graphs"][graph_name]["sha256"] = sha256_file(path)
+    write_manifest(folder, manifest)
+    return node.name, node.output[0]
+
+
+@pytest.mark.slow
+def test_lint_fails_fp16_graphs_whose_attention_logits_left_fp32(tiny_export, fused_export, tmp_path):
+    matmul, fused = tmp_path / "matmul", tmp_path / "fused"
+    shutil.copytree(tiny_export, matmul)
+    shutil.copytree(fused_export, fused)
+    # matmul form: the logits' MatMul (the one feeding a Softmax through the bias Add) in float16
+    graph = onnx.load(str(matmul / "decoder.fp16.onnx")).graph
+    producers = {o: n for n in graph.node for o in n.output}
+    softmax_in = producers[next(n for n in graph.node if n.op_type == "Softmax").input[0]]
+    logits = next(producers[i] for i in softmax_in.input if i in producers and producers[i].op_type == "MatMul")
+    _, fp16_logits = computed_in_fp16(matmul, "decoder.fp16.onnx", lambda n: n.name == logits.name, 2)
+    reports = {r.graph: r.problems for r in lint_export(matmul, ("fp16",))}
+    assert reports["encoder.fp16.onnx"] == [] and len(reports["decoder.fp16.onnx"]) == 1  # the one Softmax it feeds
+    assert f"(Softmax): logits '{softmax_in.output[0]}' are float16 '{fp16_logits}' cast up" in reports["decoder.fp16.onnx"][0]
+    # fused form: one Attention node reading float16 Q, K, V and mask, as exports before the island did
+    name, _ = computed_in_fp16(fused, "encoder.fp16.onnx", lambda n: n.op_type == "Attention", 3)
+    reports = {r.graph: r.problems for r in lint_export(fused)}
+    assert reports["decoder.fp16.onnx"] == [] and len(reports["encoder.fp16.onnx"]) == 1
+    assert f"{name} (Attention): Q " in reports["encoder.fp16.onnx"][0] and "FP32 island" in reports["encoder.fp16.onnx"][0]

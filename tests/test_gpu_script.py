@@ -41,6 +41,10 @@ def test_gpu_script_runs_end_to_end_on_the_cpu(tmp_path):
         assert steps["verify ois-tiny fp32 aoti"]["result"]["passed"] is True
     else:  # the AOTInductor half of issue 32 is not in this checkout
         assert "--engine" in steps["aoti ois-tiny fp32"]["why"]
+    # TensorRT and ONNX Runtime's GPU providers: skipped with the reason, per backend
+    assert steps["facts"]["result"]["gpu_backends"] == dict.fromkeys(("trt", "ort-cuda", "ort-trt"), "no CUDA GPU here")
+    for backend in ("trt", "ort-cuda", "ort-trt"):
+        assert steps[f"{backend} ois-tiny fp32"] == {"status": "skipped", "why": "no CUDA GPU here"}
     for peer in ("peer SAM 2.1 hiera-b+", "peer SAM vit_h", "peer SAM vit_b"):
         assert steps[peer]["status"] == "skipped"
 

@@ -9,7 +9,7 @@ import torch
 from ois_deploy.contract import state_shapes
 from ois_deploy.model import OIS, count_parameters, get_preset
 from ois_deploy.presets import OISConfig
-from ois_deploy.model.attention import Attention, masked_bias
+from ois_deploy.model.attention import ATTENTION_IMPLS, Attention, masked_bias
 from ois_deploy.model.prompts import click_kinds
 from ois_deploy.model.weights import load_model
 
@@ -273,7 +273,7 @@ def test_masked_bias_falls_back_to_plain_attention_on_empty_rows():
     assert bias.tolist() == [[[0.0, -1e4, 0.0], [0.0, 0.0, 0.0]]]
 
 
-@pytest.mark.parametrize("impl", ["matmul", "sdpa"])
+@pytest.mark.parametrize("impl", ATTENTION_IMPLS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_fully_masked_rows_never_give_nan(impl, dtype):
     torch.manual_seed(0)

@@ -18,7 +18,7 @@ pytest.importorskip("openvino", reason="the openvino extra is not installed (pip
 from ois_deploy.cli.export_cmds import parse_precisions  # noqa: E402
 from ois_deploy.contract import read_manifest, write_manifest  # noqa: E402
 from ois_deploy.provenance import sha256_file  # noqa: E402
-from ois_deploy.runtime.openvino_backend import CACHE_DIR, OpenVinoRunner, missing_units  # noqa: E402
+from ois_deploy.runtime.openvino_backend import BF16_FLAGS, CACHE_DIR, OpenVinoRunner, missing_units  # noqa: E402
 from ois_deploy.verify import ASSETS, TOLERANCES, verify  # noqa: E402
 
 from conftest import run_cli as run  # noqa: E402
@@ -70,15 +70,27 @@ def test_verify_openvino_reduced_precisions(int8_export, precision, executes_in)
     assert max(r["rel_l2"] for r in result["results"]) > 10 * TOLERANCES["fp32"]["rel_l2"]
 
 
-def test_bf16_runs_or_names_the_missing_flag(int8_export, tmp_path, capsys):
-    mask = tmp_path / "mask.png"
-    code, _, err = run(["predict", "--backend", "openvino", "--model", str(int8_export), "--precision", "bf16",
-                        "--image", str(ASSETS / "demo.png"), "--click", "122,188,+", "--out", str(mask)], capsys)
-    if missing_units("bf16"):
-        assert code == 2 and "avx512_bf16 or amx_bf16" in err and "Traceback" not in err
-        assert not mask.exists()
-    else:
-        assert code == 0 and mask.is_file(), err
+def predict_bf16(int8_export, mask, capsys):
+    return run(["predict", "--backend", "openvino", "--model", str(int8_export), "--precision", "bf16",
+                "--image", str(ASSETS / "demo.png"), "--click", "122,188,+", "--out", str(mask)], capsys)
+
+
+def test_bf16_runs_where_the_cpu_has_the_units(int8_export, tmp_path, capsys):
+    if missing := missing_units("bf16"):
+        pytest.skip(missing)
+    code, _, err = predict_bf16(int8_export, tmp_path / "mask.png", capsys)
+    assert code == 0 and (tmp_path / "mask.png").is_file(), err
+
+
+def test_bf16_on_a_cpu_without_the_units_names_them(int8_export, tmp_path, capsys, monkeypatch):
+    """On any CPU: /proc/cpuinfo's flags read without AVX512-BF16 and AMX-BF16."""
+    import ois_deploy.provenance as provenance
+
+    flags = provenance.cpu_features() - set(BF16_FLAGS)
+    monkeypatch.setattr(provenance, "cpu_features", lambda: flags)
+    code, _, err = predict_bf16(int8_export, tmp_path / "mask.png", capsys)
+    assert code == 2 and "bf16 needs a CPU with avx512_bf16 or amx_bf16" in err and "Traceback" not in err
+    assert not (tmp_path / "mask.png").exists()
 
 
 def test_precision_without_graphs_is_refused(export_copy, capsys):

@@ -1,7 +1,8 @@
 """AOTInductor packages of the reference model: `torch.export` of the encoder and the decoder
 (click count N and prompt batch P dynamic), compiled by `aoti_compile_and_package` into
 aoti/<device>-<precision>/{encoder,decoder}.pt2 in the export folder, and recorded in its manifest
-with what they are tied to (runtime.aoti_backend.runtime_facts).
+with what they are tied to (runtime.aoti_backend.runtime_facts). The graph wrappers are
+model.graphs', shared with the ONNX export and the backend's torch.compile fallback.
 
 A freshly compiled package is loaded and run once in a child process before it is kept: on a GPU
 a package has been seen to compile and then kill the process that loads it, silently. A build
@@ -20,13 +21,12 @@ import warnings
 from pathlib import Path
 
 import torch
-from torch import nn
 
 from ..contract import MAX_PROMPTS, read_manifest, write_manifest
-from ..errors import UserError
+from ..errors import UserError, first_line
 from ..io import folder_lock, staged_folder
 from ..model import ImageState
-from ..model.weights import reference_model
+from ..model.graphs import DecoderGraph, EncoderGraph, reference_for
 from ..provenance import now_utc, sha256_file
 from ..runtime.aoti_backend import PACKAGE_FILES, PACKAGES_DIR, package_dir, package_key, package_mismatches, runtime_facts
 
@@ -34,39 +34,6 @@ from ..runtime.aoti_backend import PACKAGE_FILES, PACKAGES_DIR, package_dir, pac
 # linears get prepacked oneDNN kernels on a CPU (ois-tiny decoder: 16-34% faster in three runs here).
 INDUCTOR_CONFIGS = {"freezing": True}
 PROBE_TIMEOUT_S = 600
-
-
-class EncoderGraph(nn.Module):
-    """encode() with the image state as a tuple (what torch.export and a package return)."""
-
-    def __init__(self, model):
-        super().__init__()
-        self.model = model
-
-    def forward(self, image):
-        return tuple(self.model.encode(image))
-
-
-class DecoderGraph(nn.Module):
-    """decode() with the image state's tensors as separate inputs, the graph contract's order."""
-
-    def __init__(self, model):
-        super().__init__()
-        self.model = model
-
-    def forward(self, image_embed, pyramid_l1, pyramid_l2, pyramid_l3, depth, point_coords, point_labels, prev_mask):
-        state = ImageState(image_embed, pyramid_l1, pyramid_l2, pyramid_l3, depth)
-        return self.model.decode(state, point_coords, point_labels, prev_mask)
-
-
-def reference_for(manifest: dict, precision: str, checkpoint: str | None = None):
-    """The model the export's graphs were made from, in `precision` (eval mode)."""
-    model = reference_model(manifest, checkpoint).eval()
-    if precision == "fp16":
-        from ..model.precision import to_fp16
-
-        model = to_fp16(model)
-    return model
 
 
 def example_inputs(cfg, device: str, seed: int = 0, prompts: int = 2, clicks: int = 3) -> dict:
@@ -108,7 +75,7 @@ def compile_package(exported, path: Path) -> None:
         try:
             aoti_compile_and_package(exported, package_path=str(path), inductor_configs=dict(INDUCTOR_CONFIGS))  # it adds keys to the dict
         except Exception as e:  # noqa: BLE001 - a compiler error is the build's verdict
-            raise UserError(f"AOTInductor could not compile {path.name}: {str(e).strip().splitlines()[0]}") from None
+            raise UserError(f"AOTInductor could not compile {path.name}: {first_line(e)}") from None
 
 
 # --- the probe: load and run a fresh package in a child process --------------------------------

@@ -3,7 +3,9 @@
 - onnx.checker full check;
 - ops outside TensorRT's ONNX parser, and the forbidden patterns of docs/design.md §3 (OneHot,
   NonZero, Loop, If, Scan; shape tensors computed from input values; -inf/NaN constants);
-- float16 LayerNormalization/Softmax inputs in an fp16 graph (the FP32 islands, docs/design.md §4);
+- the FP32 islands of an fp16 graph (docs/design.md §4): LayerNormalization and Softmax read
+  float32, the attention logits before a Softmax are not float16 values cast up, and a fused
+  Attention node reads float32 Q and K (its logits are computed in their dtype);
 - input/output names, dtypes and dynamic axes as the contract declares.
 Each problem names the node (or tensor) it is about.
 """
@@ -15,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import UserError
+from ..errors import UserError, first_line
 from ..contract import (
     DECODER_INPUTS,
     DECODER_OUTPUTS,
@@ -63,6 +65,9 @@ SHAPE_INPUTS = {
 }
 SHAPE_SOURCES = frozenset({"Shape", "Size"})  # produce shape information, not value information
 FLOAT16 = 10
+FLOAT = 1
+# What lies between the attention logits' MatMul and the Softmax: scaling and the additive bias.
+LOGIT_ARITHMETIC = frozenset({"Add", "Sub", "Mul", "Div", "Neg"})
 
 
 @dataclass
@@ -139,7 +144,7 @@ def lint_graph(path: Path, role: str, precision: str, manifest: dict) -> LintRep
     try:
         onnx.checker.check_model(str(path), full_check=True)
     except Exception as e:
-        report.problems.append(f"onnx.checker: {str(e).strip().splitlines()[0]}")
+        report.problems.append(f"onnx.checker: {first_line(e)}")
         return report
     model = onnx.shape_inference.infer_shapes(onnx.load(str(path)), strict_mode=False)
     graph = model.graph
@@ -191,12 +196,45 @@ def node_problems(model, precision: str, fused: bool = False) -> list[str]:
         for index in SHAPE_INPUTS.get(node.op_type, ()):
             if index < len(node.input) and node.input[index] in dependent:
                 problems.append(f"{where}: shape input {node.input[index]!r} is computed from input values")
-        if precision == "fp16" and node.op_type in ("LayerNormalization", "Softmax"):
-            dtype = types.get(node.input[0])
-            if dtype != 1:
-                problems.append(f"{where}: input is {'float16' if dtype == FLOAT16 else 'not float32'}; "
-                                "it must stay in an FP32 island")
+        if precision == "fp16":
+            problems += [f"{where}: {problem}" for problem in _island_problems(node, graph, types)]
     return problems + _nonfinite_constants(model)
+
+
+def _dtype_name(elem_type) -> str:
+    return {FLOAT: "float32", FLOAT16: "float16"}.get(elem_type, "not float32")
+
+
+def _island_problems(node, graph, types: dict) -> list[str]:
+    """Where an fp16 graph's node leaves its FP32 island (docs/design.md §4)."""
+    if node.op_type in ("LayerNormalization", "Softmax") and types.get(node.input[0]) != FLOAT:
+        return [f"input is {_dtype_name(types.get(node.input[0]))}; it must stay in an FP32 island"]
+    if node.op_type == "Softmax":
+        return _logits_in_fp16(node.input[0], graph, types)
+    if node.op_type == FUSED_ATTENTION_OP:
+        low = [f"{role} {node.input[i]!r} is {_dtype_name(types.get(node.input[i]))}" for i, role in enumerate(("Q", "K"))
+               if types.get(node.input[i]) != FLOAT]
+        return [f"{', '.join(low)}: the attention logits must stay in an FP32 island (float32 Q and K)"] if low else []
+    return []
+
+
+def _logits_in_fp16(logits: str, graph, types: dict) -> list[str]:
+    """Walk from a Softmax's input back through the scale and bias arithmetic: a float16 tensor
+    cast up on the way means the logits (or their bias) were computed in float16."""
+    producer = {out: n for n in graph.node for out in n.output}
+    problems, todo, seen = [], [logits], set()
+    while todo:
+        name = todo.pop()
+        node = producer.get(name)
+        if node is None or name in seen:
+            continue
+        seen.add(name)
+        if node.op_type in LOGIT_ARITHMETIC:
+            todo += [i for i in node.input if i]
+        elif node.op_type == "Cast" and types.get(node.input[0]) == FLOAT16:
+            problems.append(f"logits {logits!r} are float16 {node.input[0]!r} cast up; "
+                            "they must be computed in an FP32 island")
+    return problems
 
 
 def lint_export(out_dir: str | Path, precisions: tuple[str, ...] | None = None) -> list[LintReport]:

@@ -34,35 +34,17 @@ from ..contract import (
     state_shapes,
     write_manifest,
 )
-from ..errors import UserError
+from ..errors import UserError, first_line
 from ..io import check_output_folder, staged_folder
 from ..model import OIS, ImageState
 from ..model.attention import set_attention_impl
+from ..model.graphs import DecoderGraph, EncoderGraph
 from ..model.precision import to_fp16
 from ..model.weights import state_dict_hash
 from ..provenance import now_utc, sha256_file, tool_versions
 
 assert ImageState._fields == ENCODER_OUTPUTS, "the model's image state and the graph contract disagree"
 TWO_GB = 2 * 1024**3
-
-
-class EncoderGraph(nn.Module):
-    def __init__(self, model: OIS):
-        super().__init__()
-        self.model = model
-
-    def forward(self, image):
-        return tuple(self.model.encode(image))
-
-
-class DecoderGraph(nn.Module):
-    def __init__(self, model: OIS):
-        super().__init__()
-        self.model = model
-
-    def forward(self, image_embed, pyramid_l1, pyramid_l2, pyramid_l3, depth, point_coords, point_labels, prev_mask):
-        state = ImageState(image_embed, pyramid_l1, pyramid_l2, pyramid_l3, depth)
-        return self.model.decode(state, point_coords, point_labels, prev_mask)
 
 
 def example_inputs(variant: OIS) -> tuple[tuple, tuple]:
@@ -116,7 +98,7 @@ def _export(module: nn.Module, args: tuple, names_in, names_out, dynamic, opset:
                 verbose=False,
             )
     except Exception as e:  # the exporter's own errors are long; keep the first line
-        raise UserError(f"ONNX export failed: {str(e).strip().splitlines()[0]}") from e
+        raise UserError(f"ONNX export failed: {first_line(e)}") from e
     return program.model_proto
 
 
@@ -183,7 +165,7 @@ def export_model(model: OIS, weights: dict, request: ExportRequest, progress=Non
 def _write_export(model: OIS, weights: dict, request: ExportRequest, out: Path, progress=None) -> dict:
     cfg = model.cfg
     model = copy.deepcopy(model).float().eval()
-    set_attention_impl(model, "sdpa" if request.attention == "fused" else "matmul")
+    set_attention_impl(model, request.attention)  # matmul or fused: the forms named as the option
     model_hash = state_dict_hash(model)
     dynamic = dynamic_axes(cfg)
     graphs = {}

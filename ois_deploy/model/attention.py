@@ -1,9 +1,15 @@
 """Multi-head attention with additive bias, and the masking rules of docs/design.md §2.5.
 
-Eager PyTorch uses SDPA (the same function, fused kernels); exporters switch to "matmul".
-The "matmul" form is the pattern TensorRT fuses: Q is scaled before the first MatMul, then
-MatMul -> Add(bias) -> Softmax -> MatMul. Logits and softmax run in float32 whatever the
-activation dtype (the FP32 island of docs/design.md §4); in an fp32 model the casts are no-ops.
+Three forms of the same function:
+- "sdpa": eager PyTorch, SDPA in the activation dtype (its fused kernels accumulate Q.K^T and
+  the softmax in float32 internally);
+- "matmul": the export's default, the pattern TensorRT fuses: Q is scaled before the first
+  MatMul, then MatMul -> Add(bias) -> Softmax -> MatMul, logits and softmax in float32;
+- "fused": `export --attention fused`, one SDPA call on float32 Q, K, V and mask, which the
+  exporter writes as one ONNX Attention node (opset 23) with float32 inputs.
+The exported forms keep the attention logits and softmax in float32 whatever the activation
+dtype (the FP32 island of docs/design.md §4, checked by lint); in an fp32 model the casts are
+no-ops.
 """
 
 from __future__ import annotations
@@ -14,12 +20,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-ATTENTION_IMPLS = ("matmul", "sdpa")
+ATTENTION_IMPLS = ("matmul", "sdpa", "fused")
 
 
 def attend(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, impl: str = "matmul") -> Tensor:
     """q [B,H,Nq,d], k/v [B or 1,H,Nk,d], bias broadcastable to [B,H,Nq,Nk] (float32)."""
     scale = 1.0 / math.sqrt(q.shape[-1])
+    if impl == "fused":  # ONNX's Attention computes in its inputs' dtype: float32 in, float32 logits
+        return attend(q.float(), k.float(), v.float(), bias, "sdpa").to(v.dtype)
     if impl == "sdpa":
         # Broadcasts spelled out as views: ONNX Runtime's Attention op wants K/V at Q's batch
         # and a mask with Q's sequence length.
@@ -74,7 +82,7 @@ class Attention(nn.Module):
 
 
 def set_attention_impl(module: nn.Module, impl: str) -> None:
-    """Switch every attention of a model between the explicit matmul form and SDPA."""
+    """Switch every attention of a model between its forms (ATTENTION_IMPLS)."""
     if impl not in ATTENTION_IMPLS:
         raise ValueError(f"attention impl must be one of {ATTENTION_IMPLS}")
     for m in module.modules():

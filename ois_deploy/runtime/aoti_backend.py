@@ -16,8 +16,9 @@ from pathlib import Path
 import torch
 
 from ..contract import manifest_config, read_manifest
-from ..errors import UserError
+from ..errors import UserError, first_line
 from ..model import ImageState
+from ..model.graphs import DecoderGraph, EncoderGraph, reference_for
 from ..provenance import cpu_features, sha256_file
 from .torch_backend import TorchRunner
 
@@ -123,8 +124,6 @@ def load_package(path: Path, device: str):
 
 def compiled_reference(manifest: dict, precision: str, device: str, checkpoint: str | None) -> AotiModel:
     """The fallback: the export's reference model through torch.compile, compiled on first use."""
-    from ..export.aoti import DecoderGraph, EncoderGraph, reference_for
-
     model = reference_for(manifest, precision, checkpoint).to(device)
     return AotiModel(model.cfg, model.dtype, torch.compile(EncoderGraph(model)),
                      torch.compile(DecoderGraph(model), dynamic=True), device)
@@ -152,7 +151,7 @@ def open_runner(spec) -> TorchRunner:
         model = AotiModel(manifest_config(manifest), dtype, encoder, decoder, device)
         notes = [f"packages: {spec.precision} AOTInductor, torch {entry['torch']}, {entry.get('gpu') or entry.get('cpu')}"]
     except Exception as e:  # noqa: BLE001 - any load failure: run the same graphs compiled here
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        reason = first_line(e)
         model = compiled_reference(manifest, spec.precision, device, spec.checkpoint)
         notes = [f"note: AOTInductor packages did not load here ({reason}); running torch.compile of the reference model"]
     runner = TorchRunner(model, device, notes=notes)

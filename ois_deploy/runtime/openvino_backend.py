@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from ..contract import DECODER_OUTPUTS, ENCODER_OUTPUTS, check_graph, graph_file, manifest_config, read_manifest, weights_notes
-from ..errors import UserError
+from ..errors import UserError, first_line
 from ..provenance import cpu_flags
 from .base import Runner
 
@@ -146,7 +146,7 @@ class OpenVinoRunner(Runner):
                     tile_state_inputs(model, ops)
                 self.compiled[role] = core.compile_model(model, "CPU", settings)
             except Exception as e:
-                raise UserError(f"cannot load {path} in OpenVINO: {str(e).strip().splitlines()[0]}") from None
+                raise UserError(f"cannot load {path} in OpenVINO: {first_line(e)}") from None
             self._idle[role] = queue.SimpleQueue()
         self.loaded_from_cache = {role: bool(c.get_property("LOADED_FROM_CACHE")) for role, c in self.compiled.items()}
         # what OpenVINO actually chose, for bench records and reports

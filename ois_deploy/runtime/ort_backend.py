@@ -1,19 +1,25 @@
 """ONNX Runtime backends (ort, ort-cuda, ort-trt): the exported encoder and decoder graphs.
 
 Providers are chosen automatically (TensorRT, then CUDA execution provider when
-onnxruntime-gpu is installed, else CPU). On a GPU the encoder's outputs stay in device memory
-between clicks through IO binding. fp32 and fp16 graphs share this code: input dtypes are read
-from the sessions.
+onnxruntime-gpu is installed, else CPU) or asked for (ort-cuda, ort-trt); a session that ONNX
+Runtime opened on another provider than the first asked for is refused (check_provider). On a GPU
+the encoder's outputs stay in device memory between clicks through IO binding. fp32 and fp16
+graphs share this code: input dtypes are read from the sessions.
 """
 
 from __future__ import annotations
 
+import contextlib
+import io
+import os
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from ..contract import (
     DECODER_OUTPUTS,
+    MAX_PROMPTS,
     ENCODER_OUTPUTS,
     check_graph,
     check_metadata,
@@ -23,10 +29,11 @@ from ..contract import (
     state_shapes,
     weights_notes,
 )
-from ..errors import UserError
+from ..errors import UserError, first_line
 from ..presets import OISConfig
 from .base import Runner
-from .profiles import decoder_profiles, encoder_profile, union_profile
+from .batching import split_decode
+from .profiles import INTERACTIVE, SAT, decoder_profiles, encoder_profile
 
 PROVIDER_CHOICES = {
     "cpu": ["CPUExecutionProvider"],
@@ -62,6 +69,14 @@ def choose_providers(kind: str = "auto") -> list[str]:
 
 
 TRT_CACHE_DIR = "ort-trt-cache"
+PROFILE_NAMES = {INTERACTIVE: "interactive", SAT: "sat"}
+# Why a session may come up on another provider than asked: what that provider loads at session time.
+PROVIDER_NEEDS = {
+    "CUDAExecutionProvider": "the CUDA provider did not load: onnxruntime-gpu 1.22 needs CUDA 12 and cuDNN 9 "
+                             "(a CUDA 12 build of PyTorch brings both)",
+    "TensorrtExecutionProvider": "the TensorRT provider did not load: onnxruntime-gpu 1.22 needs TensorRT 10.9 "
+                                 "(pip install 'ois-deploy[gpu]') and CUDA 12",
+}
 
 
 def shapes_option(shapes: dict[str, tuple[int, ...]]) -> str:
@@ -69,23 +84,23 @@ def shapes_option(shapes: dict[str, tuple[int, ...]]) -> str:
     return ",".join(f"{name}:{'x'.join(map(str, dims))}" for name, dims in shapes.items())
 
 
-def tensorrt_provider_options(cfg: OISConfig, export_dir: Path, role: str, max_prompts: int = 256) -> dict[str, str]:
-    """Options of ONNX Runtime's TensorRT provider for one graph: engine and timing caches in
-    DIR/ort-trt-cache (ONNX Runtime rebuilds a cached engine when graph or profile changes),
-    and explicit profiles for the dynamic inputs, so that engines are built once, not per new
-    shape. Precision comes from the graph (fp16 graphs with FP32 islands), as in `build`."""
-    if role == "encoder":
-        profile = encoder_profile(cfg)
-    else:
-        profile = union_profile(decoder_profiles(cfg, cfg.decoder.max_clicks, max_prompts))
+def tensorrt_provider_options(cfg: OISConfig, export_dir: Path, role: str, profile: int = INTERACTIVE,
+                              max_prompts: int = MAX_PROMPTS) -> dict[str, str]:
+    """Options of ONNX Runtime's TensorRT provider for one graph and one shape profile: explicit
+    min/opt/max shapes for the dynamic inputs (so that an engine is built once, not per new
+    shape), engines cached per profile in DIR/ort-trt-cache/<profile> (the provider rebuilds a
+    cached engine whose recorded profile differs, so two profiles must not share one cache), one
+    timing cache for all. Precision comes from the graph (fp16 graphs with FP32 islands), as in
+    `build`."""
+    shapes = encoder_profile(cfg) if role == "encoder" else decoder_profiles(cfg, cfg.decoder.max_clicks, max_prompts)[profile]
     state = state_shapes(cfg)  # the image state is static (batch 1); everything else has dynamic axes
-    dynamic = {name: p for name, p in profile.items() if name not in state}
-    cache = str(export_dir / TRT_CACHE_DIR)
+    dynamic = {name: p for name, p in shapes.items() if name not in state}
+    cache = export_dir / TRT_CACHE_DIR
     return {
         "trt_engine_cache_enable": "True",
-        "trt_engine_cache_path": cache,
+        "trt_engine_cache_path": str(cache / (role if role == "encoder" else PROFILE_NAMES[profile])),
         "trt_timing_cache_enable": "True",
-        "trt_timing_cache_path": cache,
+        "trt_timing_cache_path": str(cache),
         "trt_fp16_enable": "False",
         "trt_profile_min_shapes": shapes_option({n: p[0] for n, p in dynamic.items()}),
         "trt_profile_opt_shapes": shapes_option({n: p[1] for n, p in dynamic.items()}),
@@ -93,19 +108,62 @@ def tensorrt_provider_options(cfg: OISConfig, export_dir: Path, role: str, max_p
     }
 
 
-def session_providers(providers: list[str], cfg: OISConfig, export_dir: Path, role: str) -> list:
-    """The provider list of one session, with the TensorRT provider's options attached."""
-    return [
-        (name, tensorrt_provider_options(cfg, export_dir, role)) if name == "TensorrtExecutionProvider" else name
-        for name in providers
-    ]
+# FP32 means IEEE FP32 (docs/design.md §7): the CUDA provider's TF32 default puts FP32 graphs over
+# verify's 1e-4, and FP16 graphs' FP32 islands would lose the precision they are there for.
+CUDA_OPTIONS = {"use_tf32": "0"}
+
+
+def session_providers(providers: list[str], cfg: OISConfig, export_dir: Path, role: str,
+                      profile: int = INTERACTIVE) -> list:
+    """The provider list of one session, each GPU provider with its options."""
+    options = {"TensorrtExecutionProvider": lambda: tensorrt_provider_options(cfg, export_dir, role, profile),
+               "CUDAExecutionProvider": lambda: dict(CUDA_OPTIONS)}
+    return [(name, options[name]()) if name in options else name for name in providers]
+
+
+def check_provider(active: list[str], asked: str, path: Path) -> None:
+    """Refuse a session that ONNX Runtime put on another provider than the one asked for: it
+    skips a provider whose libraries do not load and retries a failed one on the next provider
+    down, both with at most a log line, and the figures would be another provider's."""
+    if not active or active[0] != asked:
+        got = active[0] if active else "no provider"
+        raise UserError(f"ONNX Runtime opened {path.name} on {got}, not the {asked} asked for: "
+                        f"{PROVIDER_NEEDS.get(asked, 'that provider did not load')}")
+
+
+def open_session(ort, path: Path, options, providers: list, check: bool = True) -> Any:
+    """An InferenceSession on the first of providers or UserError, never a silent fallback
+    (check=False: on whichever of them ONNX Runtime could load, for the automatic choice)."""
+    asked = providers[0][0] if isinstance(providers[0], tuple) else providers[0]
+    try:
+        # enable_fallback=0: a provider that fails raises here (and in run()) instead of ONNX
+        # Runtime printing the error and retrying on the next provider down.
+        session = ort.InferenceSession(str(path), options, providers=providers, enable_fallback=0)
+    except Exception as e:
+        raise UserError(f"cannot load {path} on {asked}: {first_line(e)}") from None
+    if check:
+        check_provider(session.get_providers(), asked, path)
+    return session
+
+
+def load_gpu_libraries(ort) -> None:
+    """CUDA and cuDNN for onnxruntime-gpu from the pip packages a CUDA PyTorch installs
+    (onnxruntime.preload_dlls, 1.21+); whatever it cannot find, check_provider reports."""
+    preload = getattr(ort, "preload_dlls", None)
+    if preload is not None:
+        with contextlib.redirect_stdout(io.StringIO()):
+            try:
+                preload()
+            except Exception:  # noqa: BLE001 - best effort; the session check says what is missing
+                pass
 
 
 BACKEND_PROVIDERS = {"ort": None, "ort-cuda": "cuda", "ort-trt": "tensorrt"}
 
 
 class OrtRunner(Runner):
-    """One session per graph. ONNX Runtime sessions may be run from several threads at once."""
+    """One session per graph (the TensorRT provider: one decoder session per shape profile).
+    ONNX Runtime sessions may be run from several threads at once."""
 
     name = "ort"
 
@@ -116,28 +174,44 @@ class OrtRunner(Runner):
         if precision not in self.manifest["precisions"]:
             raise UserError(f"{export_dir} has no {precision} graphs (it has {', '.join(self.manifest['precisions'])})")
         self.providers = choose_providers(providers)
-        on_gpu = self.providers[0] != "CPUExecutionProvider"
-        super().__init__(manifest_config(self.manifest), precision, "cuda" if on_gpu else "cpu",
-                         weights_notes(self.manifest))
+        cfg = manifest_config(self.manifest)
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads
         options.log_severity_level = 3
-        self.sessions = {}
+        if self.providers[0] != "CPUExecutionProvider":
+            load_gpu_libraries(ort)
         if "TensorrtExecutionProvider" in self.providers:
-            (self.export_dir / TRT_CACHE_DIR).mkdir(exist_ok=True)
+            if precision == "fp32":  # the provider has no TF32 switch; NVIDIA's libraries honour this one
+                os.environ.setdefault("NVIDIA_TF32_OVERRIDE", "0")
+            for folder in ("encoder", *PROFILE_NAMES.values()):
+                (self.export_dir / TRT_CACHE_DIR / folder).mkdir(parents=True, exist_ok=True)
+        # Asked for a provider: refused elsewhere; auto: whatever the first session got, for all.
+        check = providers != "auto"
+        self.sessions, self.decoders = {}, {}
         for role in ("encoder", "decoder"):
             path = self.export_dir / graph_file(role, precision)
             check_graph(path, self.manifest)
-            providers = session_providers(self.providers, self.cfg, self.export_dir, role)
-            try:
-                self.sessions[role] = ort.InferenceSession(str(path), options, providers=providers)
-            except Exception as e:
-                raise UserError(f"cannot load {path}: {str(e).strip().splitlines()[0]}") from None
-            check_metadata(path, self.sessions[role].get_modelmeta().custom_metadata_map, self.manifest, role, precision)
+            # The TensorRT provider runs only the first of several profiles: a session per profile.
+            for profile in (INTERACTIVE, SAT) if role == "decoder" and self._on_tensorrt() else (INTERACTIVE,):
+                session = open_session(ort, path, options, session_providers(self.providers, cfg, self.export_dir, role, profile),
+                                       check)
+                check_metadata(path, session.get_modelmeta().custom_metadata_map, self.manifest, role, precision)
+                self.sessions.setdefault(role, session)
+                if role == "encoder":  # the decoder asks for what the encoder got
+                    self.providers = [p for p in self.providers if p in session.get_providers()]
+                else:
+                    self.decoders[profile] = session
+        # Where the sessions actually run, not what was asked for.
+        self.active_provider = self.providers[0]
+        on_gpu = self.active_provider != "CPUExecutionProvider"
+        super().__init__(cfg, precision, "cuda" if on_gpu else "cpu", weights_notes(self.manifest))
         self.input_types = {i.name: NUMPY_TYPES[i.type] for s in self.sessions.values() for i in s.get_inputs()}
 
+    def _on_tensorrt(self) -> bool:
+        return self.providers[0] == "TensorrtExecutionProvider"
+
     def close(self) -> None:
-        self.sessions = {}
+        self.sessions, self.decoders = {}, {}
 
     def _feed(self, name: str, value: np.ndarray) -> np.ndarray:
         return np.ascontiguousarray(value, dtype=self.input_types[name])
@@ -154,7 +228,12 @@ class OrtRunner(Runner):
         return dict(zip(ENCODER_OUTPUTS, binding.get_outputs()))
 
     def _decode(self, state, coords: np.ndarray, labels: np.ndarray, prev_mask: np.ndarray) -> np.ndarray:
-        session = self.sessions["decoder"]
+        if len(self.decoders) == 1:  # dynamic axes: any (P, N) in one call
+            return self._decode_on(self.decoders[INTERACTIVE], state, coords, labels, prev_mask)
+        return split_decode(lambda c, l, p, profile: self._decode_on(self.decoders[profile], state, c, l, p),
+                            coords, labels, prev_mask, self.cfg.decoder.max_clicks, MAX_PROMPTS)
+
+    def _decode_on(self, session, state, coords: np.ndarray, labels: np.ndarray, prev_mask: np.ndarray) -> np.ndarray:
         clicks = {
             "point_coords": self._feed("point_coords", coords),
             "point_labels": self._feed("point_labels", labels),
@@ -182,7 +261,10 @@ class OrtRunner(Runner):
 
 
 def open_runner(spec) -> OrtRunner:
-    providers = BACKEND_PROVIDERS[spec.backend] or spec.device or "auto"
+    fixed = BACKEND_PROVIDERS[spec.backend]  # ort-cuda, ort-trt: the provider is the backend's
+    if fixed and spec.device not in (None, fixed, "cuda"):
+        raise UserError(f"backend {spec.backend} runs on the {fixed} provider of a CUDA GPU, not on {spec.device!r}")
+    providers = fixed or spec.device or "auto"
     runner = OrtRunner(spec.export_dir, spec.precision, providers=providers, threads=spec.threads)
     runner.name = spec.backend
     return runner

@@ -2,7 +2,8 @@
 
 The decoder has two: interactive (P = 1, N = 1..max clicks) and SAT (P = 1..max prompts,
 N = 1). Our TensorRT engines keep both and pick one per call; ONNX Runtime's TensorRT provider
-takes one profile per input, so it gets their union.
+parses several profiles but runs only its first (docs/design.md §3.2), so it gets one decoder
+session per profile. Batches that neither serves are split over them (batching.py).
 """
 
 from __future__ import annotations
@@ -45,26 +46,3 @@ def decoder_profiles(cfg: OISConfig, max_clicks: int, max_prompts: int) -> list[
     }
     assert set(interactive) == set(DECODER_INPUTS)
     return [interactive, sat]
-
-
-def select_profile(prompts: int, clicks: int, max_clicks: int, max_prompts: int) -> int:
-    """Which decoder profile serves a call of P prompt sets with N clicks each."""
-    if prompts == 1 and clicks <= max_clicks:
-        return INTERACTIVE
-    if clicks == 1 and prompts <= max_prompts:
-        return SAT
-    raise UserError(
-        f"no engine profile for {prompts} prompt sets of {clicks} clicks: the engines serve P=1 with N<={max_clicks}, "
-        f"or P<={max_prompts} with N=1 (ois-deploy build --max-clicks/--max-prompts)"
-    )
-
-
-def union_profile(profiles: list[dict[str, tuple[Shape, Shape, Shape]]]) -> dict[str, tuple[Shape, Shape, Shape]]:
-    """One profile covering all given ones: elementwise min of the minima and max of the
-    maxima; the first profile's optimum (interactive use is what the latency goal is about)."""
-    merged = {}
-    for name, (lo, opt, hi) in profiles[0].items():
-        lows = [p[name][0] for p in profiles]
-        highs = [p[name][2] for p in profiles]
-        merged[name] = (tuple(map(min, *lows)), opt, tuple(map(max, *highs)))
-    return merged

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 from ..contract import read_manifest
-from ..errors import UserError
+from ..errors import UserError, first_line
 from ..model import ImageState
 from ..model.weights import describe_weights, load_model, reference_model
 from . import torch_geometry as geometry
@@ -111,7 +111,7 @@ class TorchRunner(Runner):
             try:
                 return self.graphs.decode(coords, labels, prev)
             except RuntimeError as e:  # capture unsupported here: stay correct, run eagerly
-                print(f"note: CUDA graphs off ({str(e).splitlines()[0]})", file=sys.stderr)
+                print(f"note: CUDA graphs off ({first_line(e)})", file=sys.stderr)
                 self.graphs = None
         return self.model.decode(state, coords, labels, prev)
 
@@ -167,12 +167,25 @@ class TorchRunner(Runner):
         return ImageState(*(tensor(name) for name in ImageState._fields))
 
 
+def device_type(name: str, backend: str) -> str:
+    """cpu or cuda, the device types these backends run on; anything else is refused."""
+    try:
+        kind = torch.device(name).type
+    except (RuntimeError, TypeError):
+        kind = None
+    if kind not in ("cpu", "cuda"):
+        raise UserError(f"device must be cpu or cuda (cuda:N) for the {backend} backend, not {name!r}")
+    return kind
+
+
 def open_runner(spec) -> TorchRunner:
-    device = spec.device or "cpu"
+    device = spec.device or ("cuda" if spec.backend == "torch-cuda" else "cpu")
+    kind = device_type(device, spec.backend)
     if spec.backend == "torch-cuda":
+        if kind != "cuda":
+            raise UserError(f"backend torch-cuda runs on a CUDA GPU, not on {device!r}; the torch backend runs on the CPU")
         if not torch.cuda.is_available():
             raise UserError("backend torch-cuda needs a CUDA GPU and a CUDA build of PyTorch; none found here")
-        device = "cuda"
     if spec.export_dir is not None:
         model, notes = reference_model(read_manifest(spec.export_dir), spec.checkpoint), [f"weights: those of {spec.export_dir}"]
     else:
