@@ -95,7 +95,7 @@ def test_compiled_model_cache_is_reused_and_never_stale(export_copy, rng):
     assert first.loaded_from_cache == {"encoder": False, "decoder": False}
     compiled = blobs(export_copy)
     assert len(compiled) == 2  # one blob per graph, each in its own keyed folder
-    state, coords, labels, prev = random_state_and_clicks(first, rng)
+    state, coords, labels, prev = random_state_and_clicks(first, rng, prompts=1)  # P > 1 compiles a third
     before = first.decode(state, coords, labels, prev)
 
     second = OpenVinoRunner(export_copy, "fp32")
