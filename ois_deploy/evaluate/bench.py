@@ -65,13 +65,27 @@ def run_sat(runner, image: np.ndarray, coords: np.ndarray, labels: np.ndarray, c
         runner.decode_prompts(state, coords[i : i + chunk], labels[i : i + chunk])
 
 
+def profile_click(runner, tensor: np.ndarray, frame, calls: int) -> dict:
+    """The runtime's per-node profile (Runner.profile_decode) of a first click's decoder call:
+    P = N = 1, a positive click at the image's centre, no previous mask."""
+    state = runner.encode(tensor)
+    coords = frame.to_input(np.array([[[frame.width / 2, frame.height / 2]]], np.float32))
+    return runner.profile_decode(state, coords, np.ones((1, 1), np.int32), runner.empty_prev(), calls)
+
+
 def run_bench(predictor, image: np.ndarray, clicks: int = 20, repeats: int = 5, sat: bool = True,
-              sat_chunk: int | None = None, progress=None) -> dict:
+              sat_chunk: int | None = None, progress=None, profile: bool = False) -> dict:
+    """profile: also the runtime's per-node profile of a click (the runner opened with
+    profile=True; OpenVINO's counters stay on for the timings too)."""
     runner, cfg = predictor.runner, predictor.cfg
     sat_chunk = sat_chunk or SAT_CHUNK["gpu" if runner.on_gpu else "cpu"]
     size = cfg.input_size
     step = progress or (lambda text: None)
     tensor, frame = to_input(image, size)
+    node_profile = None
+    if profile:  # first: a backend without a profiler says so before the timings
+        step("decoder profile")
+        node_profile = profile_click(runner, tensor, frame, max(3, repeats))
 
     step("encoder")
     runner.encode(tensor)
@@ -111,6 +125,8 @@ def run_bench(predictor, image: np.ndarray, clicks: int = 20, repeats: int = 5, 
         "clicks": clicks,
         "repeats": repeats,
     }
+    if node_profile is not None:
+        result["profile"] = node_profile
     if sat:
         coords = sat_clicks(frame)
         labels = np.ones((len(coords), 1), np.int32)

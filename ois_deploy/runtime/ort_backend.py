@@ -8,6 +8,10 @@ from the sessions.
 
 from __future__ import annotations
 
+import json
+import shutil
+import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +30,7 @@ from ..contract import (
 from ..errors import UserError
 from ..presets import OISConfig
 from .base import Runner
+from .profiling import NodeTime, summarise
 from .profiles import decoder_profiles, encoder_profile, union_profile
 
 PROVIDER_CHOICES = {
@@ -109,7 +114,8 @@ class OrtRunner(Runner):
 
     name = "ort"
 
-    def __init__(self, export_dir: str | Path, precision: str = "fp32", providers: str = "auto", threads: int = 0):
+    def __init__(self, export_dir: str | Path, precision: str = "fp32", providers: str = "auto", threads: int = 0,
+                 profile: bool = False):
         ort = import_ort()
         self.export_dir = Path(export_dir)
         self.manifest = read_manifest(self.export_dir)
@@ -129,6 +135,9 @@ class OrtRunner(Runner):
             path = self.export_dir / graph_file(role, precision)
             check_graph(path, self.manifest)
             providers = session_providers(self.providers, self.cfg, self.export_dir, role)
+            options.enable_profiling = profile and role == "decoder"  # read by profile_decode
+            if options.enable_profiling:
+                options.profile_file_prefix = str(Path(tempfile.mkdtemp(prefix="ois-ort-profile-")) / "decoder")
             try:
                 self.sessions[role] = ort.InferenceSession(str(path), options, providers=providers)
             except Exception as e:
@@ -174,6 +183,30 @@ class OrtRunner(Runner):
         session.run_with_iobinding(binding)
         return binding.copy_outputs_to_cpu()[0].astype(np.float32)
 
+    def profile_decode(self, state, coords: np.ndarray, labels: np.ndarray, prev_mask: np.ndarray, calls: int) -> dict:
+        """ONNX Runtime's profiler over `calls` decoder calls after one warm-up call: each node's
+        kernel time by op type. The profile ends here (ONNX Runtime profiles a session once)."""
+        session = self.sessions["decoder"]
+        if not session.get_session_options().enable_profiling:
+            raise UserError("open the ort runner with profile=True to profile its decoder")
+        self.decode(state, coords, labels, prev_mask)
+        walls = []
+        for _ in range(calls):
+            start = time.perf_counter()
+            self.decode(state, coords, labels, prev_mask)
+            walls.append((time.perf_counter() - start) * 1000)
+        path = Path(session.end_profiling())
+        if not path.is_file():
+            raise UserError("this decoder session's profile was already read: open the runner again")
+        trace = json.loads(path.read_text())
+        shutil.rmtree(path.parent, ignore_errors=True)
+        runs = [e for e in trace if e.get("name") == "model_run"][-calls:]  # the timed calls, not the warm-up
+        start = runs[0]["ts"] if runs else 0
+        events = [NodeTime(e["name"].removesuffix("_kernel_time"), e["args"].get("op_name", "?"), e["args"].get("provider", "?"),
+                           e["dur"] / 1000)
+                  for e in trace if e.get("cat") == "Node" and e["name"].endswith("_kernel_time") and e["ts"] >= start]
+        return summarise(events, calls, walls, f"ONNX Runtime {import_ort().__version__} {self.providers[0]} ({self.precision})")
+
     def state_to_numpy(self, state) -> dict[str, np.ndarray]:
         return {k: np.asarray(v.numpy() if hasattr(v, "numpy") else v, np.float32) for k, v in state.items()}
 
@@ -183,6 +216,7 @@ class OrtRunner(Runner):
 
 def open_runner(spec) -> OrtRunner:
     providers = BACKEND_PROVIDERS[spec.backend] or spec.device or "auto"
-    runner = OrtRunner(spec.export_dir, spec.precision, providers=providers, threads=spec.threads)
+    runner = OrtRunner(spec.export_dir, spec.precision, providers=providers, threads=spec.threads,
+                       profile=spec.profile)
     runner.name = spec.backend
     return runner

@@ -10,6 +10,9 @@ from typing import NamedTuple
 import numpy as np
 
 TOP_NODES = 20
+# Node types that only change a tensor's layout or precision, listed node by node in a profile:
+# OpenVINO's Reorder, Transpose and Convert; ONNX Runtime's NCHWc reorders, Transpose and Cast.
+CONVERSION_TYPES = ("Reorder", "Transpose", "Convert", "ReorderInput", "ReorderOutput", "Cast")
 
 
 class NodeTime(NamedTuple):
@@ -22,7 +25,8 @@ class NodeTime(NamedTuple):
 
 
 def summarise(events: list[NodeTime], calls: int, wall_ms: list[float], runtime: str) -> dict:
-    """ms per call by node type (largest first) and the TOP_NODES slowest nodes; nodes_ms is the
+    """ms per call by node type (largest first), every layout or precision conversion, and the
+    TOP_NODES slowest nodes; nodes_ms is the
     sum of every node, call_ms the median wall time of a call (nodes_ms may exceed it a little
     where nodes run in parallel, and falls short by the runtime's own overhead)."""
     by_type, by_node, count = defaultdict(float), defaultdict(float), defaultdict(set)
@@ -38,6 +42,8 @@ def summarise(events: list[NodeTime], calls: int, wall_ms: list[float], runtime:
         "nodes_ms": total / calls,
         "by_type": [{"type": t, "ms": ms / calls, "share": ms / total if total else 0.0, "nodes": len(count[t])}
                     for t, ms in sorted(by_type.items(), key=lambda kv: -kv[1])],
+        "conversions": [{"name": n, "type": t, "kernel": k, "ms": ms / calls}
+                        for (n, t, k), ms in sorted(by_node.items(), key=lambda kv: -kv[1]) if t in CONVERSION_TYPES],
         "top_nodes": [{"name": n, "type": t, "kernel": k, "ms": ms / calls}
                       for (n, t, k), ms in sorted(by_node.items(), key=lambda kv: -kv[1])[:TOP_NODES]],
     }
