@@ -257,7 +257,7 @@ class OpenVinoRunner(Runner):
         except queue.Empty:
             request = self._model(variant).create_infer_request()
         try:
-            request.infer(inputs)
+            request.infer(inputs, share_inputs=True)  # the host arrays are read in place, not copied
             return read(request)
         finally:
             idle.put(request)
