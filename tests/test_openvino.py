@@ -16,7 +16,8 @@ import pytest
 pytest.importorskip("openvino", reason="the openvino extra is not installed (pip install 'ois-deploy[openvino]')")
 
 from ois_deploy.cli.export_cmds import parse_precisions  # noqa: E402
-from ois_deploy.contract import read_manifest, write_manifest  # noqa: E402
+from ois_deploy.contract import OPENVINO_INT8_DECODER, read_manifest, write_manifest  # noqa: E402
+from ois_deploy.errors import UserError  # noqa: E402
 from ois_deploy.provenance import sha256_file  # noqa: E402
 from ois_deploy.runtime.openvino_backend import CACHE_DIR, OpenVinoRunner, missing_units  # noqa: E402
 from ois_deploy.verify import ASSETS, TOLERANCES, verify  # noqa: E402
@@ -60,7 +61,8 @@ def test_verify_openvino_fp32_passes(int8_export, tmp_path, capsys):
 @pytest.mark.slow
 @pytest.mark.parametrize("precision, executes_in", [("bf16", "bf16"), ("int8", "f32")])
 def test_verify_openvino_reduced_precisions(int8_export, precision, executes_in):
-    """bf16: the fp32 graphs in BF16; int8: the QDQ graphs, their kept-FP32 nodes in FP32."""
+    """bf16: the fp32 graphs in BF16; int8: the QDQ encoder and the NNCF decoder, the node groups
+    the quantizers left in float in FP32."""
     if missing := missing_units(precision):
         pytest.skip(missing)
     result = verify(int8_export, backend="openvino", precisions=(precision,))
@@ -150,3 +152,39 @@ def test_bf16_is_a_runtime_precision_not_an_export(capsys, tmp_path):
     assert parse_precisions("fp32,bf16") == ("fp32", "bf16")
     code, _, err = run(["export", "--preset", "ois-tiny", "--precision", "bf16", "--out", str(tmp_path / "x")], capsys)
     assert code == 2 and "bf16 runs the fp32 graphs" in err and not (tmp_path / "x").exists()
+
+
+def test_int8_export_has_an_nncf_decoder_that_the_runner_runs(int8_export):
+    pytest.importorskip("nncf", reason="nncf (the openvino extra) is not installed")
+    record = read_manifest(int8_export)["int8"]["openvino"]
+    assert set(record["files"]) == set(OPENVINO_INT8_DECODER)
+    for name, digest in record["files"].items():
+        assert sha256_file(int8_export / name) == digest
+    assert record["calibration_samples"] == read_manifest(int8_export)["int8"]["calibration"]["decoder_samples"]
+    xml = (int8_export / OPENVINO_INT8_DECODER[0]).read_text()
+    assert "FakeQuantize" in xml  # quantized by NNCF, not a copy of the float graph
+    runner = OpenVinoRunner(int8_export, "int8", cache=False)
+    assert runner.paths["decoder"].name == OPENVINO_INT8_DECODER[0]
+    assert not any("QDQ" in n for n in runner.notes)
+
+
+def test_int8_without_an_nncf_decoder_runs_the_qdq_graph_and_says_so(export_copy, rng):
+    manifest = read_manifest(export_copy)
+    manifest["int8"].pop("openvino", None)
+    write_manifest(export_copy, manifest)
+    runner = OpenVinoRunner(export_copy, "int8", cache=False)
+    assert runner.paths["decoder"].name == "decoder.int8.onnx"
+    assert any("running the QDQ graph" in n for n in runner.notes)
+    state, coords, labels, prev = random_state_and_clicks(runner, rng, prompts=1)
+    assert np.isfinite(runner.decode(state, coords, labels, prev)).all()
+
+
+def test_a_changed_nncf_decoder_is_refused(export_copy):
+    pytest.importorskip("nncf", reason="nncf (the openvino extra) is not installed")
+    weights = export_copy / OPENVINO_INT8_DECODER[1]
+    weights.write_bytes(weights.read_bytes() + b"\0")  # edited after export
+    with pytest.raises(UserError, match="does not match its manifest"):
+        OpenVinoRunner(export_copy, "int8", cache=False)
+    weights.unlink()
+    with pytest.raises(UserError, match="missing"):
+        OpenVinoRunner(export_copy, "int8", cache=False)

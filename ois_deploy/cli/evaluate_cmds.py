@@ -173,7 +173,9 @@ def bench(
     if "profile" in record:
         out.print(profile_table(record["profile"]))
     if "sat_batched_speedup" in record:
-        out.print(f"SAT batched is {record['sat_batched_speedup']:.2f}x faster than sequential")
+        chosen = " (measured: the fastest per prompt)" if "sat_chunk_ms_per_prompt" in record else ""
+        out.print(f"SAT batched, {record['sat_chunk']} prompt sets per call{chosen}, is "
+                  f"{record['sat_batched_speedup']:.2f}x faster than sequential")
     if results is not None:
         note(f"appended to {append_result(record, results)}")
     if json:

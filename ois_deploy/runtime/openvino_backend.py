@@ -2,8 +2,9 @@
 
 Precisions: fp32 (INFERENCE_PRECISION_HINT f32 forced), bf16 (the fp32 graphs with a bf16
 inference-precision hint: OpenVINO keeps its own FP32 islands, e.g. softmax and normalisation;
-refused on CPUs without AVX512-BF16 or AMX-BF16), int8 (the export's QDQ graphs, with an f32 hint
-so that the node groups the export kept in FP32 stay FP32).
+refused on CPUs without AVX512-BF16 or AMX-BF16), int8 (the decoder NNCF quantized for OpenVINO
+where the export has it, else the QDQ decoder graph; the QDQ encoder graph; an f32 hint, so that
+what the quantizers left in float stays FP32).
 
 Compiled models are cached in DIR/openvino-cache/<key>/, one folder per graph hash, OpenVINO
 version, precision and compile settings, so that a changed graph is never served from a stale
@@ -37,6 +38,7 @@ from ..contract import (
     CLICK_INPUTS,
     DECODER_OUTPUTS,
     ENCODER_OUTPUTS,
+    OPENVINO_INT8_DECODER,
     check_graph,
     graph_file,
     manifest_config,
@@ -44,7 +46,7 @@ from ..contract import (
     weights_notes,
 )
 from ..errors import UserError
-from ..provenance import cpu_flags
+from ..provenance import cpu_flags, sha256_file
 from .base import Runner
 from .profiling import NodeTime, summarise
 
@@ -148,6 +150,18 @@ def from_bf16_bits(bits: np.ndarray) -> np.ndarray:
     return (bits.astype(np.uint32) << 16).view(np.float32)
 
 
+def checked_openvino_int8(export_dir: Path, record: dict) -> tuple[Path, str]:
+    """(the NNCF decoder's .xml, its hash) after checking both files against the manifest."""
+    files = record.get("files", {})
+    for name in OPENVINO_INT8_DECODER:
+        path = export_dir / name
+        if not path.is_file():
+            raise UserError(f"{path} missing: the manifest records an OpenVINO INT8 decoder; re-export --precision int8")
+        if sha256_file(path) != files.get(name):
+            raise UserError(f"{path} does not match its manifest (hash differs): re-export the folder")
+    return export_dir / OPENVINO_INT8_DECODER[0], files[OPENVINO_INT8_DECODER[0]]
+
+
 def isa_info(core) -> dict:
     """What OpenVINO's CPU plugin can use here, and the CPU flags behind it (for bench records)."""
     return {"openvino_capabilities": list(core.get_property("CPU", "OPTIMIZATION_CAPABILITIES")),
@@ -197,6 +211,14 @@ class OpenVinoRunner(Runner):
         self.paths = {role: self.export_dir / graph_file(role, graphs) for role in ("encoder", "decoder")}
         for path in self.paths.values():
             check_graph(path, self.manifest)  # the graph is the one the manifest recorded (hash)
+        self.hashes = {role: self.manifest["graphs"][path.name]["sha256"] for role, path in self.paths.items()}
+        if precision == "int8":  # OpenVINO's own INT8 decoder where the export has one (NNCF)
+            nncf = self.manifest.get("int8", {}).get("openvino")
+            if nncf:
+                self.paths["decoder"], self.hashes["decoder"] = checked_openvino_int8(self.export_dir, nncf)
+            else:
+                self.notes.append("int8: no OpenVINO INT8 decoder in this export (nncf was not installed when it "
+                                  "was made): running the QDQ graph, which OpenVINO runs slower than bf16")
         self.compiled, self.cache_dirs = {}, {}
         self._idle = {variant: queue.SimpleQueue() for variant in VARIANTS}
         self._compiling = threading.Lock()
@@ -222,7 +244,7 @@ class OpenVinoRunner(Runner):
         path = self.paths[role]
         settings = dict(self.config)
         if self._cache:
-            folder = cache_folder(self.export_dir, self.manifest["graphs"][path.name]["sha256"], self._ov.__version__,
+            folder = cache_folder(self.export_dir, self.hashes[role], self._ov.__version__,
                                   {"variant": variant, **{k: str(v) for k, v in self.config.items()}})
             folder.mkdir(parents=True, exist_ok=True)
             self.cache_dirs[variant] = folder

@@ -10,9 +10,10 @@ from typing import NamedTuple
 import numpy as np
 
 TOP_NODES = 20
-# Node types that only change a tensor's layout or precision, listed node by node in a profile:
-# OpenVINO's Reorder, Transpose and Convert; ONNX Runtime's NCHWc reorders, Transpose and Cast.
-CONVERSION_TYPES = ("Reorder", "Transpose", "Convert", "ReorderInput", "ReorderOutput", "Cast")
+# Node types that only move data (change a tensor's layout or precision, or copy it), listed node
+# by node in a profile: OpenVINO's Reorder, Transpose, Convert and Tile; ONNX Runtime's NCHWc
+# reorders, Transpose and Cast.
+CONVERSION_TYPES = ("Reorder", "Transpose", "Convert", "Tile", "ReorderInput", "ReorderOutput", "Cast")
 
 
 class NodeTime(NamedTuple):
