@@ -31,10 +31,11 @@ def test_bench_profile_has_the_runtimes_node_types(int8_export, backend, tmp_pat
     types = {row["type"]: row for row in profile["by_type"]}
     for work in WORK_TYPES[backend]:
         assert types[work]["ms"] > 0 and types[work]["nodes"] >= 1
-    # rows add up to the nodes' total, which is of the order of a call's wall time
+    # rows add up to the nodes' total, which is of the order of a call's wall time (node times may
+    # overlap where the runtime runs independent nodes at once)
     assert sum(row["ms"] for row in profile["by_type"]) == pytest.approx(profile["nodes_ms"], rel=1e-6)
     assert sum(row["share"] for row in profile["by_type"]) == pytest.approx(1.0, rel=1e-6)
-    assert 0.2 * profile["call_ms"] < profile["nodes_ms"] < 3 * profile["call_ms"]
+    assert 0.2 * profile["call_ms"] < profile["nodes_ms"] < 10 * profile["call_ms"]
     # the slowest nodes are real nodes of those types, slowest first
     top = [n["ms"] for n in profile["top_nodes"]]
     assert top == sorted(top, reverse=True) and profile["top_nodes"][0]["type"] in types

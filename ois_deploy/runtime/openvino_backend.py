@@ -2,9 +2,10 @@
 
 Precisions: fp32 (INFERENCE_PRECISION_HINT f32 forced), bf16 (the fp32 graphs with a bf16
 inference-precision hint: OpenVINO keeps its own FP32 islands, e.g. softmax and normalisation;
-refused on CPUs without AVX512-BF16 or AMX-BF16), int8 (the decoder NNCF quantized for OpenVINO
-where the export has it, else the QDQ decoder graph; the QDQ encoder graph; an f32 hint, so that
-what the quantizers left in float stays FP32).
+refused on CPUs without AVX512-BF16 or AMX-BF16), int8 (the QDQ graphs, or with
+int8_decoder="nncf" the decoder NNCF quantized for OpenVINO, which is faster but just under the
+int8 gate on ois-tiny (docs/design.md §4.3); an f32 hint, so that what the quantizers left in
+float stays FP32).
 
 Compiled models are cached in DIR/openvino-cache/<key>/, one folder per graph hash, OpenVINO
 version, precision and compile settings, so that a changed graph is never served from a stale
@@ -188,7 +189,7 @@ class OpenVinoRunner(Runner):
     name = "openvino"
 
     def __init__(self, export_dir: str | Path, precision: str = "fp32", threads: int = 0, streams: int = 0,
-                 hint: str = "LATENCY", cache: bool = True, profile: bool = False):
+                 hint: str = "LATENCY", cache: bool = True, profile: bool = False, int8_decoder: str = "qdq"):
         ov = import_openvino()
         import openvino.opset13 as ops
 
@@ -212,13 +213,14 @@ class OpenVinoRunner(Runner):
         for path in self.paths.values():
             check_graph(path, self.manifest)  # the graph is the one the manifest recorded (hash)
         self.hashes = {role: self.manifest["graphs"][path.name]["sha256"] for role, path in self.paths.items()}
-        if precision == "int8":  # OpenVINO's own INT8 decoder where the export has one (NNCF)
+        if int8_decoder not in ("qdq", "nncf"):
+            raise UserError(f"int8_decoder must be qdq or nncf, not {int8_decoder!r}")
+        if precision == "int8" and int8_decoder == "nncf":  # OpenVINO's own INT8 decoder (NNCF), opt-in
             nncf = self.manifest.get("int8", {}).get("openvino")
-            if nncf:
-                self.paths["decoder"], self.hashes["decoder"] = checked_openvino_int8(self.export_dir, nncf)
-            else:
-                self.notes.append("int8: no OpenVINO INT8 decoder in this export (nncf was not installed when it "
-                                  "was made): running the QDQ graph, which OpenVINO runs slower than bf16")
+            if not nncf:
+                raise UserError(f"{export_dir} has no OpenVINO INT8 decoder: re-export --precision int8 with nncf "
+                                "installed (pip install 'ois-deploy[openvino]')")
+            self.paths["decoder"], self.hashes["decoder"] = checked_openvino_int8(self.export_dir, nncf)
         self.compiled, self.cache_dirs = {}, {}
         self._idle = {variant: queue.SimpleQueue() for variant in VARIANTS}
         self._compiling = threading.Lock()
