@@ -113,12 +113,8 @@ class Runner(ABC):
 
     def decode_prompts(self, state: Any, coords: np.ndarray, labels: np.ndarray) -> Any:
         """P prompt sets without a previous mask (SAT) -> logits [P,1,S',S'] wherever the backend
-        keeps them; on the host the empty previous mask takes P x S x S floats, allocated once for
-        the largest P asked and read, never written, by the decoder."""
-        prompts = len(coords)
-        if getattr(self, "_no_prev", None) is None or len(self._no_prev) < prompts:
-            self._no_prev = self.empty_prev(prompts)
-        return self.decode(state, coords, labels, self._no_prev[:prompts])
+        keeps them; on the host the empty previous mask takes P x S x S floats."""
+        return self.decode(state, coords, labels, self.empty_prev(len(coords)))
 
     def add_timing_hook(self, hook: TimingHook) -> Callable[[], None]:
         """Call hook(kind, ms) after every encode and decode; returns a function that removes it."""

@@ -221,6 +221,9 @@ class OpenVinoRunner(Runner):
                 raise UserError(f"{export_dir} has no OpenVINO INT8 decoder: re-export --precision int8 with nncf "
                                 "installed (pip install 'ois-deploy[openvino]')")
             self.paths["decoder"], self.hashes["decoder"] = checked_openvino_int8(self.export_dir, nncf)
+        if precision == "int8" and not missing_units("bf16"):
+            self.notes.append("int8 on OpenVINO ran slower than bf16 on the CPUs measured (QDQ and NNCF decoders, "
+                              "docs/design.md §4.3): --precision bf16 is the faster choice on this CPU")
         self.compiled, self.cache_dirs = {}, {}
         self._idle = {variant: queue.SimpleQueue() for variant in VARIANTS}
         self._compiling = threading.Lock()
