@@ -325,10 +325,9 @@ def quantize_openvino_decoder(out_dir: Path, feeds: list[dict], keep_fp32=KEEP_F
     """OpenVINO's INT8 decoder: NNCF post-training quantization of decoder.onnx on the same
     calibration feeds, the same node groups left in float as the QDQ graph (NNCF's ignored scope;
     OpenVINO keeps the ONNX node names), contract.OPENVINO_INT8_DECODER. Returns its manifest
-    record, or None where nncf or openvino is not installed. Measured on ois-tiny (verify's
-    decoder check): with nothing left in float, mask IoU 0.81 of FP32; with §4.1's groups and
-    OPENVINO_FLOAT_TYPES, 0.9785, just under the int8 gate (0.98): hence not the default
-    (OpenVinoRunner int8_decoder, docs/design.md §4.3)."""
+    record, or None where nncf or openvino is not installed. On ois-tiny, verify's decoder mask
+    IoU is 0.9785 against FP32, just under the int8 gate (0.98), and on the CPU measured it ran
+    slower than bf16: hence opt-in (OpenVinoRunner int8_decoder, docs/design.md §4.3)."""
     try:
         import nncf
         import openvino as ov
