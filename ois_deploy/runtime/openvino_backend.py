@@ -11,7 +11,7 @@ Compiled models are cached in DIR/openvino-cache/<key>/, one folder per graph ha
 version, precision and compile settings, so that a changed graph is never served from a stale
 blob whatever key OpenVINO itself computes.
 
-Image state in the plugin's own form (docs/design.md §3.3): the encoder's outputs leave it in
+Image state in the plugin's own form (docs/design.md §4.2): the encoder's outputs leave it in
 NHWC, and in BF16 at bf16, as ov.Tensors that the decoder reads as they are. The plugin's
 convolutions work in NHWC; fed the contract's NCHW float32, the decoder re-laid and re-cast every
 state input again on every click (Reorder nodes in the profile). Both graphs get the conversion
