@@ -49,7 +49,3 @@ def summarise(events: list[NodeTime], calls: int, wall_ms: list[float], runtime:
                       for (n, t, k), ms in sorted(by_node.items(), key=lambda kv: -kv[1])[:TOP_NODES]],
     }
 
-
-def type_ms(profile: dict, node_type: str) -> float:
-    """ms per call of one node type in a profile (0 where it has none)."""
-    return next((row["ms"] for row in profile["by_type"] if row["type"] == node_type), 0.0)
