@@ -1,12 +1,20 @@
-"""Where a decoder click's time goes: ONNX Runtime's profiler on the decoder graphs, FP32 and INT8.
+"""Where a click's decoder time goes on the CPU runtimes, and what the image state's form costs.
 
-    python benchmarks/profile_decoder.py [--presets ois-s-1024 ois-b-1024] [--clicks 5]
+    python benchmarks/profile_decoder.py [--presets ois-s-1024] [--precisions fp32 bf16] [--rounds 9] [--threads 2]
 
-Graphs come from artifacts/bench/<preset> (bench_cpu.ensure_export: exported once, reused;
-random weights for the 1024 presets: time does not depend on them). Each graph runs one warm-up
-click, then --clicks profiled clicks (P=1, N=1, a previous mask) on the CPU provider; the
-profile's node events are summed per op type and per node, divided by the clicks.
-Writes benchmarks/results/profile_decoder_<date>.json with machine, CPU flags, versions, date.
+Graphs come from artifacts/bench/<preset> (bench_cpu.ensure_export: exported once, reused; random
+weights for the 1024 presets: time does not depend on them). One click: P = N = 1 with a previous
+mask. Per preset and OpenVINO precision, two decoders of the same graph, side by side in one
+process, both with OpenVINO's per-node counters (PERF_COUNT), rounds interleaved:
+- before: the graph as read, fed the contract's image state (NCHW float32 arrays) on every click,
+  P dynamic with the state's broadcast made explicit (tile_state_inputs): how the openvino
+  backend ran it before the state was kept in the plugin's form;
+- after: the openvino backend as it is (OpenVinoRunner.profile_decode).
+`state_conversions` lists the executed nodes that convert or copy a state input (OpenVINO names a
+Reorder after its source: `pyramid_l1_abcd_acdb_...`; Tile copies the state to P rows). ONNX
+Runtime's profile of the same click (fp32) is added for comparison.
+Writes benchmarks/results/profile_decoder_<date>.json with machine, CPU flags, versions, date
+and load average.
 """
 
 from __future__ import annotations
@@ -15,91 +23,116 @@ import argparse
 import json
 import os
 import sys
-import tempfile
-from collections import defaultdict
+import time
 from pathlib import Path
 
 import numpy as np
 
+from ois_deploy.contract import ENCODER_OUTPUTS
 from ois_deploy.errors import run_script
 from ois_deploy.model.weights import load_model
 from ois_deploy.provenance import cpu_flags, machine_info, now_utc, tool_versions
+from ois_deploy.runtime.openvino_backend import OpenVinoRunner, compile_settings, import_openvino, tile_state_inputs
+from ois_deploy.runtime.ort_backend import OrtRunner
+from ois_deploy.runtime.profiling import NodeTime, summarise
 
 sys.path.insert(0, str(Path(__file__).parent))
 from bench_cpu import ensure_export  # noqa: E402
 
-
 RESULTS = Path(__file__).parent / "results"
-TOP_NODES = 15
 
 
-def profile_graph(path: Path, feed: dict, clicks: int, threads: int) -> dict:
-    import onnxruntime as ort
+def state_conversions(profile: dict) -> list[dict]:
+    """The conversions and copies of click-independent inputs in a profile."""
+    sources = ENCODER_OUTPUTS + ("Tile",)
+    return [c for c in profile["conversions"] if c["type"] == "Tile" or c["name"].startswith(sources)]
 
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.log_severity_level = 3
-    options.enable_profiling = True
-    with tempfile.TemporaryDirectory() as tmp:
-        options.profile_file_prefix = os.path.join(tmp, "profile")
-        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-        session.run(None, feed)  # warm-up, dropped below by its run index
-        for _ in range(clicks):
-            session.run(None, feed)
-        events = json.loads(Path(session.end_profiling()).read_text())
-    runs = [e for e in events if e.get("name") == "model_run"]
-    per_op, per_node, nodes_us = defaultdict(float), {}, 0.0
-    warm_end = runs[0]["ts"] + runs[0]["dur"] if runs else 0
-    for e in events:
-        if e.get("cat") != "Node" or not e["name"].endswith("_kernel_time") or e["ts"] < warm_end:
-            continue
-        op = e["args"].get("op_name", "?")
-        name = e["name"][: -len("_kernel_time")]
-        per_op[op] += e["dur"]
-        entry = per_node.setdefault(name, {"node": name, "op": op, "us": 0.0, "output_shape": e["args"].get("output_type_shape")})
-        entry["us"] += e["dur"]
-        nodes_us += e["dur"]
-    click_ms = float(np.median([r["dur"] for r in runs[1:]])) / 1000 if len(runs) > 1 else None
-    ops = sorted(per_op.items(), key=lambda kv: -kv[1])
-    top = sorted(per_node.values(), key=lambda n: -n["us"])[:TOP_NODES]
-    return {
-        "click_ms_median": click_ms,
-        "kernel_ms_per_click": nodes_us / clicks / 1000,
-        "per_op_type": [{"op": op, "ms_per_click": us / clicks / 1000, "share": us / nodes_us} for op, us in ops],
-        "top_nodes": [{**n, "ms_per_click": n.pop("us") / clicks / 1000} for n in top],
-    }
+
+class Before:
+    """The decoder as the openvino backend ran it before: the ONNX graph as read, NCHW float32
+    state fed per click, the state's broadcast over P tiled."""
+
+    def __init__(self, folder: Path, precision: str, threads: int, feed: dict):
+        ov = import_openvino()
+        import openvino.opset13 as ops
+
+        model = ov.Core().read_model(str(folder / "decoder.onnx"))
+        tile_state_inputs(model, ops)
+        settings = {**compile_settings(precision, threads), "PERF_COUNT": True}
+        self.request = ov.Core().compile_model(model, "CPU", settings).create_infer_request()
+        self.feed = feed
+
+    def call(self) -> None:
+        self.request.infer(self.feed)
+
+    def events(self) -> list[NodeTime]:
+        return [NodeTime(p.node_name, p.node_type, p.exec_type, p.real_time.total_seconds() * 1000)
+                for p in self.request.profiling_info if p.status == p.Status.EXECUTED]
+
+
+def compare(folder: Path, precision: str, threads: int, rounds: int, arrays: dict, click: tuple) -> dict:
+    """Before and after, rounds interleaved: wall ms per call and the per-node profiles."""
+    coords, labels, prev = click
+    before = Before(folder, precision, threads, {**arrays, "point_coords": coords, "point_labels": labels, "prev_mask": prev})
+    runner = OpenVinoRunner(folder, precision, threads=threads, cache=False, profile=True)
+    state = runner.state_from_numpy(arrays)  # once per image: the plugin's form
+    calls = {"before": before.call, "after": lambda: runner.decode(state, coords, labels, prev)}
+    walls, events = {k: [] for k in calls}, []
+    for fn in calls.values():
+        fn()
+    for _ in range(rounds):
+        for name, fn in calls.items():
+            start = time.perf_counter()
+            fn()
+            walls[name].append((time.perf_counter() - start) * 1000)
+        events += before.events()
+    runtime = f"OpenVINO CPU ({precision})"
+    profiles = {"before": summarise(events, rounds, walls["before"], runtime),
+                "after": runner.profile_decode(state, coords, labels, prev, rounds)}
+    out = {}
+    for name, profile in profiles.items():
+        profile["call_ms"] = float(np.median(walls[name]))  # interleaved wall time (after: not its own profiling run)
+        profile["state_conversions"] = state_conversions(profile)
+        profile["state_conversion_ms"] = sum(c["ms"] for c in profile["state_conversions"])
+        out[name] = profile
+    out["after_vs_before"] = out["before"]["call_ms"] / out["after"]["call_ms"]
+    return out
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--presets", nargs="+", default=["ois-s-1024", "ois-b-1024"])
-    parser.add_argument("--precisions", nargs="+", default=["fp32", "int8"])
-    parser.add_argument("--clicks", type=int, default=5)
-    parser.add_argument("--threads", type=int, default=0)
+    parser.add_argument("--presets", nargs="+", default=["ois-s-1024"])
+    parser.add_argument("--precisions", nargs="+", default=["fp32", "bf16"], help="OpenVINO precisions")
+    parser.add_argument("--rounds", type=int, default=9)
+    parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     rng = np.random.default_rng(0)
+    load_before = os.getloadavg()
     rows = []
     for preset in args.presets:
-        from ois_deploy.runtime.ort_backend import OrtRunner
-
         model, report = load_model(preset)
-        folder = ensure_export(preset, model, report, tuple(args.precisions))
+        folder = ensure_export(preset, model, report, ("fp32",))
         size = model.cfg.input_size
+        del model
         image = (rng.random((1, 3, size, size)) * 255).astype(np.float32)
-        state = OrtRunner(folder, "fp32", providers="cpu").encode(image)
-        feed = {**state, "point_coords": (rng.random((1, 1, 2)) * (size - 1)).astype(np.float32),
-                "point_labels": np.ones((1, 1), np.int32), "prev_mask": rng.random((1, 1, size, size)).astype(np.float32)}
+        ort = OrtRunner(folder, "fp32", providers="cpu", threads=args.threads, profile=True)
+        state = ort.encode(image)
+        click = ((rng.random((1, 1, 2)) * (size - 1)).astype(np.float32), np.ones((1, 1), np.int32),
+                 rng.random((1, 1, size, size)).astype(np.float32))
+        row = {"preset": preset, "onnxruntime_fp32": ort.profile_decode(state, *click, args.rounds)}
         for precision in args.precisions:
-            graph = folder / ("decoder.onnx" if precision == "fp32" else f"decoder.{precision}.onnx")
-            print(f"profiling {preset} {precision} ...", flush=True)
-            row = {"preset": preset, "precision": precision, **profile_graph(graph, feed, args.clicks, args.threads)}
-            rows.append(row)
-            print(f"  {row['click_ms_median']:.1f} ms per click; " + ", ".join(
-                f"{o['op']} {o['share']:.0%}" for o in row["per_op_type"][:5]), flush=True)
-    result = {"benchmark": "decoder graph profile (ONNX Runtime profiler, CPU provider), per click",
-              "clicks": args.clicks, "threads": args.threads, "cpu_flags": cpu_flags(), "machine": machine_info(),
-              "versions": tool_versions(), "date": now_utc(), "results": rows}
+            print(f"profiling {preset} openvino {precision} ...", flush=True)
+            row[f"openvino_{precision}"] = result = compare(folder, precision, args.threads, args.rounds, state, click)
+            print(f"  before {result['before']['call_ms']:.1f} ms (state conversions {result['before']['state_conversion_ms']:.1f} ms)"
+                  f", after {result['after']['call_ms']:.1f} ms ({result['after']['state_conversion_ms']:.1f} ms): "
+                  f"{result['after_vs_before']:.2f}x", flush=True)
+        rows.append(row)
+    result = {"benchmark": "a click's decoder call by node type: OpenVINO before/after the native image state; ONNX Runtime",
+              "command": "python benchmarks/profile_decoder.py " + " ".join(sys.argv[1:]),
+              "rounds": args.rounds, "threads": args.threads, "cpu_flags": cpu_flags(), "machine": machine_info(),
+              "versions": tool_versions(), "date": now_utc(),
+              "load_average": [round(load_before[0], 1), round(os.getloadavg()[0], 1)], "results": rows}
     out = args.out or RESULTS / f"profile_decoder_{result['date'][:10]}.json"
     out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"written {out}")

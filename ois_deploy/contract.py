@@ -32,6 +32,13 @@ MAX_PROMPTS = 256  # a 16x16 Segment-Anything-Task grid in one decoder call
 NORMALISATION = "RGB 0..255 in; ImageNet mean/std applied inside the encoder"
 
 
+# OpenVINO's own INT8 decoder (NNCF post-training quantization of decoder.onnx, made by `export
+# --precision int8` where nncf is installed): an OpenVINO IR, recorded under manifest["int8"]
+# ["openvino"]["files"] with a SHA-256 per file, not in "graphs" (which holds ONNX graphs only).
+# Same inputs and outputs as decoder.onnx.
+OPENVINO_INT8_DECODER = ("decoder.openvino-int8.xml", "decoder.openvino-int8.bin")
+
+
 def graph_file(role: str, precision: str) -> str:
     return f"{role}.onnx" if precision == "fp32" else f"{role}.{precision}.onnx"
 

@@ -16,7 +16,8 @@ import pytest
 pytest.importorskip("openvino", reason="the openvino extra is not installed (pip install 'ois-deploy[openvino]')")
 
 from ois_deploy.cli.export_cmds import parse_precisions  # noqa: E402
-from ois_deploy.contract import read_manifest, write_manifest  # noqa: E402
+from ois_deploy.contract import OPENVINO_INT8_DECODER, read_manifest, write_manifest  # noqa: E402
+from ois_deploy.errors import UserError  # noqa: E402
 from ois_deploy.provenance import sha256_file  # noqa: E402
 from ois_deploy.runtime.openvino_backend import BF16_FLAGS, CACHE_DIR, OpenVinoRunner, missing_units  # noqa: E402
 from ois_deploy.verify import ASSETS, TOLERANCES, verify  # noqa: E402
@@ -107,7 +108,7 @@ def test_compiled_model_cache_is_reused_and_never_stale(export_copy, rng):
     assert first.loaded_from_cache == {"encoder": False, "decoder": False}
     compiled = blobs(export_copy)
     assert len(compiled) == 2  # one blob per graph, each in its own keyed folder
-    state, coords, labels, prev = random_state_and_clicks(first, rng)
+    state, coords, labels, prev = random_state_and_clicks(first, rng, prompts=1)  # P > 1 compiles a third
     before = first.decode(state, coords, labels, prev)
 
     second = OpenVinoRunner(export_copy, "fp32")
@@ -162,3 +163,42 @@ def test_bf16_is_a_runtime_precision_not_an_export(capsys, tmp_path):
     assert parse_precisions("fp32,bf16") == ("fp32", "bf16")
     code, _, err = run(["export", "--preset", "ois-tiny", "--precision", "bf16", "--out", str(tmp_path / "x")], capsys)
     assert code == 2 and "bf16 runs the fp32 graphs" in err and not (tmp_path / "x").exists()
+
+
+def test_int8_export_has_an_nncf_decoder_that_the_runner_runs_on_request(int8_export, rng):
+    pytest.importorskip("nncf", reason="nncf (the openvino extra) is not installed")
+    manifest = read_manifest(int8_export)
+    record = manifest["int8"]["openvino"]
+    assert set(record["files"]) == set(OPENVINO_INT8_DECODER)
+    for name, digest in record["files"].items():
+        assert sha256_file(int8_export / name) == digest
+    assert record["calibration_samples"] == manifest["int8"]["calibration"]["decoder_samples"]
+    assert "FakeQuantize" in (int8_export / OPENVINO_INT8_DECODER[0]).read_text()  # quantized by NNCF
+    assert OpenVinoRunner(int8_export, "int8", cache=False).paths["decoder"].name == "decoder.int8.onnx"  # default
+    nncf = OpenVinoRunner(int8_export, "int8", cache=False, int8_decoder="nncf")
+    fp32 = OpenVinoRunner(int8_export, "fp32", cache=False)
+    assert nncf.paths["decoder"].name == OPENVINO_INT8_DECODER[0]
+    # within verify's int8 tolerance of FP32 on the same state and clicks (a first click: no
+    # previous mask), and not identical to it
+    state, coords, labels, _ = random_state_and_clicks(fp32, rng, prompts=1)
+    prev = fp32.empty_prev()
+    want = fp32.decode(state, coords, labels, prev)
+    got = nncf.decode(nncf.state_from_numpy(fp32.state_to_numpy(state)), coords, labels, prev)
+    rel_l2 = np.linalg.norm(got - want) / np.linalg.norm(want)
+    assert 0 < rel_l2 < TOLERANCES["int8"]["rel_l2"]
+
+
+def test_nncf_decoder_missing_or_changed_is_refused(export_copy):
+    pytest.importorskip("nncf", reason="nncf (the openvino extra) is not installed")
+    weights = export_copy / OPENVINO_INT8_DECODER[1]
+    weights.write_bytes(weights.read_bytes() + b"\0")  # edited after export
+    with pytest.raises(UserError, match="does not match its manifest"):
+        OpenVinoRunner(export_copy, "int8", cache=False, int8_decoder="nncf")
+    weights.unlink()
+    with pytest.raises(UserError, match="missing"):
+        OpenVinoRunner(export_copy, "int8", cache=False, int8_decoder="nncf")
+    manifest = read_manifest(export_copy)
+    manifest["int8"].pop("openvino")
+    write_manifest(export_copy, manifest)
+    with pytest.raises(UserError, match="no OpenVINO INT8 decoder"):
+        OpenVinoRunner(export_copy, "int8", cache=False, int8_decoder="nncf")

@@ -22,9 +22,11 @@ from ..runtime.preprocess import to_input
 from .clicker import PRED_THRESHOLD, Clicker
 
 SAT_GRID = 16
-# Prompt sets per decoder call in batched SAT: all 256 on a GPU; on a CPU, 256 at once spills the
-# caches and ran slower than sequential calls (measured on ois-tiny), while 32 ran 1.3-1.8x faster.
-SAT_CHUNK = {"gpu": 256, "cpu": 32}
+# Prompt sets per decoder call in batched SAT: all 256 on a GPU. On a CPU the best chunk depends
+# on the model, runtime and caches (256 at once spilled them and ran slower than sequential calls
+# on ois-tiny), so bench measures these once per run and takes the fastest per prompt.
+SAT_CHUNK_GPU = 256
+SAT_CHUNK_CANDIDATES = (1, 4, 8, 16, 32)
 RESULTS_FILE = "bench.jsonl"
 REPORT_START, REPORT_END = "<!-- bench-report:start -->", "<!-- bench-report:end -->"
 
@@ -65,13 +67,36 @@ def run_sat(runner, image: np.ndarray, coords: np.ndarray, labels: np.ndarray, c
         runner.decode_prompts(state, coords[i : i + chunk], labels[i : i + chunk])
 
 
+def profile_click(runner, tensor: np.ndarray, frame, calls: int) -> dict:
+    """The runtime's per-node profile (Runner.profile_decode) of a first click's decoder call:
+    P = N = 1, a positive click at the image's centre, no previous mask."""
+    state = runner.encode(tensor)
+    coords = frame.to_input(np.array([[[frame.width / 2, frame.height / 2]]], np.float32))
+    return runner.profile_decode(state, coords, np.ones((1, 1), np.int32), runner.empty_prev(), calls)
+
+
+def measure_sat_chunk(runner, tensor: np.ndarray, coords: np.ndarray, labels: np.ndarray) -> dict[int, float]:
+    """ms per prompt set of one decoder call of each candidate chunk (after a warm-up call)."""
+    state = runner.encode(tensor)
+    per_prompt = {}
+    for chunk in SAT_CHUNK_CANDIDATES:
+        runner.decode_prompts(state, coords[:chunk], labels[:chunk])
+        per_prompt[chunk] = _ms(runner, lambda: runner.decode_prompts(state, coords[:chunk], labels[:chunk])) / chunk
+    return per_prompt
+
+
 def run_bench(predictor, image: np.ndarray, clicks: int = 20, repeats: int = 5, sat: bool = True,
-              sat_chunk: int | None = None, progress=None) -> dict:
+              sat_chunk: int | None = None, progress=None, profile: bool = False) -> dict:
+    """profile: also the runtime's per-node profile of a click (the runner opened with
+    profile=True; OpenVINO's counters stay on for the timings too)."""
     runner, cfg = predictor.runner, predictor.cfg
-    sat_chunk = sat_chunk or SAT_CHUNK["gpu" if runner.on_gpu else "cpu"]
     size = cfg.input_size
     step = progress or (lambda text: None)
     tensor, frame = to_input(image, size)
+    node_profile = None
+    if profile:  # first: a backend without a profiler says so before the timings
+        step("decoder profile")
+        node_profile = profile_click(runner, tensor, frame, max(3, repeats))
 
     step("encoder")
     runner.encode(tensor)
@@ -111,10 +136,19 @@ def run_bench(predictor, image: np.ndarray, clicks: int = 20, repeats: int = 5, 
         "clicks": clicks,
         "repeats": repeats,
     }
+    if node_profile is not None:
+        result["profile"] = node_profile
     if sat:
         coords = sat_clicks(frame)
         labels = np.ones((len(coords), 1), np.int32)
         sat_runs = max(1, repeats // 3)  # median of a few runs: single runs were noisy on CPUs
+        if sat_chunk is None and runner.on_gpu:
+            sat_chunk = SAT_CHUNK_GPU
+        elif sat_chunk is None:
+            step("SAT chunk")
+            sweep = measure_sat_chunk(runner, tensor, coords, labels)
+            sat_chunk = min(sweep, key=sweep.get)
+            result["sat_chunk_ms_per_prompt"] = {str(c): ms for c, ms in sweep.items()}
         for name, chunk in (("batched", sat_chunk), ("sequential", 1)):
             step(f"SAT {name} (chunks of {chunk})" if chunk > 1 else "SAT sequential (256 decoder calls)")
             run_sat(runner, tensor, coords, labels, chunk)

@@ -17,6 +17,7 @@ from typing import Any, Callable
 
 import numpy as np
 
+from ..errors import UserError
 from ..presets import OISConfig
 from .preprocess import Frame, feedback, logit_cut, logits_to_image, logits_to_input_frame, mask_to_image, to_input
 
@@ -61,6 +62,13 @@ class Runner(ABC):
         """An image state from host arrays (another process's encode, a cache): the inverse of
         state_to_numpy, cast to what this backend's decoder takes."""
         return {k: np.ascontiguousarray(v, np.float32) for k, v in arrays.items()}
+
+    def profile_decode(self, state: Any, coords: np.ndarray, labels: np.ndarray, prev_mask: np.ndarray,
+                       calls: int) -> dict:
+        """The runtime's own per-node times of `calls` decoder calls on these inputs, summed by
+        node type (runtime.profiling.summarise); backends whose runtime has a profiler implement
+        it, and need opening with profile=True."""
+        raise UserError(f"backend {self.name} has no per-node profile (openvino and ort have)")
 
     def synchronize(self) -> None:
         """Wait for queued device work (a no-op for host backends)."""

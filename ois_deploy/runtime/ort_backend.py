@@ -11,7 +11,11 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import os
+import shutil
+import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +38,7 @@ from ..presets import OISConfig
 from .base import Runner
 from .batching import split_decode
 from .profiles import INTERACTIVE, SAT, decoder_profiles, encoder_profile
+from .profiling import NodeTime, summarise
 
 PROVIDER_CHOICES = {
     "cpu": ["CPUExecutionProvider"],
@@ -167,7 +172,8 @@ class OrtRunner(Runner):
 
     name = "ort"
 
-    def __init__(self, export_dir: str | Path, precision: str = "fp32", providers: str = "auto", threads: int = 0):
+    def __init__(self, export_dir: str | Path, precision: str = "fp32", providers: str = "auto", threads: int = 0,
+                 profile: bool = False):
         ort = import_ort()
         self.export_dir = Path(export_dir)
         self.manifest = read_manifest(self.export_dir)
@@ -191,16 +197,19 @@ class OrtRunner(Runner):
         for role in ("encoder", "decoder"):
             path = self.export_dir / graph_file(role, precision)
             check_graph(path, self.manifest)
+            options.enable_profiling = profile and role == "decoder"  # read by profile_decode
+            if options.enable_profiling:
+                options.profile_file_prefix = str(Path(tempfile.mkdtemp(prefix="ois-ort-profile-")) / "decoder")
             # The TensorRT provider runs only the first of several profiles: a session per profile.
-            for profile in (INTERACTIVE, SAT) if role == "decoder" and self._on_tensorrt() else (INTERACTIVE,):
-                session = open_session(ort, path, options, session_providers(self.providers, cfg, self.export_dir, role, profile),
+            for shape_profile in (INTERACTIVE, SAT) if role == "decoder" and self._on_tensorrt() else (INTERACTIVE,):
+                session = open_session(ort, path, options, session_providers(self.providers, cfg, self.export_dir, role, shape_profile),
                                        check)
                 check_metadata(path, session.get_modelmeta().custom_metadata_map, self.manifest, role, precision)
                 self.sessions.setdefault(role, session)
                 if role == "encoder":  # the decoder asks for what the encoder got
                     self.providers = [p for p in self.providers if p in session.get_providers()]
                 else:
-                    self.decoders[profile] = session
+                    self.decoders[shape_profile] = session
         # Where the sessions actually run, not what was asked for.
         self.active_provider = self.providers[0]
         on_gpu = self.active_provider != "CPUExecutionProvider"
@@ -253,6 +262,30 @@ class OrtRunner(Runner):
         session.run_with_iobinding(binding)
         return binding.copy_outputs_to_cpu()[0].astype(np.float32)
 
+    def profile_decode(self, state, coords: np.ndarray, labels: np.ndarray, prev_mask: np.ndarray, calls: int) -> dict:
+        """ONNX Runtime's profiler over `calls` decoder calls after one warm-up call: each node's
+        kernel time by op type. The profile ends here (ONNX Runtime profiles a session once)."""
+        session = self.sessions["decoder"]
+        if not session.get_session_options().enable_profiling:
+            raise UserError("open the ort runner with profile=True to profile its decoder")
+        self.decode(state, coords, labels, prev_mask)
+        walls = []
+        for _ in range(calls):
+            start = time.perf_counter()
+            self.decode(state, coords, labels, prev_mask)
+            walls.append((time.perf_counter() - start) * 1000)
+        path = Path(session.end_profiling())
+        if not path.is_file():
+            raise UserError("this decoder session's profile was already read: open the runner again")
+        trace = json.loads(path.read_text())
+        shutil.rmtree(path.parent, ignore_errors=True)
+        runs = [e for e in trace if e.get("name") == "model_run"][-calls:]  # the timed calls, not the warm-up
+        start = runs[0]["ts"] if runs else 0
+        events = [NodeTime(e["name"].removesuffix("_kernel_time"), e["args"].get("op_name", "?"), e["args"].get("provider", "?"),
+                           e["dur"] / 1000)
+                  for e in trace if e.get("cat") == "Node" and e["name"].endswith("_kernel_time") and e["ts"] >= start]
+        return summarise(events, calls, walls, f"ONNX Runtime {import_ort().__version__} {self.providers[0]} ({self.precision})")
+
     def state_to_numpy(self, state) -> dict[str, np.ndarray]:
         return {k: np.asarray(v.numpy() if hasattr(v, "numpy") else v, np.float32) for k, v in state.items()}
 
@@ -265,6 +298,7 @@ def open_runner(spec) -> OrtRunner:
     if fixed and spec.device not in (None, fixed, "cuda"):
         raise UserError(f"backend {spec.backend} runs on the {fixed} provider of a CUDA GPU, not on {spec.device!r}")
     providers = fixed or spec.device or "auto"
-    runner = OrtRunner(spec.export_dir, spec.precision, providers=providers, threads=spec.threads)
+    runner = OrtRunner(spec.export_dir, spec.precision, providers=providers, threads=spec.threads,
+                         profile=spec.profile)
     runner.name = spec.backend
     return runner

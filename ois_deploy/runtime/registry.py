@@ -40,6 +40,7 @@ class RunnerSpec:
     threads: int = 0  # intra-op threads (0: the backend's default)
     order_attention: str | None = None  # override of the model's mode (torch backends; ablations)
     streams: int = 0  # openvino: NUM_STREAMS (0: what its LATENCY hint picks)
+    profile: bool = False  # openvino, ort: collect per-node times for Runner.profile_decode
 
     @property
     def export_dir(self) -> Path | None:

@@ -33,7 +33,7 @@ from ray.exceptions import RayActorError
 from ray.serve.config import RequestRouterConfig
 from ray.serve.request_router import FIFOMixin, RequestRouter
 
-from ..errors import UserError
+from ..errors import UserError, first_line
 from ..runtime.registry import RunnerSpec, check_spec
 from .metrics import STATS_SERIES
 from .service import ApiError
@@ -326,7 +326,7 @@ def serve_on_ray(spec: RunnerSpec, opts: RayOptions, host: str, port: int, addre
     try:
         ray.init(address=address or "local", include_dashboard=False, logging_level="WARNING", log_to_driver=False)
     except (ConnectionError, ValueError, RuntimeError) as e:
-        raise UserError(f"cannot connect to Ray at {address}: {str(e).splitlines()[0]}") from None
+        raise UserError(f"cannot connect to Ray at {address}: {first_line(e)}") from None
     try:
         print(f"ray: {'connected to' if address else 'started a local instance at'} "
               f"{ray.get_runtime_context().gcs_address}", file=sys.stderr, flush=True)
@@ -353,7 +353,7 @@ def deploy(spec: RunnerSpec, opts: RayOptions, host: str = "127.0.0.1", port: in
     try:
         serve.run(app, name=APP_NAME, route_prefix="/")
     except RuntimeError as e:  # a replica that failed to start (its error is in Ray's logs)
-        raise UserError(f"the deployment failed: {str(e).splitlines()[0]}") from None
+        raise UserError(f"the deployment failed: {first_line(e)}") from None
     return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
 
 
