@@ -191,7 +191,8 @@ class ImageHostHandler(BaseHTTPRequestHandler):
             self.send_response(404)
         if body != b"not found":
             self.send_response(200)
-        for name, value in {**headers, "Content-Length": str(len(body))}.items():
+        # Access-Control-Allow-Origin: Label Studio's page loads task images cross-origin
+        for name, value in {**headers, "Content-Length": str(len(body)), "Access-Control-Allow-Origin": "*"}.items():
             self.send_header(name, value)
         self.end_headers()
         self.wfile.write(body)
@@ -468,7 +469,7 @@ def test_local_files_storage(setup, label_studio_dir, tiny_export):
     assert iou(decode_brush(region), predictor.click(point["x"] * 4.8, point["y"] * 3.6).mask) >= 0.999
 
 
-def test_batch_predictions_make_no_error_nor_prediction(setup, label_studio_dir):
+def test_batch_predictions_make_no_error_nor_prediction(setup, label_studio_dir, backend_log):
     """Data Manager's "Batch predictions" on every task (no key points): Label Studio logs no error
     and stores no prediction."""
     ls, project, _, _ = setup
@@ -477,6 +478,7 @@ def test_batch_predictions_make_no_error_nor_prediction(setup, label_studio_dir)
     log = (label_studio_dir / "server.log").read_text()
     assert "results field must be a list" not in log and "incorrect response" not in log
     assert all(not t.get("predictions") and not t.get("total_predictions") for t in ls.tasks(project))
+    assert re.search(r"predict task=\d+ tasks points=0 status=200", backend_log.read_text())  # it was asked
 
 
 def test_bad_input_direct(backend):
@@ -619,10 +621,11 @@ def png(image: np.ndarray) -> bytes:
 
 
 
-def test_annotation_page_in_chromium(setup, label_studio, tiny_export, tmp_path):
+def test_annotation_page_in_chromium(setup, label_studio, tiny_export, tmp_path, image_host):
     """Label Studio's own annotation page in headless Chromium: Auto-Annotation on, the smart
     key-point tool, one click on the front ellipse; OIS's brush region appears as a suggestion,
-    is accepted and submitted, and the stored annotation's mask equals Predictor's for that point."""
+    is accepted and submitted, and the stored annotation's mask equals Predictor's for that point.
+    Then a task whose image origin the backend refuses: what the page shows, and where the reason is."""
     if not Path(CHROMIUM).is_file():
         pytest.skip(f"no Chromium at {CHROMIUM} (apt-get install chromium)")
     sync_api = pytest.importorskip("playwright.sync_api", reason="Playwright is not installed (pip install 'ois-deploy[dev]')")
@@ -661,6 +664,26 @@ def test_annotation_page_in_chromium(setup, label_studio, tiny_export, tmp_path)
             page.locator(".lsf-auto-accept__action_type_accept").click()
             with page.expect_response(lambda r: "/annotations" in r.url and r.request.method == "POST"):
                 page.get_by_label("Submit current annotation").click()
+
+            # A refusal as the annotator sees it: an image the browser loads from an origin the
+            # backend does not allow (localhost, not 127.0.0.1).
+            (image_host.folder / "demo.png").write_bytes(DEMO.read_bytes())
+            refused_task = ls.task(project, {"image": f"http://localhost:{image_host.server_address[1]}/files/demo.png"})
+            page.goto(f"{url}/projects/{project}/data?task={refused_task}")
+            page.locator("canvas").last.wait_for()
+            zoom_out = page.locator("[aria-label=zoom-out]").bounding_box()
+            page.mouse.move(zoom_out["x"] + zoom_out["width"] / 2, zoom_out["y"] + zoom_out["height"] * 1.6)
+            page.locator("[aria-label=key-point-tool]").last.click(timeout=10_000)
+            page.get_by_text("Ellipse", exact=True).nth(1).click()
+            stage = page.locator("canvas").last.bounding_box()
+            with page.expect_response(lambda r: r.url.endswith(f"/api/ml/{ml}/interactive-annotating")) as answer:
+                page.mouse.click(stage["x"] + stage["width"] / 4, stage["y"] + stage["height"] / 2)
+            # Label Studio 1.23's page shows nothing (no suggestion, no message); the reason is in the
+            # answer to its request (the browser's network panel) and in both servers' logs.
+            (error,) = answer.value.json()["errors"]
+            assert error.startswith("403 Client Error") and "is+not+allowed:+add+it+with+--label-studio-allow-host" in error
+            page.wait_for_timeout(1000)
+            assert page.get_by_text("1 suggestions").count() == 0
         finally:
             browser.close()
 

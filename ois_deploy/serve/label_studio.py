@@ -471,6 +471,7 @@ def label_studio_router(service, options: LabelStudioOptions, *, uploads, metric
             n_points = len(points)
             if not points:  # one list per task, each empty: Label Studio stores no prediction and logs no error
                 answer = {"results": [[] for _ in tasks] if isinstance(tasks, list) and tasks else [[]]}
+                task_id = f"{len(tasks)} tasks" if isinstance(tasks, list) else None
             else:
                 task = _task_of(body, target.data_key)
                 task_id = task.id
