@@ -434,10 +434,10 @@ def label_studio_router(service, options: LabelStudioOptions, *, uploads, metric
     @router.post("/setup")
     async def setup(request: Request):
         """Called when a project connects the backend: its label config must work (see parse_label_config)."""
+        if (reported := _reported(request)) is not None:
+            return _refusal(request, reported)  # logged when it was first refused
         start = time.perf_counter()
         try:
-            if (reported := _reported(request)) is not None:
-                raise reported
             parse_label_config((await _body_of(request)).get("schema"))
         except ApiError as e:
             logger.info("setup status=%d ms=%.0f refused: %s", e.status, (time.perf_counter() - start) * 1000,
@@ -459,10 +459,10 @@ def label_studio_router(service, options: LabelStudioOptions, *, uploads, metric
     async def predict(request: Request):
         """One brush region for the task's key points; for tasks without key points (batch
         pre-annotation, opening a task) an empty prediction list per task."""
+        if (reported := _reported(request)) is not None:
+            return _refusal(request, reported)  # logged when it was first refused
         start, task_id, n_points = time.perf_counter(), None, 0
         try:
-            if (reported := _reported(request)) is not None:
-                raise reported
             body = await _body_of(request)
             tasks = body.get("tasks")
             target = parse_label_config(body.get("label_config"))
