@@ -9,12 +9,12 @@ decoder sees exactly the inputs `Predictor` gives it for the same clicks, so the
 identical (`decode_clicks` is the one code path).
 
 All methods that run the model are async and do their work in a worker thread, so the event
-loop is never blocked. At most one model request per core runs at a time (a decoded image and
-its activations, or a mask at the image's size, each); they wait for a slot in the event loop,
-holding no thread. Requests on images over LARGE_PIXELS wait in their own lane and use at most
-all slots but one, so that a flood of large images leaves a slot to the small ones (which are
-cheap: their clicks are not stuck behind a large image's); each lane admits at most `max_queue`
-waiting requests, 503 beyond (the app adds Retry-After). A request cancelled while it waits
+loop is never blocked. Model requests (a decoded image and its activations, or a mask at the
+image's size, each) wait for a slot in the event loop, holding no thread, in two lanes: requests
+on images over LARGE_PIXELS get at most one slot per core but one, the others one per core of
+their own, so that a flood of large images never holds up the small ones (cheap: their clicks
+are not stuck behind a large image's); each lane admits at most `max_queue` waiting requests,
+503 beyond (the app adds Retry-After). A request cancelled while it waits
 never runs; one cancelled while it runs (its client went away) stops before its next model
 call, and its slot is freed when its thread ends.
 
@@ -50,8 +50,15 @@ from .masks import FORMATS, encode_mask
 log = logging.getLogger("ois_deploy.serve")
 
 LARGE_PIXELS = 4_194_304  # 2048 x 2048: a larger image's requests take the large lane (see above)
+BYTES_PER_PIXEL = 8  # a model request's peak working memory per image pixel (a 40 MP upload: 6, measured)
 MAX_PREFIXES = 8  # fed-back masks kept per image: the current sequence's last prefixes (extend, undo)
 Click = tuple[float, float, bool]
+
+
+def working_memory_bound(slots: int, max_image_pixels: int) -> int:
+    """Bytes the model requests running at once may hold: a large image per large-lane slot, a
+    small one per small-lane slot (docs/serving.md, "Memory")."""
+    return BYTES_PER_PIXEL * (max(1, slots - 1) * max_image_pixels + slots * LARGE_PIXELS)
 
 
 class _Abandoned(Exception):
@@ -105,11 +112,11 @@ class SegmentationService:
         serial = not runner.thread_safe or runner.name.startswith("torch")
         self._run_lock = threading.Lock() if serial else nullcontext()
         # Model requests (upload: decode and encode; masks: the decodes and the mask at the image's
-        # size) run at most this many at a time: a burst waits here instead of holding that many
-        # images' worth of memory at once (the bound of docs/serving.md, "Memory").
+        # size) run at most this many at a time per lane: a burst waits instead of holding that
+        # many images' worth of memory at once (the bound of docs/serving.md, "Memory").
         self.slots = max(1, slots or os.cpu_count() or 1)
         self._lanes = _Lanes(self.slots, max(0, int(max_queue)))
-        self._threads = ThreadPoolExecutor(self.slots, thread_name_prefix="ois-model")  # one per slot, no more
+        self._threads = ThreadPoolExecutor(sum(self._lanes.capacity.values()), thread_name_prefix="ois-model")
         self._closed = False
         self.counters = {"hits": 0, "misses": 0, "evictions": 0, "encodes": 0, "decodes": 0, "rejected": 0,
                          "abandoned": 0}
@@ -213,8 +220,10 @@ class SegmentationService:
             finally:
                 loop.call_soon_threadsafe(self._lanes.release, lane)
 
+        result = asyncio.wrap_future(self._threads.submit(in_slot))
+        result.add_done_callback(lambda f: f.cancelled() or f.exception())  # an abandoned one's error: nobody's
         try:
-            return await asyncio.shield(asyncio.wrap_future(self._threads.submit(in_slot)))
+            return await asyncio.shield(result)
         except asyncio.CancelledError:
             stop.set()
             with self._lock:
@@ -360,18 +369,18 @@ class SegmentationService:
 
 
 class _Lanes:
-    """The model slots, handed out in the event loop: `slots` in all, the large lane at most
-    slots - 1 of them (when there are two or more); each lane admits `slots + max_queue`
-    requests (running or waiting), served first come first served within the lane, the older
-    head of the two lanes first."""
+    """The model slots, handed out in the event loop, in two lanes with their own slots: `slots`
+    for requests on small images, slots - 1 (at least one) for large ones, so that a flood of
+    large images never holds the slots small ones need (both lanes full: the cores are shared
+    by up to 2 x slots - 1 threads, the large images' memory stays that of slots - 1). Each lane
+    admits `slots + max_queue` requests (running or waiting), first come first served."""
 
     def __init__(self, slots: int, max_queue: int):
-        self.slots, self.large_cap = slots, max(1, slots - 1)
+        self.capacity = {"small": slots, "large": max(1, slots - 1)}
+        self.limit = {lane: n + max_queue for lane, n in self.capacity.items()}
         self.admitted = {"small": 0, "large": 0}
         self.running = {"small": 0, "large": 0}
-        self.limit = slots + max_queue
         self.waiting = {"small": deque(), "large": deque()}
-        self._ticket = 0
 
     @property
     def in_flight(self) -> int:
@@ -382,7 +391,7 @@ class _Lanes:
         return "large" if pixels > LARGE_PIXELS else "small"
 
     def admit(self, lane: str) -> bool:
-        if self.admitted[lane] >= self.limit:
+        if self.admitted[lane] >= self.limit[lane]:
             return False
         self.admitted[lane] += 1
         return True
@@ -392,36 +401,27 @@ class _Lanes:
 
     async def acquire(self, lane: str) -> None:
         waiter = asyncio.get_running_loop().create_future()
-        self._ticket += 1
-        self.waiting[lane].append((self._ticket, waiter))
-        self._dispatch()
+        self.waiting[lane].append(waiter)
+        self._dispatch(lane)
         try:
             await waiter
         except asyncio.CancelledError:
             if waiter.done() and not waiter.cancelled():  # granted as it was cancelled: give it back
                 self.running[lane] -= 1
-                self._dispatch()
+                self._dispatch(lane)
             else:
-                self.waiting[lane] = deque(w for w in self.waiting[lane] if w[1] is not waiter)
+                self.waiting[lane].remove(waiter)
             raise
 
     def release(self, lane: str) -> None:
         self.running[lane] -= 1
         self.admitted[lane] -= 1
-        self._dispatch()
+        self._dispatch(lane)
 
-    def _free(self, lane: str) -> bool:
-        total = self.running["small"] + self.running["large"]
-        return total < self.slots and (lane == "small" or self.running["large"] < self.large_cap)
-
-    def _dispatch(self) -> None:
-        while True:
-            heads = [(self.waiting[lane][0][0], lane) for lane in ("small", "large")
-                     if self.waiting[lane] and self._free(lane)]
-            if not heads:
-                return
-            _, lane = min(heads)
-            _, waiter = self.waiting[lane].popleft()
+    def _dispatch(self, lane: str) -> None:
+        waiting = self.waiting[lane]
+        while waiting and self.running[lane] < self.capacity[lane]:
+            waiter = waiting.popleft()
             if not waiter.done():
                 self.running[lane] += 1
                 waiter.set_result(None)
