@@ -539,6 +539,7 @@ def test_red_team_inputs_get_a_4xx(backend, image_host, tiny_export, tmp_path):
     assert "not a Label Studio file path" in ask("/api/projects?x=1")[1]
     assert "project 7" in ask("/data/upload/7/b.png", task_project=3)[1]
     assert "not normalised" in ask("/data/upload/3/%2e%2e/7/b.png", task_project=3)[1]
+    assert "not normalised" in ask("/data/local-files/?d=images/../../etc/passwd")[1]
     # The same on a recording host standing in for Label Studio: no request, no token reaches it.
     with serve_label_studio(tiny_export, image_host.origin, {"LABEL_STUDIO_API_KEY": secrets.token_hex(20)},
                             tmp_path / "log") as other:

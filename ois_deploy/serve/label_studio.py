@@ -266,7 +266,8 @@ def _file_route(url: str, task: Task) -> bool:
     path on its host (the token would reach its API)."""
     parts = urlsplit(url)
     path = unquote(parts.path)
-    if any(segment in ("", ".", "..") for segment in path.split("/")[1:-1]):
+    local = (parse_qs(parts.query).get("d") or [""])[-1]  # local files: ?d=path (Label Studio checks it too)
+    if any(segment in ("", ".", "..") for segment in path.split("/")[1:-1]) or ".." in local.split("/"):
         raise ApiError(400, "the image path on the Label Studio host is not normalised ('.', '..' or '//')")
     for pattern, names in FILE_ROUTES:
         match = pattern.match(path)
