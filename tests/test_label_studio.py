@@ -576,10 +576,11 @@ def test_gzip_bomb_and_trickle_do_not_hurt_the_server(backend, image_host, backe
         answers.append(httpx.post(f"{backend}/label-studio/predict", json=body, auth=AUTH, timeout=60))
 
     threads = [threading.Thread(target=ask, args=(path,)) for path in ["/bomb"] * 4 + ["/trickle"] * 2]
-    for t in threads:
-        t.start()
     peak = before
     with httpx.Client(timeout=5) as client:
+        client.get(f"{backend}/healthz")  # the connection is open before the attack starts
+        for t in threads:
+            t.start()
         while any(t.is_alive() for t in threads):
             t0 = time.perf_counter()
             assert client.get(f"{backend}/healthz").status_code == 200
@@ -622,6 +623,14 @@ def png(image: np.ndarray) -> bytes:
 
 
 
+def visible_box(locator) -> dict:
+    """The locator's box once it is visible (bounding_box() is None while it is not laid out)."""
+    locator.wait_for(state="visible")
+    box = locator.bounding_box()
+    assert box, locator
+    return box
+
+
 def test_annotation_page_in_chromium(setup, label_studio, tiny_export, tmp_path, image_host):
     """Label Studio's own annotation page in headless Chromium: Auto-Annotation on, the smart
     key-point tool, one click on the front ellipse; OIS's brush region appears as a suggestion,
@@ -648,11 +657,11 @@ def test_annotation_page_in_chromium(setup, label_studio, tiny_export, tmp_path,
             page.goto(f"{url}/projects/{project}/data?task={task}")
             page.get_by_text("Auto-Annotation").click()
             # The smart tools sit in a group below zoom-out that opens on hover; the smart key point is its last tool.
-            zoom_out = page.locator("[aria-label=zoom-out]").bounding_box()
+            zoom_out = visible_box(page.locator("[aria-label=zoom-out]"))
             page.mouse.move(zoom_out["x"] + zoom_out["width"] / 2, zoom_out["y"] + zoom_out["height"] * 1.6)
             page.locator("[aria-label=key-point-tool]").last.click()
             page.get_by_text("Ellipse", exact=True).nth(1).click()  # the key points' label (BrushLabels' is first)
-            stage = page.locator("canvas").last.bounding_box()
+            stage = visible_box(page.locator("canvas").last)
             x, y = CLICKS[0][:2]
             with page.expect_response(lambda r: r.url.endswith(f"/api/ml/{ml}/interactive-annotating")) as answer:
                 page.mouse.click(stage["x"] + (x + 0.5) / 480 * stage["width"],
@@ -672,11 +681,11 @@ def test_annotation_page_in_chromium(setup, label_studio, tiny_export, tmp_path,
             refused_task = ls.task(project, {"image": f"http://localhost:{image_host.server_address[1]}/files/demo.png"})
             page.goto(f"{url}/projects/{project}/data?task={refused_task}")
             page.locator("canvas").last.wait_for()
-            zoom_out = page.locator("[aria-label=zoom-out]").bounding_box()
+            zoom_out = visible_box(page.locator("[aria-label=zoom-out]"))
             page.mouse.move(zoom_out["x"] + zoom_out["width"] / 2, zoom_out["y"] + zoom_out["height"] * 1.6)
             page.locator("[aria-label=key-point-tool]").last.click(timeout=10_000)
             page.get_by_text("Ellipse", exact=True).nth(1).click()
-            stage = page.locator("canvas").last.bounding_box()
+            stage = visible_box(page.locator("canvas").last)
             with page.expect_response(lambda r: r.url.endswith(f"/api/ml/{ml}/interactive-annotating")) as answer:
                 page.mouse.click(stage["x"] + stage["width"] / 4, stage["y"] + stage["height"] / 2)
             # Label Studio 1.23's page shows nothing (no suggestion, no message); the reason is in the

@@ -46,7 +46,7 @@ from .masks import rle_decode
 from .service import ApiError
 
 PREFIX = "/label-studio"
-MAX_KNOWN_URLS = 4096  # image URL -> (ETag, image); URLs and ETags are bounded: at most a few MB in all
+MAX_KNOWN_URLS = 4096  # image URL -> (ETag, image): URLs of at most 4096 characters, ETags of 200: under 20 MB
 CLOUD_SCHEMES = ("s3:", "gs:", "azure-blob:")  # as label_studio_sdk's is_cloud_storage_uri
 log = logging.getLogger("ois_deploy.serve.label_studio")
 
