@@ -184,6 +184,17 @@ class ImageHostHandler(BaseHTTPRequestHandler):
                     self.wfile.write(b"\x89")
                     self.wfile.flush()
             return
+        elif self.path.startswith("/slow/") and (host.folder / self.path[6:]).is_file():
+            body = (host.folder / self.path[6:]).read_bytes()  # in 10 parts over about 1 s
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            with contextlib.suppress(OSError):
+                for k in range(10):
+                    self.wfile.write(body[k * len(body) // 10:(k + 1) * len(body) // 10])
+                    self.wfile.flush()
+                    time.sleep(0.1)
+            return
         elif self.path.startswith("/files/") and (host.folder / self.path[7:]).is_file():
             body, headers = (host.folder / self.path[7:]).read_bytes(), {"Content-Type": "image/png"}
         else:
@@ -551,6 +562,31 @@ def test_red_team_inputs_get_a_4xx(backend, image_host, tiny_export, tmp_path):
                 "params": {"context": key_points(CLICKS[:1], 480, 360)}})
             assert response.status_code == 403, response.text
         assert len(image_host.requests) == before
+
+
+def test_fetches_share_the_upload_byte_budget(backend, image_host):
+    """Fetched images are held in the server's upload byte budget (here --max-body-mb 1: 8 MB in
+    all, 2 MB for one client): six slow 0.9 MB fetches at once from one client, some refused with
+    503 and Retry-After, the others answered."""
+    noise = np.random.default_rng(1).integers(0, 256, (520, 520, 3), dtype=np.uint8)
+    data = png(noise)
+    assert 0.8e6 < len(data) < 1 << 20
+    (image_host.folder / "noise.png").write_bytes(data)
+    answers = []
+
+    def ask():
+        body = {"tasks": [{"id": 11, "data": {"image": f"{image_host.origin}/slow/noise.png"}}],
+                "label_config": LABEL_CONFIG, "params": {"context": key_points(CLICKS[:1], 520, 520)}}
+        answers.append(httpx.post(f"{backend}/label-studio/predict", json=body, auth=AUTH, timeout=60))
+
+    threads = [threading.Thread(target=ask) for _ in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    statuses = sorted(a.status_code for a in answers)
+    assert 503 in statuses and 200 in statuses and set(statuses) <= {200, 503}, [a.text for a in answers]
+    assert all(a.headers.get("retry-after") for a in answers if a.status_code == 503)
 
 
 def rss_mb(pid: int) -> float:
