@@ -59,6 +59,14 @@ def shown(url: str) -> str:
         return "(malformed URL)"
 
 
+class UpstreamError(ApiError):
+    """The image host answered with an error status (`upstream`): a 400 to our client."""
+
+    def __init__(self, upstream: int, message: str):
+        super().__init__(400, message)
+        self.upstream = upstream
+
+
 @dataclass(frozen=True)
 class Fetched:
     data: bytes | None  # None: 304 Not Modified (the caller's etag still holds)
@@ -105,7 +113,7 @@ class Fetcher:
                 return str(response.url.join(response.headers["location"]))
             if status != 200:
                 hint = " (is the Label Studio API token right?)" if status in (401, 403) else ""
-                raise ApiError(400, f"cannot fetch the image {shown(url)}: HTTP {status}{hint}")
+                raise UpstreamError(status, f"cannot fetch the image {shown(url)}: HTTP {status}{hint}")
             encoding = response.headers.get("content-encoding", "identity").strip().lower()
             if encoding not in ("", "identity"):
                 raise ApiError(415, f"the image host answered with Content-Encoding {encoding[:40]!r} although "

@@ -41,7 +41,7 @@ import numpy as np
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, RedirectResponse
 
-from .fetch import MAX_URL_CHARS, Fetcher, origin_of, parse_origin, shown
+from .fetch import MAX_URL_CHARS, Fetcher, UpstreamError, origin_of, parse_origin, shown
 from .masks import rle_decode
 from .service import ApiError
 
@@ -228,14 +228,19 @@ class Location:
     follow_once: bool  # Label Studio's resolve route may redirect to a presigned URL
 
 
-# Label Studio's file routes (label_studio_sdk get_local_path's cases) and the id each one names.
-FILE_ROUTES = (
-    (re.compile(r"/data/upload/(\d+)/[^/]"), "project"),
-    (re.compile(r"/storage-data/uploaded/$"), "filepath"),
-    (re.compile(r"/data/local-files/$"), None),  # ?d=path: Label Studio checks its local-files storages
-    (re.compile(r"/tasks/(\d+)/(?:resolve|presign)/$"), "task"),
-    (re.compile(r"/projects/(\d+)/(?:resolve|presign)/$"), "project"),
-)
+def _file_route_of(path: str, query: dict) -> tuple[str, int | None] | None:
+    """Which of Label Studio's file routes (label_studio_sdk get_local_path's cases) a path is, and
+    the project or task it names: ("project" | "task" | "local", id), or None for any other path."""
+    if match := re.match(r"/data/upload/(\d+)/[^/]", path):
+        return "project", int(match[1])
+    if path == "/storage-data/uploaded/":  # ?filepath=upload/<project>/<file>
+        match = re.match(r"upload/(\d+)/", (query.get("filepath") or [""])[-1])
+        return ("project", int(match[1])) if match else None
+    if path == "/data/local-files/":  # ?d=<path>: Label Studio checks it against its local files storages
+        return "local", None
+    if match := re.match(r"/(tasks|projects)/(\d+)/(?:resolve|presign)/$", path):
+        return match[1][:-1], int(match[2])
+    return None
 
 
 def locate(task: Task, options: LabelStudioOptions) -> Location:
@@ -263,30 +268,23 @@ def locate(task: Task, options: LabelStudioOptions) -> Location:
 
 def _file_route(url: str, task: Task) -> bool:
     """True for Label Studio's file routes of the task's own project or task; 403 for any other
-    path on its host (the token would reach its API)."""
+    path on its host (the token would reach its API), 400 for a path not normalised."""
     parts = urlsplit(url)
-    path = unquote(parts.path)
-    local = (parse_qs(parts.query).get("d") or [""])[-1]  # local files: ?d=path (Label Studio checks it too)
+    path, query = unquote(parts.path), parse_qs(parts.query)
+    local = (query.get("d") or [""])[-1]
     if any(segment in ("", ".", "..") for segment in path.split("/")[1:-1]) or ".." in local.split("/"):
         raise ApiError(400, "the image path on the Label Studio host is not normalised ('.', '..' or '//')")
-    for pattern, names in FILE_ROUTES:
-        match = pattern.match(path)
-        if not match:
-            continue
-        if names == "filepath":  # ?filepath=upload/<project>/<file>
-            match = re.match(r"upload/(\d+)/", (parse_qs(parts.query).get("filepath") or [""])[-1])
-            names = "project" if match else names
-            if not match:
-                break
-        named = int(match.group(1)) if match and match.groups() else None
-        if names == "project" and named != task.project:
-            raise ApiError(403, f"the image belongs to Label Studio project {named}, not to the task's project "
-                                f"{task.project}")
-        if names == "task" and named != task.id:
-            raise ApiError(403, f"the image is resolved for task {named}, not for the task {task.id} asked about")
-        return True
-    raise ApiError(403, f"{shown(url)} is not a Label Studio file path (/data/upload/, /data/local-files/, "
-                        "/tasks/<id>/resolve/): the backend does not send its token there")
+    route = _file_route_of(path, query)
+    if route is None:
+        raise ApiError(403, f"{shown(url)} is not a Label Studio file path (/data/upload/, /data/local-files/, "
+                            "/tasks/<id>/resolve/): the backend does not send its token there")
+    kind, named = route
+    if kind == "project" and named != task.project:
+        raise ApiError(403, f"the image belongs to Label Studio project {named}, not to the task's project "
+                            f"{task.project}")
+    if kind == "task" and named != task.id:
+        raise ApiError(403, f"the image is resolved for task {named}, not for the task {task.id} asked about")
+    return True
 
 
 class ImageSource:
@@ -314,8 +312,14 @@ class ImageSource:
     async def _load(self, where: Location, uploads, client: str, fresh: bool) -> dict:
         known = None if fresh else self.known.get(where.url)
         with uploads.holding(client) as held:
-            headers = await self._auth() if where.token else {}
-            fetched = await self.fetcher.get(where.url, held, headers, known[0] if known else None, where.follow_once)
+            etag = known[0] if known else None
+            try:
+                fetched = await self.fetcher.get(where.url, held, await self._auth(where), etag, where.follow_once)
+            except UpstreamError as e:
+                if e.upstream != 401 or self._access is None:
+                    raise
+                self._access = None  # an expired access token: exchange the personal access token again
+                fetched = await self.fetcher.get(where.url, held, await self._auth(where), etag, where.follow_once)
             if fetched.data is None and known:
                 self.known.move_to_end(where.url)
                 return known[1]
@@ -332,13 +336,13 @@ class ImageSource:
             self.known.pop(where.url, None)
         return info
 
-    async def _auth(self) -> dict:
-        """Label Studio's auth header: a legacy token as is, a personal access token (a JWT
-        refresh token) exchanged for an access token at /api/token/refresh."""
+    async def _auth(self, where: Location) -> dict:
+        """Label Studio's auth header for its file routes: a legacy token as is, a personal access
+        token (a JWT refresh token) exchanged for an access token at /api/token/refresh."""
         import httpx
 
         token = self.options.token
-        if not token:
+        if not token or not where.token:
             return {}
         if token.count(".") != 2:
             return {"Authorization": f"Token {token}"}
