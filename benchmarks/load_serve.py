@@ -60,7 +60,7 @@ import numpy as np
 from ois_deploy.errors import UserError, run_script
 from ois_deploy.evaluate.clicker import Clicker
 from ois_deploy.io import write_json
-from ois_deploy.provenance import machine_info, now_utc, tool_versions
+from ois_deploy.provenance import cpu_features, machine_info, now_utc, tool_versions
 from ois_deploy.serve.masks import rle_decode, rle_encode
 from ois_deploy.train.scenes import heldout_scene
 
@@ -474,8 +474,11 @@ def _slow_reader(url: str, stop: threading.Event, source: str, path: str) -> dic
     while not stop.is_set():
         start = time.monotonic()
         try:
-            with socket.create_connection(_address(url), timeout=30, source_address=(source, 0)) as sock:
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16384)
+            with socket.socket() as sock:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # before connecting: a small window
+                sock.settimeout(30)
+                sock.bind((source, 0))
+                sock.connect(_address(url))
                 sock.sendall(f"GET {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
                 while not stop.is_set():
                     chunk = sock.recv(1024)
@@ -763,7 +766,8 @@ def main() -> None:
                               "masks_identical": hostile["masks_vs_inprocess"]["all_identical"]}
     summary["errors"] = sum(r["errors"] for r in runs)
     versions = tool_versions()
-    result = {"date": now_utc(), "machine": machine_info(), "versions": versions,
+    isa = sorted(f for f in cpu_features() if f.startswith(("avx", "amx", "sse", "fma", "f16c", "asimd", "sve")))
+    result = {"date": now_utc(), "machine": {**machine_info(), "cpu_flags": isa}, "versions": versions,
               "load_average": {"before": [round(v, 2) for v in load_before],
                                "after": [round(v, 2) for v in os.getloadavg()]},
               "model": model_identity(None if args.url else args.model), "clicks_per_session": args.clicks, "sessions": args.sessions,

@@ -51,7 +51,7 @@ WEB_DIR = Path(__file__).resolve().parents[1] / "web"  # the browser client, mou
 OPEN_PATHS = ("/healthz", "/readyz", "/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc", "/demo.png")
 JSON_BODY_BYTES = 64 * 1024  # any route but uploads: 24 clicks are under 2 KiB
 LABEL_STUDIO_TASK_BYTES = 4 << 20  # Label Studio's /predict: the task, with its annotations (brush RLEs)
-MIN_BODY_RATE = 16 * 1024  # bytes/s a body must average once it has taken longer than the read timeout
+MIN_BODY_RATE = 16 * 1024  # bytes/s a body must bring in each window of the read timeout
 DEFAULT_MAX_CLICKS = 24  # the schema's bound when the service's model_info() is async (unknown here)
 IMAGE_ID = PathParam(pattern="^[0-9a-f]{64}$", description="SHA-256 (hex) of the image file's bytes.")
 

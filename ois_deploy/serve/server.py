@@ -23,10 +23,12 @@ The request body's timeouts and the head's size are in the app (app.py, BodyGuar
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import resource
 import socket
+import struct
 
 from ..errors import UserError
 
@@ -162,7 +164,16 @@ def guarded_protocol(head_timeout: float, max_connections: int):
         def _send_timed_out(self) -> None:
             self._send_timer = None
             if self.flow.write_paused and not self.transport.is_closing():
-                self.transport.abort()  # the client stopped reading: nothing more will be sent
+                self._reset()  # the client stopped reading: nothing more will be sent
+
+        def _reset(self) -> None:
+            """Close at once, dropping what the kernel still buffers for the client (a reset: a
+            plain close would leave it sending the buffered megabytes at the client's pace)."""
+            sock = self.transport.get_extra_info("socket")
+            if sock is not None:
+                with contextlib.suppress(OSError):
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            self.transport.abort()
 
         def _stalled_since(self) -> float | None:
             """When it last made progress, if it may be closed to make room: no request in progress,
@@ -185,7 +196,7 @@ def guarded_protocol(head_timeout: float, max_connections: int):
                        and (since := c._stalled_since()) is not None]
             victim = min(stalled, key=lambda pair: pair[0], default=(None, self))[1]
             if victim._busy():
-                victim.transport.abort()  # a stalled request: its buffers are not flushed
+                victim._reset()
             else:
                 victim.transport.close()
 

@@ -209,8 +209,11 @@ class SegmentationService:
         loop, stop = asyncio.get_running_loop(), threading.Event()
         try:
             await self._lanes.acquire(lane)
-        except BaseException:
+        except BaseException as e:
             self._lanes.leave(lane)
+            if isinstance(e, asyncio.CancelledError):  # gone while waiting: it never runs
+                with self._lock:
+                    self.counters["abandoned"] += 1
             raise
 
         def in_slot():
