@@ -75,7 +75,7 @@ def connection_cap(wanted: int) -> int:
     return max(1, min(wanted, (soft - used - FD_RESERVE) // 2))
 
 
-LINGER_S, LINGER_BYTES = 2.0, 64 << 20
+LINGER_S, LINGER_BYTES = 2.0, 4 << 20
 STALLED_S = 1.0  # a busy connection without progress for this long may be closed to make room
 
 
