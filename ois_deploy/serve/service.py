@@ -61,6 +61,14 @@ def working_memory_bound(slots: int, max_image_pixels: int) -> int:
     return BYTES_PER_PIXEL * (max(1, slots - 1) * max_image_pixels + slots * LARGE_PIXELS)
 
 
+def _lower_priority() -> None:
+    """This thread at niceness +10 (Linux: a thread's own; raising it needs no privilege)."""
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 10)
+    except (AttributeError, OSError):  # not Linux, or not allowed: the default priority
+        pass
+
+
 class _Abandoned(Exception):
     """Raised in a worker thread whose caller was cancelled: nobody waits for its result."""
 
@@ -116,7 +124,11 @@ class SegmentationService:
         # many images' worth of memory at once (the bound of docs/serving.md, "Memory").
         self.slots = max(1, slots or os.cpu_count() or 1)
         self._lanes = _Lanes(self.slots, max(0, int(max_queue)))
-        self._threads = ThreadPoolExecutor(sum(self._lanes.capacity.values()), thread_name_prefix="ois-model")
+        # A thread per slot; the large lane's at a lower CPU priority, so that the small images'
+        # requests (and the event loop) come first on busy cores.
+        self._threads = {"small": ThreadPoolExecutor(self._lanes.capacity["small"], thread_name_prefix="ois-small"),
+                         "large": ThreadPoolExecutor(self._lanes.capacity["large"], thread_name_prefix="ois-large",
+                                                     initializer=_lower_priority)}
         self._closed = False
         self.counters = {"hits": 0, "misses": 0, "evictions": 0, "encodes": 0, "decodes": 0, "rejected": 0,
                          "abandoned": 0}
@@ -160,7 +172,8 @@ class SegmentationService:
 
     def close(self) -> None:
         self._closed = True
-        self._threads.shutdown(wait=True, cancel_futures=True)
+        for threads in self._threads.values():
+            threads.shutdown(wait=True, cancel_futures=True)
         self.runner.close()
 
     def _public_manifest(self) -> dict | None:
@@ -223,7 +236,7 @@ class SegmentationService:
             finally:
                 loop.call_soon_threadsafe(self._lanes.release, lane)
 
-        result = asyncio.wrap_future(self._threads.submit(in_slot))
+        result = asyncio.wrap_future(self._threads[lane].submit(in_slot))
         result.add_done_callback(lambda f: f.cancelled() or f.exception())  # an abandoned one's error: nobody's
         try:
             return await asyncio.shield(result)
