@@ -16,11 +16,16 @@ Runs, each on a fresh server (`python -m ois_deploy serve MODEL --port 0`):
                  clients retry (connection errors, then 404 -> post again): masks identical;
   burst:         uploads only, many distinct images at once, small cache: peak RSS against the
                  cache bound;
-  hostile:       the clients beside attackers (issue 33): 48 MB click bodies (with Content-Length
+  hostile:       the clients beside attackers (issues 33, 41): 48 MB click bodies (with Content-Length
                  and chunked), 40 MB headers, sockets sending their head a line a second and
-                 bodies a byte at a time, 24-click requests abandoned after 0.1 s, and mask
-                 requests on a 6000x6000 image from several threads at once; first the same
-                 clients alone on the same server settings ("calm"), for their p99 side by side.
+                 bodies a byte at a time, 24-click requests abandoned after 0.1 s, mask requests
+                 on a 6000x6000 image from several threads at once, uploads of 40 MP 16-bit RGBA
+                 PNGs (the memory worst case), slow readers of the 14.8 MB WASM file, and
+                 upload-budget holders (8 x --max-body-mb sent at once, then a byte every 4 s);
+                 the attackers run in a process of their own and connect from other loopback
+                 addresses (127.0.0.2...: other clients). First the same clients alone on the same server settings ("calm"),
+                 for their p99 side by side; the server's peak RSS against the bound of
+                 docs/serving.md ("Memory").
 Every mask is hashed; runs are compared mask for mask with the in-process run. `--runs` picks
 the runs (default: all).
 
@@ -37,6 +42,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import multiprocessing
 import os
 import queue
 import re
@@ -55,7 +61,7 @@ import numpy as np
 from ois_deploy.errors import UserError, run_script
 from ois_deploy.evaluate.clicker import Clicker
 from ois_deploy.io import write_json
-from ois_deploy.provenance import machine_info, now_utc, tool_versions
+from ois_deploy.provenance import cpu_features, machine_info, now_utc, tool_versions
 from ois_deploy.serve.masks import rle_decode, rle_encode
 from ois_deploy.train.scenes import heldout_scene
 
@@ -460,6 +466,61 @@ def _slow_socket(url: str, stop: threading.Event, body: bool) -> dict:
     return {"connections": len(lasted), "longest_s": round(max(lasted, default=0), 1)}
 
 
+def _slow_reader(url: str, stop: threading.Event, source: str, path: str) -> dict:
+    """GET `path` and read it at 1 KiB/s, reconnecting whenever the server closes: how long each
+    connection lasted and the bytes read."""
+    import socket
+
+    lasted, read = [], 0
+    while not stop.is_set():
+        start = time.monotonic()
+        try:
+            with socket.socket() as sock:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # before connecting: a small window
+                sock.settimeout(30)
+                sock.bind((source, 0))
+                sock.connect(_address(url))
+                sock.sendall(f"GET {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+                while not stop.is_set():
+                    chunk = sock.recv(1024)
+                    if not chunk:
+                        break
+                    read += len(chunk)
+                    time.sleep(1)
+        except OSError:
+            pass
+        lasted.append(time.monotonic() - start)
+    return {"connections": len(lasted), "longest_s": round(max(lasted, default=0), 1), "bytes_read": read}
+
+
+def _budget_holder(url: str, stop: threading.Event, source: str, size: int) -> dict:
+    """An upload of `size` bytes announced, all but 1 KiB sent at once, then a byte every 4 s,
+    over and over until stop: the statuses it got."""
+    import socket
+
+    statuses, part = {}, b"\x89PNG" + bytes(size - 1024 - 4)
+    while not stop.is_set():
+        status = 0
+        try:
+            with socket.create_connection(_address(url), timeout=30, source_address=(source, 0)) as sock:
+                sock.sendall(f"POST /v1/images HTTP/1.1\r\nHost: x\r\nContent-Length: {size}\r\n\r\n".encode() + part)
+                while not stop.is_set() and not select.select([sock], [], [], 4)[0]:
+                    sock.sendall(b"a")
+                answer = sock.recv(64)
+                status = int(answer.split(b" ", 2)[1]) if answer.startswith(b"HTTP/1.1 ") else 0
+        except OSError:
+            pass
+        statuses[status] = statuses.get(status, 0) + 1
+    return statuses
+
+
+def _png_16bit_rgba(width: int, height: int) -> bytes:
+    """A 40 MP 16-bit RGBA PNG of a few hundred KB: the costliest upload per byte (issue 41)."""
+    image = np.zeros((height, width, 4), np.uint16)
+    image[:64, :64] = 65535
+    return cv2.imencode(".png", image)[1].tobytes()
+
+
 def _attack(name: str, stop: threading.Event, results: dict, attempt) -> None:
     """attempt() -> status, over and over until stop: the statuses seen, counted."""
     counts: dict = {}
@@ -478,10 +539,16 @@ def _big_image(side: int) -> bytes:
     return cv2.imencode(".png", image)[1].tobytes()
 
 
-def hostile_run(label, model, sessions, clients, clicks, deadline, server_args, big_side=6000, big_threads=2):
+WASM = "/vendor/ort-wasm-simd-threaded.wasm"
+
+
+def hostile_run(label, model, sessions, clients, clicks, deadline, server_args, big_side=6000, big_threads=4,
+                max_body_mb=50):
     """The legitimate clients alone ("calm"), then beside the attackers ("hostile"), each on a
     fresh server with the same arguments."""
     import httpx
+
+    from ois_deploy.serve.app import WEB_DIR
 
     calm, calm_record = http_run(f"{label}calm", model, sessions, clients, clicks, deadline, server_args)
     server = ServerProcess(model, server_args)
@@ -514,29 +581,54 @@ def hostile_run(label, model, sessions, clients, clicks, deadline, server_args, 
         time.sleep(0.5)
         return "abandoned"
 
+    flood = httpx.Client(transport=httpx.HTTPTransport(local_address="127.0.0.3"), timeout=300)
+
     def big_click():
         x, y = rng.integers(0, big_side, 2).tolist()
-        r = httpx.post(f"{url}{masks}", json={"clicks": [{"x": x, "y": y}]}, timeout=300)
-        return r.status_code
+        return flood.post(f"{url}{masks}", json={"clicks": [{"x": x, "y": y}]}).status_code
+
+    png16, seeds = _png_16bit_rgba(8000, 5000), iter(range(1 << 30))
+
+    def big_upload():  # new bytes after the PNG's end each time: a new image id, decoded and encoded again
+        return flood.post(f"{url}/v1/images", content=png16 + next(seeds).to_bytes(8, "big")).status_code
 
     threads = [threading.Thread(target=_attack, args=(name, stop, attacks, fn)) for name, fn in
                [("oversized_click_body", oversized), ("oversized_chunked_click_body", oversized_chunked),
                 ("header_40mb", huge_header), ("abandoned_24_click_requests", abandoned),
-                *[(f"big_image_clicks_{i}", big_click) for i in range(big_threads)]]]
+                *[(f"big_image_clicks_{i}", big_click) for i in range(big_threads)],
+                ("big_16bit_uploads", big_upload)]]
     slow = {}
     for i in range(8):
         threads.append(threading.Thread(target=lambda i=i: slow.update({f"slow_head_{i}": _slow_socket(url, stop, False)})))
         threads.append(threading.Thread(target=lambda i=i: slow.update({f"slow_body_{i}": _slow_socket(url, stop, True)})))
-    for t in threads:
-        t.start()
+        if (WEB_DIR / WASM.lstrip("/")).is_file():  # the browser client's files are there (make web)
+            threads.append(threading.Thread(target=lambda i=i: slow.update(
+                {f"slow_reader_{i}": _slow_reader(url, stop, "127.0.0.4", WASM)})))
+        threads.append(threading.Thread(target=lambda i=i: slow.update(
+            {f"budget_holder_{i}": _budget_holder(url, stop, "127.0.0.5", int(max_body_mb * (1 << 20)))})))
+    context = multiprocessing.get_context("fork")
+    finished, out = context.Event(), context.Queue()
+
+    def attackers():  # a process of their own: their threads do not take the clients' GIL (client-side latency)
+        for t in threads:
+            t.start()
+        finished.wait()
+        stop.set()
+        for t in threads:
+            t.join(120)
+        out.put((attacks, slow))
+
+    child = context.Process(target=attackers)
+    child.start()
     try:
         record, seconds = run_clients(sessions, clients, http_work(url, clicks, deadline))
         peak = server.status_mb("VmHWM")
         metrics = scrape(url)
     finally:
-        stop.set()
-        for t in threads:
-            t.join(120)
+        finished.set()
+        attacks, slow = out.get(timeout=300)
+        child.join(60)
+        flood.close()
         code = server.stop()
     big = {k: v for k, v in attacks.items() if k.startswith("big_image")}
     attacks = {k: v for k, v in attacks.items() if not k.startswith("big_image")}
@@ -546,6 +638,14 @@ def hostile_run(label, model, sessions, clients, clicks, deadline, server_args, 
                              "longest_s": max(v["longest_s"] for k, v in slow.items() if "head" in k)}
     attacks["slow_bodies"] = {"sockets": 8, "connections": sum(v["connections"] for k, v in slow.items() if "body" in k),
                               "longest_s": max(v["longest_s"] for k, v in slow.items() if "body" in k)}
+    readers = [v for k, v in slow.items() if k.startswith("slow_reader")]
+    if readers:
+        attacks["slow_readers"] = {"sockets": len(readers), "connections": sum(v["connections"] for v in readers),
+                                   "longest_s": max(v["longest_s"] for v in readers),
+                                   "bytes_read": sum(v["bytes_read"] for v in readers)}
+    holders = [v for k, v in slow.items() if k.startswith("budget_holder")]
+    attacks["budget_holders"] = {"sockets": len(holders), **{str(status): sum(v.get(status, 0) for v in holders)
+                                                              for status in {s for v in holders for s in v}}}
     if record.errors:
         print("\n".join(record.errors[:5]), flush=True)
     hostile = summarise(f"{label}hostile", "http", clients, record, seconds, server_args=server_args,
@@ -555,6 +655,15 @@ def hostile_run(label, model, sessions, clients, clicks, deadline, server_args, 
                                                                 else v for k, v in attacks.items()})
     print(f"{'attacks':>14}: {attacks}", flush=True)
     return calm, calm_record, hostile, record
+
+
+def memory_bound_mb(warm_rss_mb: float, cache_mb: float, max_body_mb: float = 50, max_uploads: int = 8,
+                    max_image_pixels: int = 40_000_000) -> float:
+    """The bound of docs/serving.md ("Memory") at these settings, on this machine's cores."""
+    from ois_deploy.serve.service import working_memory_bound
+
+    work = working_memory_bound(os.cpu_count() or 1, max_image_pixels)
+    return warm_rss_mb + cache_mb + max_uploads * max_body_mb + work / (1 << 20)
 
 
 def model_identity(model: str | None) -> dict:
@@ -659,14 +768,19 @@ def main() -> None:
         summary["http_clicks_per_s_4_vs_1"] = round(four["clicks_per_s"] / one["clicks_per_s"], 2)
     calm, hostile = by_label.get(f"{prefix}calm"), by_label.get(f"{prefix}hostile")
     if calm and hostile:
+        bound = memory_bound_mb(hostile["server_warm_rss_mb"], args.cache_mb)
         summary["hostile"] = {"errors": hostile["errors"], "click_p99_ms_calm": calm["click_ms"]["p99"],
                               "click_p99_ms_hostile": hostile["click_ms"]["p99"],
+                              "click_p99_hostile_vs_calm": round(hostile["click_ms"]["p99"] / calm["click_ms"]["p99"], 2),
                               "server_peak_rss_mb_calm": calm["server_peak_rss_mb"],
                               "server_peak_rss_mb_hostile": hostile["server_peak_rss_mb"],
+                              "server_rss_bound_mb": round(bound, 1),
+                              "within_bound": hostile["server_peak_rss_mb"] <= bound,
                               "masks_identical": hostile["masks_vs_inprocess"]["all_identical"]}
     summary["errors"] = sum(r["errors"] for r in runs)
     versions = tool_versions()
-    result = {"date": now_utc(), "machine": machine_info(), "versions": versions,
+    isa = sorted(f for f in cpu_features() if f.startswith(("avx", "amx", "sse", "fma", "f16c", "asimd", "sve")))
+    result = {"date": now_utc(), "machine": {**machine_info(), "cpu_flags": isa}, "versions": versions,
               "load_average": {"before": [round(v, 2) for v in load_before],
                                "after": [round(v, 2) for v in os.getloadavg()]},
               "model": model_identity(None if args.url else args.model), "clicks_per_session": args.clicks, "sessions": args.sessions,

@@ -15,7 +15,11 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
+import gzip
+import zlib
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import numpy as np
@@ -41,16 +45,17 @@ CLICKS = [(122, 188, True), (200, 60, False), (60, 200, True)]  # front ellipse,
 LABEL_CONFIG = """<View>
   <Image name="image" value="$image" zoom="true"/>
   <BrushLabels name="mask" toName="image">
-    <Label value="Ellipse" background="#ff0000"/>
-    <Label value="Ground" background="#0000ff"/>
+    <Label value="Ellipse" background="#00e5ff"/>
+    <Label value="Ground" background="#ffd400"/>
   </BrushLabels>
   <KeyPointLabels name="point" toName="image" smart="true">
-    <Label value="Ellipse" smart="true" background="#ff0000" showInline="true"/>
-    <Label value="Ground" smart="true" background="#0000ff" showInline="true"/>
+    <Label value="Ellipse" smart="true" background="#00e5ff" showInline="true"/>
+    <Label value="Ground" smart="true" background="#ffd400" showInline="true"/>
   </KeyPointLabels>
 </View>"""
 USER, PASSWORD = "annotator@example.com", "ois-test-password"
 MAX_PIXELS = 1_000_000  # the backend's pixel limit here: demo.png is under it, big.png over it
+PIDS: dict[str, int] = {}  # serve's URL -> its process id
 API_KEY = secrets.token_hex(16)  # our backend's --api-key: Label Studio sends it by HTTP Basic auth
 AUTH = ("label-studio", API_KEY)
 
@@ -73,12 +78,20 @@ def stop(proc: subprocess.Popen) -> None:
 
 
 @pytest.fixture(scope="module")
-def label_studio(tmp_path_factory):
+def label_studio_dir(tmp_path_factory) -> Path:
+    """Label Studio's folder: server.log, data/media/upload/<project>/ (uploads), files/ (local files storage)."""
+    return tmp_path_factory.mktemp("label-studio")
+
+
+@pytest.fixture(scope="module")
+def label_studio(label_studio_dir):
     """A Label Studio server on a free loopback port, SQLite and data in a temporary folder; a
-    user with a legacy API token. Yields (URL, token)."""
-    data = tmp_path_factory.mktemp("label-studio")
+    user with a legacy API token; local files storage served from label_studio_dir/files. Yields (URL, token)."""
+    data = label_studio_dir
+    (data / "files").mkdir()
     port, token = free_port(), secrets.token_hex(20)
     env = {**os.environ, "HOME": str(data), "LABEL_STUDIO_DISABLE_SIGNUP_WITHOUT_LINK": "true",
+           "LOCAL_FILES_SERVING_ENABLED": "true", "LOCAL_FILES_DOCUMENT_ROOT": str(data / "files"),
            # our backend is on loopback, whose addresses Label Studio refuses by default
            "ML_BLOCK_LOCAL_IP": "false", "SSRF_PROTECTION_ENABLED": "false",
            "LATEST_VERSION_CHECK": "false", "COLLECT_ANALYTICS": "false", "SENTRY_DSN": "", "FRONTEND_SENTRY_DSN": ""}
@@ -121,6 +134,7 @@ def serve_label_studio(export_dir: Path, label_studio_url: str, env: dict, log_p
     else:
         proc.wait()
         raise AssertionError(f"serve did not start: {log_path.read_text()}")
+    PIDS[match.group(0)] = proc.pid
     try:
         yield match.group(0)
     finally:
@@ -130,12 +144,96 @@ def serve_label_studio(export_dir: Path, label_studio_url: str, env: dict, log_p
     assert not [name for name, secret in env.items() if secret in output]  # never printed nor logged
 
 
+class ImageHost(ThreadingHTTPServer):
+    """A loopback image host: /files/NAME from a folder; /bomb: gzip inside gzip, 1 GiB of zeros in
+    about 2 KB, sent as Content-Encoding: gzip; /trickle: one byte every 2 s. Records each request's
+    path and headers."""
+
+    daemon_threads = True
+
+    def __init__(self, folder: Path):
+        self.folder, self.requests, self.stopping = folder, [], threading.Event()
+        zeros, inner = zlib.compressobj(9, zlib.DEFLATED, 31), bytearray()
+        block = bytes(1 << 20)
+        for _ in range(1024):
+            inner += zeros.compress(block)
+        inner += zeros.flush()
+        self.bomb = gzip.compress(bytes(inner), 9)
+        super().__init__(("127.0.0.1", 0), ImageHostHandler)
+
+    @property
+    def origin(self) -> str:
+        return f"http://127.0.0.1:{self.server_address[1]}"
+
+
+class ImageHostHandler(BaseHTTPRequestHandler):
+    def log_message(self, *args):
+        pass
+
+    def do_GET(self):
+        host: ImageHost = self.server
+        host.requests.append((self.path, dict(self.headers)))
+        if self.path == "/bomb":
+            body, headers = host.bomb, {"Content-Encoding": "gzip", "Content-Type": "image/png"}
+        elif self.path == "/trickle":
+            self.send_response(200)
+            self.send_header("Content-Length", "1000")
+            self.end_headers()
+            with contextlib.suppress(OSError):
+                while not host.stopping.wait(2):
+                    self.wfile.write(b"\x89")
+                    self.wfile.flush()
+            return
+        elif self.path.startswith("/slow/") and (host.folder / self.path[6:]).is_file():
+            body = (host.folder / self.path[6:]).read_bytes()  # in 10 parts over about 1 s
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            with contextlib.suppress(OSError):
+                for k in range(10):
+                    self.wfile.write(body[k * len(body) // 10:(k + 1) * len(body) // 10])
+                    self.wfile.flush()
+                    time.sleep(0.1)
+            return
+        elif self.path.startswith("/files/") and (host.folder / self.path[7:]).is_file():
+            body, headers = (host.folder / self.path[7:]).read_bytes(), {"Content-Type": "image/png"}
+        else:
+            body, headers = b"not found", {}
+            self.send_response(404)
+        if body != b"not found":
+            self.send_response(200)
+        # Access-Control-Allow-Origin: Label Studio's page loads task images cross-origin
+        for name, value in {**headers, "Content-Length": str(len(body)), "Access-Control-Allow-Origin": "*"}.items():
+            self.send_header(name, value)
+        self.end_headers()
+        self.wfile.write(body)
+
+
 @pytest.fixture(scope="module")
-def backend(tiny_export, label_studio, tmp_path_factory):
-    """Our backend with the legacy token and --api-key; 127.0.0.1 is an allowed external image host."""
+def image_host(tmp_path_factory):
+    host = ImageHost(tmp_path_factory.mktemp("image-host"))
+    thread = threading.Thread(target=host.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield host
+    finally:
+        host.stopping.set()
+        host.shutdown()
+        host.server_close()
+
+
+@pytest.fixture(scope="module")
+def backend_log(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("backend") / "stderr.log"
+
+
+@pytest.fixture(scope="module")
+def backend(tiny_export, label_studio, image_host, backend_log):
+    """Our backend with the legacy token and --api-key; the image host's origin is allowed."""
     url, token = label_studio
     with serve_label_studio(tiny_export, url, {"LABEL_STUDIO_API_KEY": token, "OIS_API_KEY": API_KEY},
-                            tmp_path_factory.mktemp("backend") / "stderr.log", "--label-studio-allow-host", "127.0.0.1",
+                            backend_log, "--label-studio-allow-host", image_host.origin,
+                            "--label-studio-fetch-timeout", "5",
                             "--max-image-pixels", str(MAX_PIXELS), "--max-body-mb", "1") as backend_url:
         yield backend_url
 
@@ -234,30 +332,23 @@ def test_interactive_masks_equal_predictor(setup, backend, tiny_export):
     # One fetch and one encode of the image for all of these requests.
     metrics = httpx.get(f"{backend}/metrics", auth=AUTH).text
     assert re.search(r"^ois_encodes_total 1\.0$", metrics, re.M), re.findall(r"^ois_encodes.*$", metrics, re.M)
+    # The latency histograms count Label Studio's traffic too: one encode, one decode run per request.
+    assert re.search(r'^ois_encoder_seconds_count\{api="label-studio"\} 1\.0$', metrics, re.M), metrics
+    assert re.search(r'^ois_decoder_seconds_count\{api="label-studio"\} 4\.0$', metrics, re.M), metrics
 
 
-def test_external_image_on_the_allow_list(setup, backend, tmp_path):
-    """An external image URL on an allowed host (a static file server on 127.0.0.1): the same
-    bytes as the uploaded file, so the same cache entry and no new encode."""
+def test_external_image_on_the_allow_list(setup, backend, image_host):
+    """An external image URL on an allowed origin (the loopback image host): the same bytes as the
+    uploaded file, so the same cache entry and no new encode; asked for without compression and
+    without Label Studio's token."""
     ls, project, _, ml = setup
-    (tmp_path / "demo.png").write_bytes(DEMO.read_bytes())
-    port = free_port()
-    files = subprocess.Popen([sys.executable, "-m", "http.server", str(port), "--bind", "127.0.0.1", "--directory",
-                              str(tmp_path)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                             start_new_session=True)
-    try:
-        for _ in range(100):
-            try:
-                httpx.get(f"http://127.0.0.1:{port}/demo.png", timeout=1)
-                break
-            except httpx.HTTPError:
-                time.sleep(0.1)
-        task = ls.task(project, {"image": f"http://127.0.0.1:{port}/demo.png"})
-        answer = ls.interactive(ml, task, key_points(CLICKS[:1], 480, 360))
-    finally:
-        stop(files)
+    (image_host.folder / "demo.png").write_bytes(DEMO.read_bytes())
+    task = ls.task(project, {"image": f"{image_host.origin}/files/demo.png"})
+    answer = ls.interactive(ml, task, key_points(CLICKS[:1], 480, 360))
     assert answer["data"]["result"][0]["type"] == "brushlabels"
     assert re.search(r"^ois_encodes_total 1\.0$", httpx.get(f"{backend}/metrics", auth=AUTH).text, re.M)
+    path, headers = image_host.requests[-1]
+    assert path == "/files/demo.png" and headers["Accept-Encoding"] == "identity" and "Authorization" not in headers
 
 
 def test_personal_access_token(setup, label_studio, tiny_export, tmp_path):
@@ -266,7 +357,7 @@ def test_personal_access_token(setup, label_studio, tiny_export, tmp_path):
     ls, project, task, _ = setup
     pat = ls.call("POST", "/api/token/")["token"]
     image = ls.call("GET", f"/api/tasks/{task}")["data"]["image"]
-    body = {"tasks": [{"id": task, "data": {"image": image}}], "label_config": LABEL_CONFIG,
+    body = {"tasks": [{"id": task, "data": {"image": image}}], "project": f"{project}.1700000000", "label_config": LABEL_CONFIG,
             "params": {"context": key_points(CLICKS[:1], 480, 360)}}
     with serve_label_studio(tiny_export, label_studio[0], {"LABEL_STUDIO_API_KEY": pat}, tmp_path / "log") as url:
         response = httpx.post(f"{url}/label-studio/predict", json=body, timeout=120)
@@ -286,17 +377,21 @@ def _status(answer: dict) -> int:
     return int(match.group(1))
 
 
-def test_bad_input_through_label_studio(setup, backend, label_studio):
+def test_bad_input_through_label_studio(setup, backend, label_studio, image_host, backend_log):
     ls, project, task, ml = setup
-    # No key points yet: an empty prediction (Label Studio says the list is empty).
+    # No key points yet: no prediction, and no error.
     for context in (None, {}, {"result": []}):
-        assert "list with more than 1 result" in ls.interactive(ml, task, context)["errors"][0]
-    # A task without an image, one on a host not allowed, one that cannot be fetched.
+        assert ls.interactive(ml, task, context) == {"data": []}
+    # A task without an image, one on an origin not allowed (the reason reaches Label Studio's
+    # message and our log), one that cannot be fetched.
     no_image = ls.task(project, {"image": ""})
     assert _status(ls.interactive(ml, no_image, key_points(CLICKS[:1], 480, 360))) == 400
     elsewhere = ls.task(project, {"image": "http://localhost:9/a.png"})
-    assert _status(ls.interactive(ml, elsewhere, key_points(CLICKS[:1], 480, 360))) == 403
-    unreachable = ls.task(project, {"image": f"http://127.0.0.1:{free_port()}/a.png"})
+    answer = ls.interactive(ml, elsewhere, key_points(CLICKS[:1], 480, 360))
+    assert _status(answer) == 403 and "is+not+allowed" in answer["errors"][0], answer
+    assert re.search(rf"predict task={elsewhere} points=1 status=403 ms=\d+ refused: the image origin "
+                     r"http://localhost:9 is not allowed", backend_log.read_text())
+    unreachable = ls.task(project, {"image": f"{image_host.origin}/files/missing.png"})
     assert _status(ls.interactive(ml, unreachable, key_points(CLICKS[:1], 480, 360))) == 400
     # Over the pixel limit (checked from the header) and over the size limit (1 MB here).
     big = ls.upload(project, "big.png", png(np.zeros((1000, 1200, 3), np.uint8)))
@@ -316,34 +411,110 @@ def test_bad_input_through_label_studio(setup, backend, label_studio):
     refused = ls.client.post("/api/ml", json={"url": f"{backend}/label-studio", "project": other,
                                               "is_interactive": True, "title": "OIS", "auth_method": "BASIC_AUTH",
                                               "basic_auth_user": AUTH[0], "basic_auth_pass": AUTH[1]})
-    assert refused.status_code == 400 and "422 Client Error" in refused.text
+    assert refused.status_code == 400 and "422 Client Error" in refused.text and "no+BrushLabels" in refused.text
     # Our backend stayed up and answers all of this without a 5xx.
     assert ls.interactive(ml, task, key_points(CLICKS[:1], 480, 360))["data"]["result"]
+
+
+def test_replaced_file_gets_the_new_images_mask(setup, label_studio_dir, tiny_export):
+    """The file behind a task's URL replaced by another image of another size: the next mask is
+    the new image's; a request whose page still shows the old size gets a 409, never a stale mask."""
+    from PIL import Image
+
+    ls, project, _, ml = setup
+    task = ls.upload(project, "swap.png", DEMO.read_bytes())
+    assert ls.interactive(ml, task, key_points(CLICKS[:1], 480, 360))["data"]["result"]
+    path = label_studio_dir / "data" / "media" / ls.call("GET", f"/api/tasks/{task}")["data"]["image"][len("/data/"):]
+    assert path.is_file(), path
+    small = Image.open(DEMO).convert("RGB").transpose(Image.Transpose.FLIP_LEFT_RIGHT).resize((320, 240))
+    path.write_bytes(png(np.asarray(small)))
+    clicks = [(320 - 122 * 2 / 3, 188 * 2 / 3, True)]  # the front ellipse, mirrored and scaled
+    (region,) = ls.interactive(ml, task, key_points(clicks, 320, 240))["data"]["result"]
+    assert (region["original_width"], region["original_height"]) == (320, 240)
+    predictor = Predictor.open(str(tiny_export), backend="ort", precision="fp32")
+    predictor.set_image(np.asarray(small))
+    want = predictor.click(*clicks[0][:2]).mask
+    assert want.sum() > 200 and iou(decode_brush(region), want) >= 0.999
+    answer = ls.interactive(ml, task, key_points(CLICKS[:1], 480, 360))  # a page that still shows the old image
+    assert _status(answer) == 409 and "reload+the+task" in answer["errors"][0], answer
+
+
+@pytest.mark.parametrize("config, reason", [
+    ('<View><Image name="image" value="$image"/><BrushLabels name="mask" toName="image"><Label value="A"/>'
+     '</BrushLabels></View>', "no+smart+KeyPointLabels"),
+    ('<View><Image name="image" value="$image"/><BrushLabels name="mask" toName="image"><Label value="A"/>'
+     '</BrushLabels><RectangleLabels name="box" toName="image" smart="true"><Label value="A"/></RectangleLabels>'
+     '</View>', "no+smart+KeyPointLabels"),
+    ('<View><Image name="image" value="$image"/><BrushLabels name="mask" toName="image"><Label value="Car"/>'
+     '</BrushLabels><KeyPointLabels name="kp" toName="image" smart="true"><Label value="car" smart="true"/>'
+     '</KeyPointLabels></View>', "labels+car+are+not+labels+of+BrushLabels"),
+    ('<View><Image name="image" value="$image"/><RectangleLabels name="box" toName="image"><Label value="A"/>'
+     '</RectangleLabels></View>', "no+BrushLabels"),
+])
+def test_setup_refuses_configs_that_cannot_work(setup, backend, config, reason):
+    """Connecting the backend to a project whose config cannot work: Label Studio refuses, and its
+    message carries our reason."""
+    ls = setup[0]
+    project = ls.project("Cannot work", config)
+    refused = ls.client.post("/api/ml", json={"url": f"{backend}/label-studio", "project": project,
+                                              "is_interactive": True, "title": "OIS", "auth_method": "BASIC_AUTH",
+                                              "basic_auth_user": AUTH[0], "basic_auth_pass": AUTH[1]})
+    assert refused.status_code == 400 and "422 Client Error" in refused.text and reason in refused.text, refused.text
+
+
+def test_local_files_storage(setup, label_studio_dir, tiny_export):
+    """A task from Label Studio's local files storage (/data/local-files/?d=...), fetched through
+    Label Studio with the token: the mask equals Predictor's."""
+    ls, project, _, ml = setup
+    folder = label_studio_dir / "files" / "local"
+    folder.mkdir()
+    (folder / "local-demo.png").write_bytes(DEMO.read_bytes())
+    storage = ls.call("POST", "/api/storages/localfiles", json={
+        "project": project, "title": "local", "path": str(folder), "regex_filter": r".*\.png", "use_blob_urls": True})
+    ls.call("POST", f"/api/storages/localfiles/{storage['id']}/sync")
+    (task,) = [t["id"] for t in ls.tasks(project) if "local-files" in str(t["data"].get("image"))]
+    (region,) = ls.interactive(ml, task, key_points(CLICKS[:1], 480, 360))["data"]["result"]
+    predictor = Predictor.open(str(tiny_export), backend="ort", precision="fp32")
+    predictor.set_image(read_image(DEMO))
+    point = key_points(CLICKS[:1], 480, 360)["result"][0]["value"]
+    assert iou(decode_brush(region), predictor.click(point["x"] * 4.8, point["y"] * 3.6).mask) >= 0.999
+
+
+def test_batch_predictions_make_no_error_nor_prediction(setup, label_studio_dir, backend_log):
+    """Data Manager's "Batch predictions" on every task (no key points): Label Studio logs no error
+    and stores no prediction."""
+    ls, project, _, _ = setup
+    ls.call("POST", "/api/dm/actions", params={"id": "retrieve_tasks_predictions", "project": project},
+            json={"project": project, "selectedItems": {"all": True, "excluded": []}})
+    log = (label_studio_dir / "server.log").read_text()
+    assert "results field must be a list" not in log and "incorrect response" not in log
+    assert all(not t.get("predictions") and not t.get("total_predictions") for t in ls.tasks(project))
+    assert re.search(r"predict task=\d+ tasks points=0 status=200", backend_log.read_text())  # it was asked
 
 
 def test_bad_input_direct(backend):
     """The same protocol called directly: the messages Label Studio only summarises by status."""
     predict = f"{backend}/label-studio/predict"
-    task = {"id": 1, "data": {"image": "/data/upload/1/none.png"}}
+    task = {"id": 1, "project": 1, "data": {"image": "/data/upload/1/none.png"}}
     context = key_points(CLICKS[:1], 480, 360)
     cases = [
         ({"tasks": [task], "label_config": LABEL_CONFIG, "params": {}}, 200, None),
         ({"tasks": [{"id": 1, "data": {}}], "label_config": LABEL_CONFIG, "params": {"context": context}}, 400,
-         "no image URL in data.image"),
+         "no image URL (of at most 4096 characters) in data.image"),
         ({"tasks": [task], "label_config": "<View><Text name='t' value='$t'/></View>", "params": {"context": context}},
          422, "no BrushLabels on an Image"),
         ({"tasks": [task], "label_config": "<View", "params": {"context": context}}, 422, "not valid XML"),
         ({"tasks": [task], "label_config": LABEL_CONFIG, "params": {"context": {"result": [
             {"type": "keypointlabels", "to_name": "image", "value": {"x": 120, "y": 5}}]}}}, 400, "percentages in [0, 100]"),
-        ({"tasks": [task], "label_config": LABEL_CONFIG, "params": {"context": context}}, 400, "cannot fetch the task's image"),
+        ({"tasks": [task], "label_config": LABEL_CONFIG, "params": {"context": context}}, 400, "cannot fetch the image"),
     ]
     for body, status, message in cases:
         response = httpx.post(predict, json=body, auth=AUTH, timeout=60)
         assert response.status_code == status, (body, response.text)
         if message:
-            assert message in response.json()["error"]
+            assert message in response.json()["error"], response.text
         else:
-            assert response.json() == {"results": []}
+            assert response.json() == {"results": [[]]}  # one empty list of predictions per task
     assert httpx.post(predict, content=b"{", auth=AUTH, timeout=10).status_code == 400
     assert httpx.get(f"{backend}/label-studio/health", auth=AUTH).json()["status"] == "UP"
     # --api-key: Bearer KEY or Basic with KEY as password; anything else 401.
@@ -351,6 +522,116 @@ def test_bad_input_direct(backend):
     for auth in (None, ("label-studio", "wrong"), (API_KEY, "")):
         assert httpx.get(f"{backend}/label-studio/health", auth=auth).status_code == 401
     assert httpx.get(f"{backend}/label-studio/health", headers={"Authorization": "Basic %%%"}).status_code == 401
+
+
+def test_red_team_inputs_get_a_4xx(backend, image_host, tiny_export, tmp_path):
+    """Each hostile request of issue 40: a 4xx with one line of JSON, never a 5xx; the token never
+    leaves for a path that is not one of Label Studio's file routes, nor for another project's file."""
+    predict = f"{backend}/label-studio/predict"
+
+    def ask(image=None, context=None, content=None, task_project=1):
+        task = {"id": 5, "project": task_project, "data": {"image": image or "/data/upload/1/a.png"}}
+        body = {"tasks": [task], "label_config": LABEL_CONFIG,
+                "params": {"context": context or key_points(CLICKS[:1], 480, 360)}}
+        response = httpx.post(predict, auth=AUTH, timeout=60, **({"content": content} if content else {"json": body}))
+        assert 400 <= response.status_code < 500, response.text
+        assert len(response.text.splitlines()) == 1 and response.json()["error"]
+        return response.status_code, response.json()["error"]
+
+    assert ask("http://127.0.0.1:9/a\x01.png")[1].startswith("the image URL contains a space or a control")
+    assert ask("http://127.0.0.1:9/a\tb.png")[0] == 400
+    assert "malformed" in ask("http://[::1")[1]
+    digits = key_points(CLICKS[:1], 480, 360)
+    digits["result"][0]["value"]["x"] = int("9" * 400)
+    assert "percentages" in ask(context=digits)[1]
+    assert ask(content=b"[" * 30_000 + b"]" * 30_000)[0] in (400, 413)
+    assert ask(content=b'{"tasks": ' + b"[" * 20_000 + b"]" * 20_000 + b"}")[0] == 400
+    # Label Studio's API on its own host, and another project's upload: refused before any request.
+    assert "not a Label Studio file path" in ask("/api/projects?x=1")[1]
+    assert "project 7" in ask("/data/upload/7/b.png", task_project=3)[1]
+    assert "not normalised" in ask("/data/upload/3/%2e%2e/7/b.png", task_project=3)[1]
+    assert "not normalised" in ask("/data/local-files/?d=images/../../etc/passwd")[1]
+    # The same on a recording host standing in for Label Studio: no request, no token reaches it.
+    with serve_label_studio(tiny_export, image_host.origin, {"LABEL_STUDIO_API_KEY": secrets.token_hex(20)},
+                            tmp_path / "log") as other:
+        before = len(image_host.requests)
+        for image in ("/api/projects?x=1", f"{image_host.origin}/api/projects?x=1", "/data/upload/7/b.png"):
+            task = {"id": 5, "project": 3, "data": {"image": image}}
+            response = httpx.post(f"{other}/label-studio/predict", timeout=60, json={
+                "tasks": [task], "label_config": LABEL_CONFIG,
+                "params": {"context": key_points(CLICKS[:1], 480, 360)}})
+            assert response.status_code == 403, response.text
+        assert len(image_host.requests) == before
+
+
+def test_fetches_share_the_upload_byte_budget(backend, image_host):
+    """Fetched images are held in the server's upload byte budget (here --max-body-mb 1: 8 MB in
+    all, 2 MB for one client): six slow 0.9 MB fetches at once from one client, some refused with
+    503 and Retry-After, the others answered."""
+    noise = np.random.default_rng(1).integers(0, 256, (520, 520, 3), dtype=np.uint8)
+    data = png(noise)
+    assert 0.8e6 < len(data) < 1 << 20
+    (image_host.folder / "noise.png").write_bytes(data)
+    answers = []
+
+    def ask():
+        body = {"tasks": [{"id": 11, "data": {"image": f"{image_host.origin}/slow/noise.png"}}],
+                "label_config": LABEL_CONFIG, "params": {"context": key_points(CLICKS[:1], 520, 520)}}
+        answers.append(httpx.post(f"{backend}/label-studio/predict", json=body, auth=AUTH, timeout=60))
+
+    threads = [threading.Thread(target=ask) for _ in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    statuses = sorted(a.status_code for a in answers)
+    assert 503 in statuses and 200 in statuses and set(statuses) <= {200, 503}, [a.text for a in answers]
+    assert all(a.headers.get("retry-after") for a in answers if a.status_code == 503)
+
+
+def rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError("no VmRSS")
+
+
+def test_gzip_bomb_and_trickle_do_not_hurt_the_server(backend, image_host, backend_log):
+    """A gzip bomb (1 GiB of zeros in a few KB, gzip inside gzip) is refused by its headers, a host
+    sending one byte every 2 s by the fetch deadline (5 s here); meanwhile the server's RSS stays
+    within its bound (docs/label-studio.md: one fetch holds at most --max-body-mb) and /healthz
+    answers within 100 ms."""
+    assert len(image_host.bomb) < 4096
+    pid = PIDS[backend]
+    before = rss_mb(pid)
+    answers, latencies = [], []
+
+    def ask(path):
+        body = {"tasks": [{"id": 9, "data": {"image": f"{image_host.origin}{path}"}}], "label_config": LABEL_CONFIG,
+                "params": {"context": key_points(CLICKS[:1], 480, 360)}}
+        answers.append(httpx.post(f"{backend}/label-studio/predict", json=body, auth=AUTH, timeout=60))
+
+    threads = [threading.Thread(target=ask, args=(path,)) for path in ["/bomb"] * 4 + ["/trickle"] * 2]
+    peak = before
+    with httpx.Client(timeout=5) as client:
+        client.get(f"{backend}/healthz")  # the connection is open before the attack starts
+        for t in threads:
+            t.start()
+        while any(t.is_alive() for t in threads):
+            t0 = time.perf_counter()
+            assert client.get(f"{backend}/healthz").status_code == 200
+            latencies.append(time.perf_counter() - t0)
+            peak = max(peak, rss_mb(pid))
+            time.sleep(0.05)
+    for t in threads:
+        t.join()
+    statuses = sorted(a.status_code for a in answers)
+    assert statuses == [400, 400, 415, 415, 415, 415], [a.text for a in answers]
+    assert len(latencies) > 20 and max(latencies) < 0.1, sorted(latencies)[-5:]
+    assert peak - before < 64, (before, peak)  # MB: nothing was decompressed, nothing trickled was kept
+    log = backend_log.read_text()
+    assert "refused: the image host answered with Content-Encoding 'gzip' although asked for identity" in log
+    assert re.search(r"refused: the image http://127\.0\.0\.1:\d+/trickle did not arrive within 5 s", log)
 
 
 @pytest.mark.parametrize("args, message", [
@@ -378,10 +659,19 @@ def png(image: np.ndarray) -> bytes:
 
 
 
-def test_annotation_page_in_chromium(setup, label_studio, tiny_export, tmp_path):
+def visible_box(locator) -> dict:
+    """The locator's box once it is visible (bounding_box() is None while it is not laid out)."""
+    locator.wait_for(state="visible")
+    box = locator.bounding_box()
+    assert box, locator
+    return box
+
+
+def test_annotation_page_in_chromium(setup, label_studio, tiny_export, tmp_path, image_host):
     """Label Studio's own annotation page in headless Chromium: Auto-Annotation on, the smart
     key-point tool, one click on the front ellipse; OIS's brush region appears as a suggestion,
-    is accepted and submitted, and the stored annotation's mask equals Predictor's for that point."""
+    is accepted and submitted, and the stored annotation's mask equals Predictor's for that point.
+    Then a task whose image origin the backend refuses: what the page shows, and where the reason is."""
     if not Path(CHROMIUM).is_file():
         pytest.skip(f"no Chromium at {CHROMIUM} (apt-get install chromium)")
     sync_api = pytest.importorskip("playwright.sync_api", reason="Playwright is not installed (pip install 'ois-deploy[dev]')")
@@ -403,11 +693,11 @@ def test_annotation_page_in_chromium(setup, label_studio, tiny_export, tmp_path)
             page.goto(f"{url}/projects/{project}/data?task={task}")
             page.get_by_text("Auto-Annotation").click()
             # The smart tools sit in a group below zoom-out that opens on hover; the smart key point is its last tool.
-            zoom_out = page.locator("[aria-label=zoom-out]").bounding_box()
+            zoom_out = visible_box(page.locator("[aria-label=zoom-out]"))
             page.mouse.move(zoom_out["x"] + zoom_out["width"] / 2, zoom_out["y"] + zoom_out["height"] * 1.6)
             page.locator("[aria-label=key-point-tool]").last.click()
             page.get_by_text("Ellipse", exact=True).nth(1).click()  # the key points' label (BrushLabels' is first)
-            stage = page.locator("canvas").last.bounding_box()
+            stage = visible_box(page.locator("canvas").last)
             x, y = CLICKS[0][:2]
             with page.expect_response(lambda r: r.url.endswith(f"/api/ml/{ml}/interactive-annotating")) as answer:
                 page.mouse.click(stage["x"] + (x + 0.5) / 480 * stage["width"],
@@ -420,6 +710,26 @@ def test_annotation_page_in_chromium(setup, label_studio, tiny_export, tmp_path)
             page.locator(".lsf-auto-accept__action_type_accept").click()
             with page.expect_response(lambda r: "/annotations" in r.url and r.request.method == "POST"):
                 page.get_by_label("Submit current annotation").click()
+
+            # A refusal as the annotator sees it: an image the browser loads from an origin the
+            # backend does not allow (localhost, not 127.0.0.1).
+            (image_host.folder / "demo.png").write_bytes(DEMO.read_bytes())
+            refused_task = ls.task(project, {"image": f"http://localhost:{image_host.server_address[1]}/files/demo.png"})
+            page.goto(f"{url}/projects/{project}/data?task={refused_task}")
+            page.locator("canvas").last.wait_for()
+            zoom_out = visible_box(page.locator("[aria-label=zoom-out]"))
+            page.mouse.move(zoom_out["x"] + zoom_out["width"] / 2, zoom_out["y"] + zoom_out["height"] * 1.6)
+            page.locator("[aria-label=key-point-tool]").last.click(timeout=10_000)
+            page.get_by_text("Ellipse", exact=True).nth(1).click()
+            stage = visible_box(page.locator("canvas").last)
+            with page.expect_response(lambda r: r.url.endswith(f"/api/ml/{ml}/interactive-annotating")) as answer:
+                page.mouse.click(stage["x"] + stage["width"] / 4, stage["y"] + stage["height"] / 2)
+            # Label Studio 1.23's page shows nothing (no suggestion, no message); the reason is in the
+            # answer to its request (the browser's network panel) and in both servers' logs.
+            (error,) = answer.value.json()["errors"]
+            assert error.startswith("403 Client Error") and "is+not+allowed:+add+it+with+--label-studio-allow-host" in error
+            page.wait_for_timeout(1000)
+            assert page.get_by_text("1 suggestions").count() == 0
         finally:
             browser.close()
 

@@ -13,6 +13,9 @@ from ..errors import UserError
 from .app import BackendOpt, DeviceOpt, PrecisionOpt, app
 from .console import note
 
+MAX_MB = 1 << 30  # MiB: 1 PiB, over any memory; a larger size overflows the byte counts
+MAX_S = 86_400  # a day
+
 
 @app.command()
 def serve(
@@ -30,8 +33,10 @@ def serve(
                                           help="Require Authorization: Bearer KEY (all routes but /healthz, /readyz)."),
     allow_origin: list[str] = typer.Option([], "--allow-origin", help="Origin allowed cross-origin requests; repeat."),
     read_timeout: float = typer.Option(10, "--read-timeout", min=0.1,
-                                       help="Seconds a client may take for a request's head, and between parts of its body "
-                                            "(408 or closed after)."),
+                                       help="Seconds a client may take for a request's head, between parts of its body, "
+                                            "and to read 48 KiB of an answer (408 or closed after)."),
+    body_deadline: float = typer.Option(120, "--body-deadline", min=1,
+                                        help="Seconds a request body may take in all (408 after)."),
     max_connections: int = typer.Option(1000, "--max-connections", min=1,
                                         help="Open connections; over it, the one idle the longest is closed."),
     max_queue: int = typer.Option(32, "--max-queue", min=0,
@@ -50,7 +55,10 @@ def serve(
                                                      show_envvar=True, show_default=False,
                                                      help="With --label-studio: its API token (prefer the environment variable)."),
     label_studio_allow_host: list[str] = typer.Option([], "--label-studio-allow-host",
-                                                      help="With --label-studio: a host task images may be fetched from; repeat."),
+                                                      help="With --label-studio: an origin (scheme://host[:port]; a bare "
+                                                           "host: https, port 443) task images may be fetched from; repeat."),
+    label_studio_fetch_timeout: float = typer.Option(30.0, "--label-studio-fetch-timeout", min=0.1, max=600,
+                                                     help="With --label-studio: seconds a whole image fetch may take."),
 ):
     """Serve a model over HTTP: post an image once, then post click sequences for masks."""
     from ..runtime.registry import RunnerSpec, default_backend, open_runner
@@ -64,15 +72,17 @@ def serve(
         api_key = os.environ["OIS_API_KEY"]
     if api_key is not None and not api_key.strip():
         raise UserError("--api-key (or OIS_API_KEY) is empty: give a key, or unset OIS_API_KEY to serve without one")
-    for name, value in (("--cache-mb", cache_mb), ("--max-body-mb", max_body_mb), ("--read-timeout", read_timeout)):
-        if not math.isfinite(value):
-            raise UserError(f"{name} must be a finite number, not {value}")
+    for name, value, most in (("--cache-mb", cache_mb, MAX_MB), ("--max-body-mb", max_body_mb, MAX_MB),
+                              ("--read-timeout", read_timeout, MAX_S), ("--body-deadline", body_deadline, MAX_S)):
+        if not math.isfinite(value) or value > most:
+            raise UserError(f"{name} must be a finite number up to {most:,}, not {value:g}")
     spec = RunnerSpec(backend or default_backend(model), model, precision, device=device, threads=threads)
     ls_options = None
     if label_studio:
         from ..serve.label_studio import options_from_cli
 
-        ls_options = options_from_cli(label_studio_url, label_studio_token, label_studio_allow_host, max_body_mb, ray)
+        ls_options = options_from_cli(label_studio_url, label_studio_token, label_studio_allow_host, max_body_mb, ray,
+                                      label_studio_fetch_timeout)
     if ray:
         from ..serve.ray_app import RayOptions, serve_on_ray
 
@@ -84,7 +94,7 @@ def serve(
     service = SegmentationService(runner, cache_mb=cache_mb, max_image_pixels=max_image_pixels,
                                   export_dir=spec.export_dir, max_queue=max_queue)
     asgi_app = create_app(service, api_key=api_key, allow_origins=allow_origin, max_body_mb=max_body_mb,
-                          read_timeout=read_timeout, label_studio=ls_options)
+                          read_timeout=read_timeout, body_deadline=body_deadline, label_studio=ls_options)
     sock = bind_socket(host, port)
     # The URL on stdout, flushed: scripts and tests read it (the socket already listens).
     print(f"serving {runner.cfg.name} ({runner.name} {runner.precision}) at {url_of(sock)}", flush=True)

@@ -57,7 +57,7 @@ def as_rgb(image: np.ndarray) -> np.ndarray:
 
 
 DEFAULT_MAX_PIXELS = 100_000_000
-MAX_SIDE = 1 << 20  # OpenCV's decoders refuse a wider or taller image (CV_IO_MAX_IMAGE_WIDTH)
+MAX_SIDE = 1_000_000  # libpng refuses a wider or taller image (its user limit), OpenCV one over 1 << 20
 # Pillow's names of the formats read (MPO: a JPEG with more pictures after it, as phones write them).
 FORMATS = {"PNG": "PNG", "JPEG": "JPEG", "MPO": "JPEG", "BMP": "BMP", "TIFF": "TIFF", "WEBP": "WebP"}
 SUPPORTED = "PNG, JPEG, BMP, TIFF, WebP"
@@ -102,7 +102,7 @@ def image_header(data: bytes, name: str = "image") -> tuple[int, int, int]:
 
 def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, name: str = "image") -> np.ndarray:
     """Image file bytes -> RGB uint8 as an image viewer shows it (EXIF orientation applied;
-    grayscale, 16-bit and RGBA converted). The pixel count is checked from the header before the
+    grayscale, 16-bit (its high byte) and RGBA (alpha dropped) converted). The pixel count is checked from the header before the
     pixels are decoded."""
     if not data:
         raise UserError(f"{name} is empty")
@@ -111,16 +111,12 @@ def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, name: str = 
         raise ImageTooLarge(f"{name} is {width}x{height} = {width * height:,} pixels, over the limit of {max_pixels:,}")
     if data[:2] == b"\xff\xd8" and not _jpeg_complete(data):
         raise UserError(f"cannot read {name}: the JPEG data is truncated")
-    image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
+    # Straight to 8-bit RGB in the decoder (16-bit samples keep their high byte, alpha and EXIF
+    # rotation dropped there, the rotation applied below): the decoded image is 3 bytes a pixel
+    # whatever the file holds, never a 16-bit RGBA copy (8 bytes a pixel) first.
+    image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR_RGB | cv2.IMREAD_IGNORE_ORIENTATION)
     if image is None or image.size == 0:
         raise UserError(f"cannot read {name}: the file is corrupt or truncated")
-    if image.dtype == np.uint16:
-        image = (image // 257).astype(np.uint8)
-    if image.ndim == 3 and image.shape[2] == 4:
-        image = cv2.cvtColor(image, cv2.COLOR_BGRA2RGBA)
-    elif image.ndim == 3 and image.shape[2] == 3:
-        image = cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
-    image = as_rgb(image)
     if orientation in _ORIENTATIONS:
         transpose, turns, flip = _ORIENTATIONS[orientation]
         image = image.transpose(1, 0, 2) if transpose else image

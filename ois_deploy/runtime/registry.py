@@ -90,7 +90,8 @@ def check_spec(spec: RunnerSpec) -> Backend:
     if spec.precision not in backend.precisions:
         raise UserError(f"precision must be one of {', '.join(backend.precisions)} for {backend.name}, not {spec.precision!r}")
     model = Path(spec.model)
-    if not model.exists() and spec.model not in PRESETS and (len(model.parts) > 1 or spec.model.startswith(".")):
+    if not model.exists() and spec.model not in PRESETS and (len(model.parts) > 1 or spec.model.startswith(".")
+                                                             or spec.model.endswith("/")):
         raise UserError(f"export folder not found: {spec.model}")  # a path, not a preset name
     if model.is_dir() and not is_export_folder(model):
         raise UserError(f"{spec.model} is a folder without manifest.json: not an export folder")

@@ -33,11 +33,14 @@ from pydantic import BaseModel, Field, create_model
 from starlette.exceptions import HTTPException
 from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import ClientDisconnect
+from starlette.routing import Match
 from starlette.staticfiles import StaticFiles
 
 from .. import __version__
 from ..errors import UserError
+from .limits import UploadBudget, client_of
 from .metrics import Metrics
+from .server import MAX_HEAD_BYTES
 from .service import ApiError
 
 log = logging.getLogger("ois_deploy.serve")
@@ -47,7 +50,8 @@ WEB_DIR = Path(__file__).resolve().parents[1] / "web"  # the browser client, mou
 # schema, and the browser page's files (mount_static), which hold no data.
 OPEN_PATHS = ("/healthz", "/readyz", "/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc", "/demo.png")
 JSON_BODY_BYTES = 64 * 1024  # any route but uploads: 24 clicks are under 2 KiB
-MIN_BODY_RATE = 16 * 1024  # bytes/s a body must average once it has taken longer than the read timeout
+LABEL_STUDIO_TASK_BYTES = 4 << 20  # Label Studio's /predict: the task, with its annotations (brush RLEs)
+MIN_BODY_RATE = 16 * 1024  # bytes/s a body must bring in each window of the read timeout
 DEFAULT_MAX_CLICKS = 24  # the schema's bound when the service's model_info() is async (unknown here)
 IMAGE_ID = PathParam(pattern="^[0-9a-f]{64}$", description="SHA-256 (hex) of the image file's bytes.")
 
@@ -136,40 +140,65 @@ CLOSE = {"Connection": "close"}  # a refused body is not read: the connection ca
 
 
 class BodyGuard:
-    """The request body, bounded: 413 over the route's limit (from Content-Length before reading,
-    or counted while it streams), 408 when a part takes over `read_timeout` seconds to come or,
-    after that long, the body averages under MIN_BODY_RATE (a client trickling bytes)."""
+    """What a request may send, bounded: its head (431 over MAX_HEAD_BYTES, whether it came in
+    one read or several) and its body: 413 over the route's limit (from Content-Length before
+    reading, or counted while it streams), 408 when a part takes over `read_timeout` seconds to
+    come, when a window of `read_timeout` seconds brings under MIN_BODY_RATE (a client trickling
+    bytes after a fast start included), or when the whole body takes over `body_deadline`.
+    Once the body is in, receive() is passed through untouched: the app (a FileResponse while it
+    sends) may then wait on it for as long as the response takes."""
 
-    def __init__(self, app, limits: dict[tuple[str, str], int], read_timeout: float):
-        self.app, self.limits, self.read_timeout = app, limits, read_timeout
+    def __init__(self, app, limits: dict[tuple[str, str], int], read_timeout: float, body_deadline: float):
+        self.app, self.limits, self.read_timeout, self.body_deadline = app, limits, read_timeout, body_deadline
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
+        if head_bytes(scope) > MAX_HEAD_BYTES:
+            return await _json_response(431, f"the request head is over this server's limit of "
+                                             f"{MAX_HEAD_BYTES // 1024} KiB", CLOSE)(scope, receive, send)
         limit = self.limits.get((scope["method"], scope["path"]), JSON_BODY_BYTES)
         too_large = f"the request body is over this route's limit of {_size(limit)}"
         length = dict(scope["headers"]).get(b"content-length")
         if length is not None and length.isdigit() and int(length) > limit:
             return await _json_response(413, too_large, CLOSE)(scope, receive, send)
-        seen, start = 0, None
+        seen, start, window, done = 0, None, (0.0, 0), False
 
         async def guarded():
-            nonlocal seen, start
-            start = start or time.monotonic()
-            with anyio.move_on_after(self.read_timeout) as waited:
+            nonlocal seen, start, window, done
+            if done:
+                return await receive()
+            now = time.monotonic()
+            if start is None:
+                start, window = now, (now, 0)
+            wait = min(self.read_timeout, start + self.body_deadline - now)
+            with anyio.move_on_after(max(0.0, wait)) as waited:
                 message = await receive()
             if waited.cancelled_caught:
+                if wait < self.read_timeout:
+                    raise HTTPException(408, f"the request body took over {self.body_deadline:g} s", CLOSE)
                 raise HTTPException(408, f"no part of the request body came for {self.read_timeout:g} s", CLOSE)
+            done = not message.get("more_body")
             seen += len(message.get("body", b""))
             if seen > limit:
                 raise HTTPException(413, too_large, CLOSE)  # answered by the app's handler
-            elapsed = time.monotonic() - start
-            if message.get("more_body") and elapsed > self.read_timeout and seen < MIN_BODY_RATE * elapsed:
-                raise HTTPException(408, f"the request body is coming too slowly ({seen / elapsed:.0f} B/s; "
-                                         f"send at least {_size(MIN_BODY_RATE)}/s)", CLOSE)
+            now = time.monotonic()
+            since, seen_then = window
+            if not done and now - since > self.read_timeout:  # each window must bring its share
+                rate = (seen - seen_then) / (now - since)
+                if rate < MIN_BODY_RATE:
+                    raise HTTPException(408, f"the request body is coming too slowly ({rate:.0f} B/s; "
+                                             f"send at least {_size(MIN_BODY_RATE)}/s)", CLOSE)
+                window = (now, seen)
             return message
 
         await self.app(scope, guarded, send)
+
+
+def head_bytes(scope) -> int:
+    """The request line and headers' size, about as sent."""
+    return (len(scope["method"]) + len(scope.get("raw_path") or b"") + len(scope.get("query_string") or b"") + 12
+            + sum(len(k) + len(v) + 4 for k, v in scope["headers"]))
 
 
 def _size(n: int) -> str:
@@ -222,7 +251,10 @@ class ApiKey:
         if self.static_dir is None:
             return False
         name = os.path.normpath(path.lstrip("/") or "index.html")
-        return not name.startswith("..") and (Path(self.static_dir) / name).is_file()
+        try:
+            return not name.startswith("..") and (Path(self.static_dir) / name).is_file()
+        except (OSError, ValueError):  # a name too long for the file system, a NUL: no such file
+            return False
 
     def _authorized(self, header: bytes) -> bool:
         scheme, _, given = header.strip().partition(b" ")
@@ -261,6 +293,8 @@ class Observe:
         start, status = time.perf_counter(), 499
         if scope["method"] == "HEAD":
             scope = {**scope, "method": "GET"}
+        if scope["method"] == "POST" and not any(k == b"content-type" for k, _ in scope["headers"]):
+            scope = {**scope, "headers": [*scope["headers"], (b"content-type", b"application/json")]}  # as documented
 
         async def send_with_headers(message):
             nonlocal status
@@ -305,10 +339,12 @@ def normalize_origin(origin: str) -> str:
 
 
 def create_app(service, *, api_key: str | None = None, allow_origins=(), max_body_mb: float = 50,
-               read_timeout: float = 10, max_uploads: int = 8, static_dir: Path | None = WEB_DIR, label_studio=None) -> FastAPI:
+               read_timeout: float = 10, body_deadline: float = 120, max_uploads: int = 8,
+               static_dir: Path | None = WEB_DIR, label_studio=None) -> FastAPI:
     """The API v1 app over `service`. Upload bodies held at once (received or waiting to be
-    encoded) total at most `max_uploads` x `max_body_mb` (503 + Retry-After beyond): a byte
-    budget, so that bodies trickled in by slow clients do not use it up. static_dir (default:
+    encoded) total at most `max_uploads` x `max_body_mb`, one client's at most a quarter of that
+    (or one body) (503 + Retry-After beyond): a byte budget (limits.UploadBudget, shared with
+    Label Studio's image fetches). static_dir (default:
     ois_deploy/web, the browser client) is mounted at / after the API routes when it exists;
     None mounts nothing. label_studio (LabelStudioOptions) adds Label Studio's ML-backend routes
     under /label-studio."""
@@ -319,12 +355,13 @@ def create_app(service, *, api_key: str | None = None, allow_origins=(), max_bod
     max_clicks = DEFAULT_MAX_CLICKS if inspect.isawaitable(info) else info["max_clicks"]
     if inspect.iscoroutine(info):
         info.close()
-    upload_budget, held = max_uploads * int(max_body_mb * (1 << 20)), 0  # bytes of upload bodies held now
+    max_body = int(max_body_mb * (1 << 20))
+    uploads = UploadBudget(max_uploads * max_body, max(max_body, max_uploads * max_body // 4))
     metrics = Metrics()
     # No slash redirects: Starlette builds their Location from the Host header.
     app = FastAPI(title="ois-deploy", version=__version__, summary="Interactive segmentation: embed once, click many.",
                   redirect_slashes=False)
-    app.state.service, app.state.metrics = service, metrics
+    app.state.service, app.state.metrics, app.state.uploads = service, metrics, uploads
     protected = _errors(401) if api_key else {}
 
     @app.post("/v1/images", response_model=ImageInfo, tags=["v1"],
@@ -333,27 +370,21 @@ def create_app(service, *, api_key: str | None = None, allow_origins=(), max_bod
                                              "BMP, TIFF, WebP).", "content": {"application/octet-stream": BINARY}}})
     async def post_image(request: Request):
         """Encode an image (once per content); returns its id."""
-        nonlocal held
         data = bytearray()
-        try:  # upload bodies are held in memory until encoded: a byte budget for all of them at once
+        with uploads.holding(client_of(request)) as held:  # held in memory until encoded: the byte budget
             async for chunk in request.stream():
-                if held + len(chunk) > upload_budget:
-                    return _json_response(503, "the server is holding as many uploads as it may; retry shortly",
-                                          {"Retry-After": "1", **CLOSE})
-                held += len(chunk)
+                held.take(len(chunk))
                 data += chunk
             info = await service.add_image(bytes(data))
-        finally:
-            held -= len(data)
         if not info["cached"]:
-            metrics.encoder.observe(info["encoder_ms"] / 1000)
+            metrics.observe_encoder(info["encoder_ms"] / 1000)
         return info
 
     async def post_masks(body, image_id: str = IMAGE_ID):
         """The mask for the whole click sequence so far."""
         clicks = [(c.x, c.y, c.positive) for c in body.clicks]
         result = await service.masks(image_id, clicks, body.format)
-        metrics.decoder.observe(result["decoder_ms"] / 1000)
+        metrics.observe_decoder(result["decoder_ms"] / 1000)
         return JSONResponse(result)  # as MaskResponse says; not re-validated (RLE counts are long lists)
 
     post_masks.__annotations__["body"] = masks_request(max_clicks)  # built here: FastAPI reads it from the signature
@@ -413,8 +444,9 @@ def create_app(service, *, api_key: str | None = None, allow_origins=(), max_bod
     _error_handlers(app)
     # The last added is the outermost: Observe sees every response, CORS answers preflights
     # before the key is checked, the key before the body is read.
-    app.add_middleware(BodyGuard, limits={("POST", "/v1/images"): int(max_body_mb * (1 << 20))},
-                       read_timeout=read_timeout)
+    limits = {("POST", "/v1/images"): max_body,
+              ("POST", "/label-studio/predict"): LABEL_STUDIO_TASK_BYTES}  # a task carries its earlier annotations
+    app.add_middleware(BodyGuard, limits=limits, read_timeout=read_timeout, body_deadline=body_deadline)
     app.add_middleware(CancelOnDisconnect)  # outside BodyGuard: its watch waits without the body's timeout
     if api_key:
         app.add_middleware(ApiKey, key=api_key, static_dir=static_dir)
@@ -424,7 +456,7 @@ def create_app(service, *, api_key: str | None = None, allow_origins=(), max_bod
     if label_studio is not None:
         from .label_studio import PREFIX, label_studio_router
 
-        app.include_router(label_studio_router(service, label_studio), prefix=PREFIX)
+        app.include_router(label_studio_router(service, label_studio, uploads=uploads, metrics=metrics), prefix=PREFIX)
     if static_dir is not None:
         mount_static(app, static_dir)
     return app
@@ -443,15 +475,44 @@ def mount_static(app: FastAPI, directory: Path) -> None:
 
     async def web(request: Request):
         for route in app.routes:  # an API path with another method: 405, as without this route
-            if route.name != "web" and getattr(route, "methods", None) and route.path_regex.match(request.url.path):
-                raise HTTPException(405, headers={"Allow": ", ".join(sorted(route.methods))})
+            if route is not web_route and route.matches(request.scope)[0] == Match.PARTIAL:
+                methods = getattr(route, "methods", None) or ()
+                raise HTTPException(405, headers={"Allow": ", ".join(sorted(methods))} if methods else None)
         path = os.path.normpath(os.path.join(*request.path_params["path"].split("/")))
         response = await files.get_response(path, request.scope)
-        if "location" in response.headers:  # a folder's slash redirect: a path, not the Host header's URL
-            response.headers["location"] = urlsplit(response.headers["location"]).path
-        return response
+        if "location" in response.headers:  # a folder's slash redirect: to that folder here, never off-site
+            response.headers["location"] = "/" if path == "." else f"/{path.lstrip('/')}/"
+        return RangeErrorsAsJson(response)
 
     app.router.add_route("/{path:path}", web, methods=["GET", "HEAD"], name="web", include_in_schema=False)
+    web_route = app.router.routes[-1]
+
+
+class RangeErrorsAsJson:
+    """A static file's response, its refusals of a Range header (Starlette's plain-text 400 and
+    bodiless 416) sent as JSON errors like every other."""
+
+    def __init__(self, response):
+        self.response = response
+
+    async def __call__(self, scope, receive, send):
+        refused = None
+
+        async def send_json(message):
+            nonlocal refused
+            if message["type"] == "http.response.start" and message["status"] in (400, 416):
+                refused = message
+            elif refused is None:
+                await send(message)
+            elif not message.get("more_body"):
+                status = refused["status"]
+                headers = {k.decode(): v.decode() for k, v in refused["headers"] if k == b"content-range"}
+                text = message.get("body", b"").decode(errors="replace").strip()
+                error = (f"the Range is outside the file ({headers.get('content-range', '')})" if status == 416
+                         else f"bad Range header: {text or 'malformed'}")
+                await _json_response(status, error, headers)(scope, receive, send)
+
+        await self.response(scope, receive, send_json)
 
 
 def _error_handlers(app: FastAPI) -> None:

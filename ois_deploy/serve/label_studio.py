@@ -3,44 +3,65 @@
 Label Studio posts the task and the annotator's smart key points so far (`context.result`: x, y
 in percent of the image, `is_positive`) to /predict; the answer is one `brushlabels` region in
 Label Studio's own brush RLE, made by its converter (label-studio-converter's `brush` module).
-The image is fetched once per URL: a file on the Label Studio host with the project's API token,
-or an external URL whose host is on the allow-list; its bytes go through the service's image
-checks and pixel limit and into its cache, so every annotator of an image shares one encode.
 
-Bad input gets a 4xx with {"error": "one line"} (Label Studio shows the status line), a request
-without key points an empty prediction. The token is never logged nor put in a message.
+Task images are located as Label Studio's ML SDK locates them (label_studio_sdk's
+`get_local_path`): uploads and local-files storage on the Label Studio host, cloud storage
+URIs (s3://, gs://, azure-blob://) through the task's /tasks/<id>/resolve/ route; the API token
+goes with those routes only (and only for the posting task's project), never to another path.
+Other URLs must be on the allow-list (scheme, host and port). The SDK's downloader itself is not
+used: it caches by URL forever and reads bodies unbounded, the two faults this module avoids.
+Fetches are bounded (fetch.py) and counted in the server's upload byte budget; each request
+fetches the image again (a conditional GET when the host gave an ETag), and the service keys
+images by the SHA-256 of their bytes, so a changed file is a new image and an unchanged one a
+cache hit. A held image whose size disagrees with the task's original_width/original_height is
+never answered.
+
+Each request is logged in one line (task, points, status, ms, and the reason of a refusal); the
+token never is. A refusal is a 4xx {"error": "one line"}. Label Studio (1.23) shows only the
+status line and URL of a backend's error, not its body: for Label Studio's own client
+(User-Agent heartex/...) a refusal is first redirected (307) to the same route with the reason
+in `?error=`, which that route answers with the 4xx, so the reason is in what Label Studio shows.
 """
 
 from __future__ import annotations
 
+import base64
+import logging
 import math
+import re
+import sys
+import time
 import uuid
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from urllib.parse import urljoin, urlsplit
+from urllib.parse import parse_qs, quote_plus, unquote, urlencode, urljoin, urlsplit
 
 import anyio.to_thread
 import numpy as np
 from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, RedirectResponse
 
+from .fetch import MAX_URL_CHARS, Fetcher, UpstreamError, origin_of, parse_origin, shown
 from .masks import rle_decode
 from .service import ApiError
 
 PREFIX = "/label-studio"
-MAX_KNOWN_URLS = 4096  # image URL -> image id; an evicted or forgotten id is fetched again
+MAX_KNOWN_URLS = 4096  # image URL -> (ETag, image): URLs of at most 4096 characters, ETags of 200: under 20 MB
+CLOUD_SCHEMES = ("s3:", "gs:", "azure-blob:")  # as label_studio_sdk's is_cloud_storage_uri
+log = logging.getLogger("ois_deploy.serve.label_studio")
 
 
 @dataclass(frozen=True)
 class LabelStudioOptions:
-    url: str | None = None  # Label Studio's address: relative file URLs (/data/upload/...) are fetched there
+    url: str | None = None  # Label Studio's address: its file paths (/data/upload/...) are fetched there
     token: str | None = field(default=None, repr=False)  # its API token: legacy token or personal access token
-    allow_hosts: tuple[str, ...] = ()  # hosts of external image URLs that may be fetched (no token sent)
+    allow: tuple[tuple[str, str, int], ...] = ()  # (scheme, host, port) of external image URLs (no token sent)
     max_bytes: int = 50 << 20  # largest image file fetched
-    timeout_s: float = 20.0
+    deadline_s: float = 30.0  # a whole fetch, connection to last byte
 
 
 def options_from_cli(url: str | None, token: str | None, allow_hosts: list[str], max_body_mb: float,
-                     ray: bool) -> LabelStudioOptions:
+                     ray: bool, fetch_timeout: float = 30.0) -> LabelStudioOptions:
     """serve's --label-studio-* options, checked (UserError: one line, the token never in it)."""
     from ..errors import UserError
 
@@ -49,8 +70,8 @@ def options_from_cli(url: str | None, token: str | None, allow_hosts: list[str],
     try:
         import defusedxml, httpx, label_studio_converter  # noqa: F401,E401
     except ImportError as e:
-        raise UserError(f"--label-studio needs the label-studio extra (pip install 'ois-deploy[label-studio]'): "
-                        f"{e.name} is missing") from None
+        raise UserError(f"--label-studio needs the label-studio extra (pip install -e '.[cpu,label-studio]' in the "
+                        f"repository): {e.name} is missing") from None
     if url is not None:
         parts = urlsplit(url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
@@ -59,13 +80,20 @@ def options_from_cli(url: str | None, token: str | None, allow_hosts: list[str],
         raise UserError("--label-studio-token (or LABEL_STUDIO_API_KEY) is empty")
     if token and not url:
         raise UserError("a Label Studio API token is given without --label-studio-url: where would it be sent?")
-    return LabelStudioOptions(url, token.strip() if token else None, tuple(h.strip() for h in allow_hosts),
-                              int(max_body_mb * (1 << 20)))
+    allow = []
+    for entry in allow_hosts:
+        try:
+            allow.append(parse_origin(entry))
+        except ApiError as e:
+            raise UserError(f"--label-studio-allow-host {entry[:100]!r}: {e.message}") from None
+    return LabelStudioOptions(url, token.strip() if token else None, tuple(allow), int(max_body_mb * (1 << 20)),
+                              fetch_timeout)
 
 
+# -- the label config ------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Target:
-    """Where OIS writes: a BrushLabels tag on an Image, from the project's label config."""
+    """Where OIS writes: a BrushLabels tag on an Image, prompted by a smart KeyPointLabels."""
 
     from_name: str
     to_name: str
@@ -73,34 +101,74 @@ class Target:
     labels: tuple[str, ...]
 
 
+def _truthy(value) -> bool:
+    return str(value).strip().lower() in ("true", "1", "yes")
+
+
 def parse_label_config(config) -> Target:
-    """The first BrushLabels on an Image in a label config (XML); 422 when there is none."""
+    """The BrushLabels on an Image that a smart KeyPointLabels on the same Image prompts, every
+    key-point label also a brush label (case-sensitive); 422 with the reason otherwise."""
     from defusedxml import ElementTree
     from defusedxml.common import DefusedXmlException
 
     if not isinstance(config, str) or not config.strip():
-        raise ApiError(422, "the request has no label_config: connect the backend to a project with a label config")
+        raise ApiError(422, "the request has no label config: connect the backend to a project with a label config")
     try:
         root = ElementTree.fromstring(config)
-    except (ElementTree.ParseError, DefusedXmlException) as e:
-        raise ApiError(422, f"the label config is not valid XML: {e}") from None
+    except (ElementTree.ParseError, DefusedXmlException, RecursionError) as e:
+        raise ApiError(422, f"the label config is not valid XML: {str(e)[:200]}") from None
     tags = list(root.iter())
     images = {t.get("name"): t.get("value", "") for t in tags if t.tag.lower() == "image"}
-    for tag in tags:
-        to_name = tag.get("toName")
-        if tag.tag.lower() == "brushlabels" and to_name in images and images[to_name].startswith("$"):
-            labels = tuple(t.get("value") for t in tag.iter() if t.tag.lower() == "label" and t.get("value"))
-            return Target(tag.get("name"), to_name, images[to_name][1:], labels)
-    raise ApiError(422, "the label config has no BrushLabels on an Image with value=\"$field\": OIS answers with "
-                        "brush masks (see the label config in docs/label-studio.md)")
+
+    def labels_of(tag) -> tuple[str, ...]:
+        return tuple(t.get("value") for t in tag.iter() if t.tag.lower() == "label" and t.get("value"))
+
+    brushes = {t.get("toName"): t for t in tags if t.tag.lower() == "brushlabels" and
+               images.get(t.get("toName"), "").startswith("$")}
+    if not brushes:
+        raise ApiError(422, "the label config has no BrushLabels on an Image with value=\"$field\": OIS answers with "
+                            "brush masks (see the label config in docs/label-studio.md)")
+    points = [t for t in tags if t.tag.lower() == "keypointlabels" and t.get("toName") in brushes]
+    smart = [t for t in points if _truthy(t.get("smart")) or _truthy(t.get("smartOnly"))
+             or any(_truthy(label.get("smart")) for label in t.iter() if label.tag.lower() == "label")]
+    if not smart:
+        raise ApiError(422, "the label config has no smart KeyPointLabels (smart=\"true\") on the BrushLabels' Image: "
+                            "OIS segments from key points, Label Studio sends them only from a smart KeyPointLabels")
+    tag = smart[0]
+    brush = brushes[tag.get("toName")]
+    missing = [label for label in labels_of(tag) if label not in labels_of(brush)]
+    if missing or not labels_of(brush):
+        raise ApiError(422, f"the KeyPointLabels' labels {', '.join(missing) or '(none)'} are not labels of BrushLabels "
+                            f"{brush.get('name')!r} ({', '.join(labels_of(brush)) or 'none'}): give both tools the "
+                            "same labels (case-sensitive)")
+    return Target(brush.get("name"), tag.get("toName"), images[tag.get("toName")][1:], labels_of(brush))
 
 
+# -- the key points --------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Point:
     x: float  # percent of the image width
     y: float
     positive: bool
     label: str | None
+    size: tuple[int, int] | None  # the image's (width, height) as the annotator's page has it
+
+
+def _percent(value) -> float | None:
+    """A JSON number in [0, 100], or None (huge integers overflow float: also None)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    try:
+        value = float(value)
+    except OverflowError:
+        return None
+    return value if math.isfinite(value) and 0 <= value <= 100 else None
+
+
+def _size(item: dict) -> tuple[int, int] | None:
+    w, h = item.get("original_width"), item.get("original_height")
+    ok = all(isinstance(v, int) and not isinstance(v, bool) and 0 < v < 1 << 20 for v in (w, h))
+    return (w, h) if ok else None
 
 
 def key_points(context, target: Target) -> list[Point]:
@@ -120,14 +188,14 @@ def key_points(context, target: Target) -> list[Point]:
             continue  # other regions (earlier masks, choices) are not prompts
         if not isinstance(value, dict):
             raise ApiError(400, "a key point has no value")
-        x, y = value.get("x"), value.get("y")
-        if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and 0 <= v <= 100
-                   for v in (x, y)):
-            raise ApiError(400, f"key point coordinates must be percentages in [0, 100], got x={x!r}, y={y!r}")
+        x, y = _percent(value.get("x")), _percent(value.get("y"))
+        if x is None or y is None:
+            raise ApiError(400, f"key point coordinates must be percentages in [0, 100], got "
+                                f"x={str(value.get('x'))[:20]}, y={str(value.get('y'))[:20]}")
         labels = value.get("keypointlabels") or []
         label = labels[0] if isinstance(labels, list) and labels and isinstance(labels[0], str) else None
         # Label Studio's front end always sends is_positive (Alt-click: false); absent means a plain click.
-        points.append(Point(float(x), float(y), item.get("is_positive", True) is not False, label))
+        points.append(Point(x, y, item.get("is_positive", True) is not False, label, _size(item)))
     return points
 
 
@@ -145,124 +213,222 @@ def brush_rle(mask: np.ndarray) -> list[int]:
     return brush.mask2rle(np.asarray(mask, np.uint8) * 255)
 
 
-class ImageSource:
-    """Fetches task images (Label Studio host with its token, or allow-listed hosts) into the
-    service's cache, remembering each URL's image id."""
+# -- where a task's image is -----------------------------------------------------------------
+@dataclass(frozen=True)
+class Task:
+    id: int
+    project: int | None
+    image: str  # the URL or storage URI in the task's data
 
-    def __init__(self, service, options: LabelStudioOptions):
-        self.service, self.options = service, options
-        self.ids: OrderedDict[str, dict] = OrderedDict()  # URL -> add_image's answer
+
+@dataclass(frozen=True)
+class Location:
+    url: str  # absolute
+    token: bool  # a Label Studio file route: send the API token
+    follow_once: bool  # Label Studio's resolve route may redirect to a presigned URL
+
+
+def _file_route_of(path: str, query: dict) -> tuple[str, int | None] | None:
+    """Which of Label Studio's file routes (label_studio_sdk get_local_path's cases) a path is, and
+    the project or task it names: ("project" | "task" | "local", id), or None for any other path."""
+    if match := re.match(r"/data/upload/(\d+)/[^/]", path):
+        return "project", int(match[1])
+    if path == "/storage-data/uploaded/":  # ?filepath=upload/<project>/<file>
+        match = re.match(r"upload/(\d+)/", (query.get("filepath") or [""])[-1])
+        return ("project", int(match[1])) if match else None
+    if path == "/data/local-files/":  # ?d=<path>: Label Studio checks it against its local files storages
+        return "local", None
+    if match := re.match(r"/(tasks|projects)/(\d+)/(?:resolve|presign)/$", path):
+        return match[1][:-1], int(match[2])
+    return None
+
+
+def locate(task: Task, options: LabelStudioOptions) -> Location:
+    """Where the task's image is fetched from, and whether the token goes with it (4xx if nowhere)."""
+    url, base = task.image, options.url
+    if url.startswith(CLOUD_SCHEMES):  # Label Studio resolves storage URIs for the task (redirect or proxy)
+        if not base:
+            raise ApiError(400, "the task's image is a cloud storage URI: start serve with --label-studio-url and "
+                                "its API token, Label Studio resolves it")
+        fileuri = base64.urlsafe_b64encode(url.encode()).decode()
+        return Location(f"{base.rstrip('/')}/tasks/{task.id}/resolve/?{urlencode({'fileuri': fileuri})}", True, True)
+    if url.startswith("/") and not url.startswith("//"):
+        if not base:
+            raise ApiError(400, f"the task's image {shown('http://x' + url)[8:]} is a file on the Label Studio host: "
+                                "start serve with --label-studio-url (and its API token)")
+        url = urljoin(base.rstrip("/") + "/", url.lstrip("/"))
+    where = origin_of(url)
+    if base and where == origin_of(base):
+        return Location(url, _file_route(url, task), False)
+    if where not in options.allow:
+        raise ApiError(403, f"the image origin {where[0]}://{where[1]}:{where[2]} is not allowed: add it with "
+                            "--label-studio-allow-host")
+    return Location(url, False, False)
+
+
+def _file_route(url: str, task: Task) -> bool:
+    """True for Label Studio's file routes of the task's own project or task; 403 for any other
+    path on its host (the token would reach its API), 400 for a path not normalised."""
+    parts = urlsplit(url)
+    path, query = unquote(parts.path), parse_qs(parts.query)
+    local = (query.get("d") or [""])[-1]
+    if any(segment in ("", ".", "..") for segment in path.split("/")[1:-1]) or ".." in local.split("/"):
+        raise ApiError(400, "the image path on the Label Studio host is not normalised ('.', '..' or '//')")
+    route = _file_route_of(path, query)
+    if route is None:
+        raise ApiError(403, f"{shown(url)} is not a Label Studio file path (/data/upload/, /data/local-files/, "
+                            "/tasks/<id>/resolve/): the backend does not send its token there")
+    kind, named = route
+    if kind == "project" and named != task.project:
+        raise ApiError(403, f"the image belongs to Label Studio project {named}, not to the task's project "
+                            f"{task.project}")
+    if kind == "task" and named != task.id:
+        raise ApiError(403, f"the image is resolved for task {named}, not for the task {task.id} asked about")
+    return True
+
+
+class ImageSource:
+    """Task images into the service's cache, keyed by content: each request fetches again (a
+    conditional GET when the host gave an ETag) and the service hashes what it gets."""
+
+    def __init__(self, service, options: LabelStudioOptions, metrics):
+        self.service, self.options, self.metrics = service, options, metrics
+        self.fetcher = Fetcher(options.max_bytes, options.deadline_s)
+        self.known: OrderedDict[str, tuple[str, dict]] = OrderedDict()  # URL -> (ETag, add_image's answer)
         self._access: str | None = None  # access token from a personal access token (refreshed on 401)
 
-    async def add(self, url: str, refresh: bool = False) -> dict:
-        """The image at url in the service's cache: its add_image answer (id, width, height)."""
-        if not refresh and url in self.ids:
-            self.ids.move_to_end(url)
-            return self.ids[url]
-        info = await self.service.add_image(await self.fetch(url))
-        self.ids[url] = info
-        while len(self.ids) > MAX_KNOWN_URLS:
-            self.ids.popitem(last=False)
+    async def image(self, task: Task, uploads, client: str, size: tuple[int, int] | None, fresh: bool = False) -> dict:
+        """The task's image in the service's cache (add_image's answer). Its size must be
+        `size` (the annotator's page's): one fetch without validators, then 409."""
+        where = locate(task, self.options)
+        info = await self._load(where, uploads, client, fresh)
+        if size and (info["width"], info["height"]) != size and not fresh:
+            info = await self._load(where, uploads, client, True)
+        if size and (info["width"], info["height"]) != size:
+            raise ApiError(409, f"the image behind the task's URL is {info['width']}x{info['height']}, the annotator's "
+                                f"page has {size[0]}x{size[1]}: the file was replaced; reload the task")
         return info
 
-    def resolve(self, url: str) -> tuple[str, bool]:
-        """(absolute URL, whether it is on the Label Studio host and gets the token)."""
-        base = self.options.url
-        if url.startswith("/") and not url.startswith("//"):
-            if not base:
-                raise ApiError(400, f"the task's image {url} is a file on the Label Studio host: start serve with "
-                                    "--label-studio-url (and its API token)")
-            url = urljoin(base.rstrip("/") + "/", url.lstrip("/"))
-        parts = urlsplit(url)
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise ApiError(400, f"the task's image must be an http(s) URL, got {_shown(url)!r}")
-        if base and (parts.scheme, parts.netloc) == (urlsplit(base).scheme, urlsplit(base).netloc):
-            return url, True
-        if parts.hostname.lower() not in {h.lower() for h in self.options.allow_hosts}:
-            raise ApiError(403, f"the image host {parts.hostname} is not allowed: add it with "
-                                "--label-studio-allow-host")
-        return url, False
+    async def _load(self, where: Location, uploads, client: str, fresh: bool) -> dict:
+        known = None if fresh else self.known.get(where.url)
+        with uploads.holding(client) as held:
+            etag = known[0] if known else None
+            try:
+                fetched = await self.fetcher.get(where.url, held, await self._auth(where), etag, where.follow_once)
+            except UpstreamError as e:
+                if e.upstream != 401 or self._access is None:
+                    raise
+                self._access = None  # an expired access token: exchange the personal access token again
+                fetched = await self.fetcher.get(where.url, held, await self._auth(where), etag, where.follow_once)
+            if fetched.data is None and known:
+                self.known.move_to_end(where.url)
+                return known[1]
+            if fetched.data is None:  # a 304 we did not ask for
+                raise ApiError(400, f"the image host answered 304 to {shown(where.url)} without a validator")
+            info = await self.service.add_image(fetched.data)
+        if not info["cached"]:
+            self.metrics.observe_encoder(info["encoder_ms"] / 1000, api="label-studio")
+        if fetched.etag and len(fetched.etag) <= 200:
+            self.known[where.url] = (fetched.etag, info)
+            while len(self.known) > MAX_KNOWN_URLS:
+                self.known.popitem(last=False)
+        else:
+            self.known.pop(where.url, None)
+        return info
 
-    async def fetch(self, url: str) -> bytes:
+    async def _auth(self, where: Location) -> dict:
+        """Label Studio's auth header for its file routes: a legacy token as is, a personal access
+        token (a JWT refresh token) exchanged for an access token at /api/token/refresh."""
         import httpx
 
-        url, on_label_studio = self.resolve(url)
-        try:
-            async with httpx.AsyncClient(timeout=self.options.timeout_s, follow_redirects=False) as client:
-                headers = await self._auth(client) if on_label_studio else {}
-                response = await self._get(client, url, headers)
-                expired = getattr(response, "status_code", None) == 401 and self._access is not None
-                if expired and on_label_studio:
-                    self._access = None  # an expired access token: refresh once
-                    response = await self._get(client, url, await self._auth(client))
-        except httpx.HTTPError as e:
-            raise ApiError(400, f"cannot fetch the task's image {_shown(url)}: {type(e).__name__}") from None
-        if isinstance(response, bytes):
-            return response
-        hint = " (is the Label Studio API token right?)" if response.status_code in (401, 403) else ""
-        raise ApiError(400, f"cannot fetch the task's image {_shown(url)}: HTTP {response.status_code}{hint}")
-
-    async def _get(self, client, url: str, headers: dict):
-        """The body (bytes) of a 200, or the response of any other status; 413 past max_bytes."""
-        async with client.stream("GET", url, headers=headers) as response:
-            if response.status_code != 200:
-                return response
-            limit = self.options.max_bytes
-            length = response.headers.get("content-length", "")
-            if length.isdigit() and int(length) > limit:
-                raise _too_large(limit)
-            data = bytearray()
-            async for chunk in response.aiter_bytes():
-                data += chunk
-                if len(data) > limit:
-                    raise _too_large(limit)
-            return bytes(data)
-
-    async def _auth(self, client) -> dict:
-        """Label Studio's auth header: a legacy token as is, a personal access token (a JWT
-        refresh token) exchanged for an access token at /api/token/refresh."""
         token = self.options.token
-        if not token:
+        if not token or not where.token:
             return {}
         if token.count(".") != 2:
             return {"Authorization": f"Token {token}"}
         if self._access is None:
-            response = await client.post(urljoin(self.options.url.rstrip("/") + "/", "api/token/refresh/"),
-                                         json={"refresh": token})
             try:
+                async with httpx.AsyncClient(trust_env=False, timeout=self.options.deadline_s) as client:
+                    response = await client.post(urljoin(self.options.url.rstrip("/") + "/", "api/token/refresh/"),
+                                                 json={"refresh": token})
                 access = response.json().get("access") if response.status_code == 200 else None
-            except ValueError:
+            except (httpx.HTTPError, ValueError, AttributeError):
                 access = None
             if not isinstance(access, str):
-                raise ApiError(400, f"Label Studio refused the personal access token (HTTP {response.status_code})")
+                raise ApiError(400, "Label Studio refused the personal access token (or did not answer)")
             self._access = access
         return {"Authorization": f"Bearer {self._access}"}
 
 
-def _too_large(limit: int) -> ApiError:
-    return ApiError(413, f"the task's image is over this server's limit of {limit / (1 << 20):g} MB")
+# -- the routes ------------------------------------------------------------------------------
+def _logger() -> logging.Logger:
+    """This module's log lines on stderr (uvicorn's own logging is quiet: log_level warning)."""
+    if not log.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(asctime)s label-studio %(message)s"))
+        log.addHandler(handler)
+        log.setLevel(logging.INFO)
+        log.propagate = False
+    return log
 
 
-def _shown(url: str) -> str:
-    parts = urlsplit(url)  # no query string: signed URLs carry credentials there
-    return f"{parts.scheme}://{parts.netloc}{parts.path}"[:200]
+def _refusal(request: Request, error: ApiError) -> JSONResponse | RedirectResponse:
+    """The 4xx {"error"}; for Label Studio's own client first a 307 to ?error=REASON (see the module's doc)."""
+    from_label_studio = request.headers.get("user-agent", "").startswith("heartex/")
+    if from_label_studio and "error" not in request.query_params and error.status < 500:
+        query = urlencode({"status": error.status, "error": error.message[:400]}, safe="'(),:/\"", quote_via=quote_plus)
+        return RedirectResponse(f"{request.url.path}?{query}", 307)
+    headers = {"Retry-After": "1"} if error.status == 503 else None
+    return JSONResponse({"error": error.message}, error.status, headers=headers)
 
 
-def label_studio_router(service, options: LabelStudioOptions) -> APIRouter:
-    """/health, /setup, /predict (and /versions, /webhook) as Label Studio calls an ML backend."""
+def _reported(request: Request) -> ApiError | None:
+    """The refusal a 307 above carries back (Label Studio's client follows it)."""
+    message, status = request.query_params.get("error"), request.query_params.get("status", "")
+    if message is None:
+        return None
+    return ApiError(int(status) if status.isdigit() and 400 <= int(status) < 500 else 400, message)
+
+
+async def _body_of(request: Request) -> dict:
+    try:
+        body = await request.json()
+    except (ValueError, RecursionError):  # RecursionError: deeply nested brackets
+        raise ApiError(400, "malformed JSON body (or nested too deeply)") from None
+    if not isinstance(body, dict):
+        raise ApiError(400, "the body must be a JSON object")
+    return body
+
+
+def _task_of(body: dict, data_key: str) -> Task:
+    tasks = body.get("tasks")
+    task = tasks[0] if isinstance(tasks, list) and len(tasks) == 1 and isinstance(tasks[0], dict) else None
+    if task is None:
+        raise ApiError(400, "an interactive prediction needs exactly one task")
+    task_id = task.get("id")
+    if isinstance(task_id, bool) or not isinstance(task_id, int) or not 0 <= task_id < 1 << 62:
+        raise ApiError(400, "the task has no integer id")
+    project = task.get("project")
+    uid = body.get("project")  # Label Studio sends "<project id>.<created timestamp>"
+    if not isinstance(project, int) and isinstance(uid, str) and uid.split(".")[0].isdigit():
+        project = int(uid.split(".")[0][:18])
+    image = task["data"].get(data_key) if isinstance(task.get("data"), dict) else None
+    if not isinstance(image, str) or not image or len(image) > MAX_URL_CHARS:
+        raise ApiError(400, f"the task has no image URL (of at most {MAX_URL_CHARS} characters) in data.{data_key}")
+    return Task(task_id, project if isinstance(project, int) and not isinstance(project, bool) else None, image)
+
+
+def label_studio_router(service, options: LabelStudioOptions, *, uploads, metrics) -> APIRouter:
+    """/health, /setup, /predict (and /versions, /webhook) as Label Studio calls an ML backend.
+    uploads: the server's upload byte budget (limits.UploadBudget), which fetches share;
+    metrics: the app's Metrics, for the encoder and decoder histograms."""
+    from .limits import client_of
+
     router = APIRouter(tags=["label-studio"])
-    images = ImageSource(service, options)
+    images = ImageSource(service, options, metrics)
     info = service.model_info()
     model_version = f"ois-{info['preset']}-{info['backend']}-{info['precision']}"
-
-    async def body_of(request: Request) -> dict:
-        try:
-            body = await request.json()
-        except ValueError:
-            raise ApiError(400, "malformed JSON body") from None
-        if not isinstance(body, dict):
-            raise ApiError(400, "the body must be a JSON object")
-        return body
+    logger = _logger()
 
     @router.get("/health")
     @router.get("/")
@@ -272,8 +438,17 @@ def label_studio_router(service, options: LabelStudioOptions) -> APIRouter:
 
     @router.post("/setup")
     async def setup(request: Request):
-        """Called when a project connects the backend: its label config must have a BrushLabels on an Image."""
-        parse_label_config((await body_of(request)).get("schema"))
+        """Called when a project connects the backend: its label config must work (see parse_label_config)."""
+        if (reported := _reported(request)) is not None:
+            return _refusal(request, reported)  # logged when it was first refused
+        start = time.perf_counter()
+        try:
+            parse_label_config((await _body_of(request)).get("schema"))
+        except ApiError as e:
+            logger.info("setup status=%d ms=%.0f refused: %s", e.status, (time.perf_counter() - start) * 1000,
+                        e.message)
+            return _refusal(request, e)
+        logger.info("setup status=200 ms=%.0f", (time.perf_counter() - start) * 1000)
         return {"model_version": model_version}
 
     @router.get("/versions")
@@ -287,32 +462,48 @@ def label_studio_router(service, options: LabelStudioOptions) -> APIRouter:
 
     @router.post("/predict")
     async def predict(request: Request):
-        """One brush region for the task's key points; no prediction without key points."""
-        body = await body_of(request)
-        target = parse_label_config(body.get("label_config"))
-        params = body.get("params") if isinstance(body.get("params"), dict) else {}
-        points = key_points(params.get("context"), target)
-        if not points:
-            return {"results": []}  # batch pre-annotation or nothing clicked yet: OIS needs clicks
+        """One brush region for the task's key points; for tasks without key points (batch
+        pre-annotation, opening a task) an empty prediction list per task."""
+        if (reported := _reported(request)) is not None:
+            return _refusal(request, reported)  # logged when it was first refused
+        start, task_id, n_points = time.perf_counter(), None, 0
+        try:
+            body = await _body_of(request)
+            tasks = body.get("tasks")
+            target = parse_label_config(body.get("label_config"))
+            params = body.get("params") if isinstance(body.get("params"), dict) else {}
+            points = key_points(params.get("context"), target)
+            n_points = len(points)
+            if not points:  # one list per task, each empty: Label Studio stores no prediction and logs no error
+                answer = {"results": [[] for _ in tasks] if isinstance(tasks, list) and tasks else [[]]}
+                task_id = f"{len(tasks)} tasks" if isinstance(tasks, list) else None
+            else:
+                task = _task_of(body, target.data_key)
+                task_id = task.id
+                answer = await _predict(task, points, target, request)
+        except ApiError as e:
+            logger.info("predict task=%s points=%d status=%d ms=%.0f refused: %s", task_id, n_points, e.status,
+                        (time.perf_counter() - start) * 1000, e.message)
+            return _refusal(request, e)
+        logger.info("predict task=%s points=%d status=200 ms=%.0f", task_id, n_points,
+                    (time.perf_counter() - start) * 1000)
+        return answer
+
+    async def _predict(task: Task, points: list[Point], target: Target, request: Request) -> dict:
         label = points[-1].label  # the label the annotator has selected for the current key point
-        if label is not None and target.labels and label not in target.labels:
+        if label is not None and label not in target.labels:
             raise ApiError(422, f"the key point's label {label!r} is not a label of BrushLabels {target.from_name!r} "
                                 f"({', '.join(target.labels)}): give both tools the same labels")
-        tasks = body.get("tasks")
-        task = tasks[0] if isinstance(tasks, list) and len(tasks) == 1 and isinstance(tasks[0], dict) else None
-        if task is None:
-            raise ApiError(400, "an interactive prediction needs exactly one task")
-        url = (task.get("data") or {}).get(target.data_key) if isinstance(task.get("data"), dict) else None
-        if not isinstance(url, str) or not url:
-            raise ApiError(400, f"the task has no image URL in data.{target.data_key}")
-        image = await images.add(url)
+        client, size = client_of(request), points[-1].size
+        image = await images.image(task, uploads, client, size)
         try:
             answer = await _masks(service, image, points)
         except ApiError as e:
             if e.status != 404:
                 raise
-            image = await images.add(url, refresh=True)  # evicted or deleted since: fetch it again
+            image = await images.image(task, uploads, client, size, fresh=True)  # evicted since: fetch it again
             answer = await _masks(service, image, points)
+        metrics.observe_decoder(answer["decoder_ms"] / 1000, api="label-studio")
         mask = rle_decode(answer["mask"])
         rle = await anyio.to_thread.run_sync(brush_rle, mask)
         region = {

@@ -48,16 +48,23 @@ class Metrics:
                                 registry=self.registry)
         self.latency = Histogram("ois_http_request_duration_seconds", "HTTP request latency.", ["method", "route"],
                                  buckets=LATENCY_BUCKETS, registry=self.registry)
-        self.encoder = Histogram("ois_encoder_seconds", "Encoder time per new image.", buckets=LATENCY_BUCKETS,
-                                 registry=self.registry)
-        self.decoder = Histogram("ois_decoder_seconds", "Decoder time per mask request (all clicks it replayed).",
+        # api: "v1" or "label-studio", the API whose request ran the model
+        self.encoder = Histogram("ois_encoder_seconds", "Encoder time per new image.", ["api"],
                                  buckets=LATENCY_BUCKETS, registry=self.registry)
+        self.decoder = Histogram("ois_decoder_seconds", "Decoder time per mask request (all clicks it replayed).",
+                                 ["api"], buckets=LATENCY_BUCKETS, registry=self.registry)
         self._stats = _StatsCollector()
         self.registry.register(self._stats)
 
     def observe_request(self, method: str, route: str, status: int, seconds: float) -> None:
         self.requests.labels(method, route, str(status)).inc()
         self.latency.labels(method, route).observe(seconds)
+
+    def observe_encoder(self, seconds: float, api: str = "v1") -> None:
+        self.encoder.labels(api).observe(seconds)
+
+    def observe_decoder(self, seconds: float, api: str = "v1") -> None:
+        self.decoder.labels(api).observe(seconds)
 
     def render(self, stats: dict) -> bytes:
         self._stats.snapshot = {k: v for k, v in stats.items() if isinstance(v, (int, float))}

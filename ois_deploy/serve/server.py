@@ -6,18 +6,29 @@ and a graceful-shutdown timeout. What it lacks is added here, on its h11 protoco
 - a deadline for the request head (a client sending its header one line every few seconds, or
   nothing at all, is closed after `head_timeout`), where uvicorn times out only idle keep-alive;
 - 431 with a JSON error for a head over the limit (uvicorn answers a plain-text 400);
-- a cap on open connections, under the process's file-descriptor limit: when it is reached, the
-  connection idle the longest (no request in progress: a slow or idle socket) is closed to make
-  room, so that such sockets cannot use up the descriptors and lock out a new client.
-The request body's timeouts are in the app (app.py, ReadGuard), where the body is read.
+- a send timeout: a client that reads its answer so slowly that the server's write buffer stays
+  full for `head_timeout` seconds is closed (a reader must take about 48 KiB per `head_timeout`:
+  5 KiB/s at the default 10 s; any faster download completes);
+- a cap on open connections, under the process's file-descriptor limit (two per connection: a
+  static file being sent holds one): when it is reached, the connection stalled the longest is
+  closed to make room: one with no request in progress (idle, or sending its head), one waiting
+  for its request body or one whose reader has stopped reading, each stalled for over a second;
+  so that slow sockets cannot use up the descriptors and lock out a new client;
+- a response that ends before its request's body was read (a refusal: 401, 413, 503...) closes
+  the connection, rather than reading the rest of that body: a lingering close (the server's
+  side shut, what still comes discarded for at most LINGER_S seconds and LINGER_BYTES bytes), so
+  that a client still sending reads the answer rather than a reset connection.
+The request body's timeouts and the head's size are in the app (app.py, BodyGuard).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import resource
 import socket
+import struct
 
 from ..errors import UserError
 
@@ -52,7 +63,8 @@ FD_RESERVE = 32  # descriptors kept free for the model, logs and the listening s
 
 
 def connection_cap(wanted: int) -> int:
-    """`wanted`, lowered to fit the descriptors this process may still open (RLIMIT_NOFILE)."""
+    """`wanted`, lowered to fit the descriptors this process may still open (RLIMIT_NOFILE), two
+    per connection (its socket, and the file a static download reads)."""
     soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft == resource.RLIM_INFINITY:
         return wanted
@@ -60,35 +72,59 @@ def connection_cap(wanted: int) -> int:
         used = len(os.listdir("/proc/self/fd"))
     except OSError:
         used = 64
-    return max(1, min(wanted, soft - used - FD_RESERVE))
+    return max(1, min(wanted, (soft - used - FD_RESERVE) // 2))
+
+
+LINGER_S, LINGER_BYTES = 2.0, 4 << 20
+STALLED_S = 1.0  # a busy connection without progress for this long may be closed to make room
 
 
 def guarded_protocol(head_timeout: float, max_connections: int):
-    """uvicorn's h11 protocol with a head deadline, a JSON 431 and the connection cap (above)."""
+    """uvicorn's h11 protocol with a head deadline, a send timeout, a JSON 431 and the connection
+    cap (above)."""
     import h11
     from uvicorn.protocols.http.h11_impl import H11Protocol
 
     class GuardedH11Protocol(H11Protocol):
         def connection_made(self, transport) -> None:
-            super().connection_made(transport)
-            self._head_timer = None
+            super().connection_made(_Lingering(transport, self))
+            self._head_timer = self._send_timer = None
+            self._progress_at = self.loop.time()
             self._arm_head_timer()
             if len(self.connections) > max_connections:
                 self._make_room()
 
         def connection_lost(self, exc) -> None:
             self._cancel_head_timer()
+            self._cancel_send_timer()
             super().connection_lost(exc)
 
         def data_received(self, data: bytes) -> None:
+            if self.transport.lingering:
+                self.transport.discard(len(data))
+                return
+            self._progress_at = self.loop.time()
             super().data_received(data)
             if self._busy():  # the head is in: the app has the request
                 self._cancel_head_timer()
 
         def on_response_complete(self) -> None:
+            self._progress_at = self.loop.time()
+            if self.conn.their_state not in (h11.DONE, h11.MUST_CLOSE) and not self.transport.is_closing():
+                self.transport.close()  # answered before its body was read (a refusal): the rest is not read
             super().on_response_complete()
             if not self._busy() and not self.transport.is_closing():
                 self._arm_head_timer()  # waiting for the next request's head
+
+        def pause_writing(self) -> None:
+            super().pause_writing()
+            self._cancel_send_timer()
+            self._send_timer = self.loop.call_later(head_timeout, self._send_timed_out)
+
+        def resume_writing(self) -> None:
+            self._progress_at = self.loop.time()
+            self._cancel_send_timer()
+            super().resume_writing()
 
         def send_400_response(self, msg: str) -> None:
             """h11 refused the head: 431 when it grew over the limit, else 400; JSON, then close."""
@@ -113,7 +149,6 @@ def guarded_protocol(head_timeout: float, max_connections: int):
 
         def _arm_head_timer(self) -> None:
             self._cancel_head_timer()
-            self._idle_since = self.loop.time()
             self._head_timer = self.loop.call_later(head_timeout, self._head_timed_out)
 
         def _cancel_head_timer(self) -> None:
@@ -121,17 +156,79 @@ def guarded_protocol(head_timeout: float, max_connections: int):
                 self._head_timer.cancel()
                 self._head_timer = None
 
+        def _cancel_send_timer(self) -> None:
+            if self._send_timer is not None:
+                self._send_timer.cancel()
+                self._send_timer = None
+
+        def _send_timed_out(self) -> None:
+            self._send_timer = None
+            if self.flow.write_paused and not self.transport.is_closing():
+                self._reset()  # the client stopped reading: nothing more will be sent
+
+        def _reset(self) -> None:
+            """Close at once, dropping what the kernel still buffers for the client (a reset: a
+            plain close would leave it sending the buffered megabytes at the client's pace)."""
+            sock = self.transport.get_extra_info("socket")
+            if sock is not None:
+                with contextlib.suppress(OSError):
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            self.transport.abort()
+
+        def _stalled_since(self) -> float | None:
+            """When it last made progress, if it may be closed to make room: no request in progress,
+            or one stalled (waiting for its body, or for its reader) for over STALLED_S."""
+            if self.transport.is_closing():
+                return None
+            if not self._busy():
+                return self._progress_at
+            waiting = self.conn.their_state is h11.SEND_BODY or self.flow.write_paused
+            return self._progress_at if waiting and self.loop.time() - self._progress_at > STALLED_S else None
+
         def _head_timed_out(self) -> None:
             self._head_timer = None
             if not self._busy() and not self.transport.is_closing():
                 self.transport.close()
 
         def _make_room(self) -> None:
-            """Over the cap: close the connection idle the longest, this one if none is idle."""
-            idle = [c for c in self.connections if isinstance(c, GuardedH11Protocol) and not c._busy()
-                    and not c.transport.is_closing()]
-            victim = min(idle, key=lambda c: c._idle_since, default=self)
-            victim.transport.close()
+            """Over the cap: close the connection stalled the longest, this one if none is."""
+            stalled = [(since, c) for c in self.connections if c is not self and isinstance(c, GuardedH11Protocol)
+                       and (since := c._stalled_since()) is not None]
+            victim = min(stalled, key=lambda pair: pair[0], default=(None, self))[1]
+            if victim._busy():
+                victim._reset()
+            else:
+                victim.transport.close()
+
+    class _Lingering:
+        """The connection's transport as uvicorn sees it, with a lingering close() (see above)
+        when the request's body is still coming."""
+
+        def __init__(self, transport, protocol):
+            self._transport, self._protocol = transport, protocol
+            self.lingering, self._discarded = False, 0
+
+        def __getattr__(self, name):
+            return getattr(self._transport, name)
+
+        def is_closing(self) -> bool:
+            return self.lingering or self._transport.is_closing()
+
+        def close(self) -> None:
+            transport = self._transport
+            if self.is_closing():
+                return
+            if self._protocol.conn.their_state is not h11.SEND_BODY or not transport.can_write_eof():
+                return transport.close()
+            self.lingering = True
+            transport.write_eof()  # after the answer: the client reads it, then the end
+            transport.resume_reading()
+            self._protocol.loop.call_later(LINGER_S, transport.close)
+
+        def discard(self, n: int) -> None:
+            self._discarded += n
+            if self._discarded > LINGER_BYTES:
+                self._transport.close()
 
     return GuardedH11Protocol
 

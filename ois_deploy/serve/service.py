@@ -9,10 +9,14 @@ decoder sees exactly the inputs `Predictor` gives it for the same clicks, so the
 identical (`decode_clicks` is the one code path).
 
 All methods that run the model are async and do their work in a worker thread, so the event
-loop is never blocked. At most one model request per core runs at a time (a decoded image and
-its activations, or a mask at the image's size, each), at most `max_queue` more wait; beyond,
-503 (the app adds Retry-After). A request cancelled while it waits never runs; one cancelled
-while it runs (its client went away) stops before its next model call.
+loop is never blocked. Model requests (a decoded image and its activations, or a mask at the
+image's size, each) wait for a slot in the event loop, holding no thread, in two lanes: requests
+on images over LARGE_PIXELS get at most one slot per core but one, the others one per core of
+their own, so that a flood of large images never holds up the small ones (cheap: their clicks
+are not stuck behind a large image's); each lane admits at most `max_queue` waiting requests,
+503 beyond (the app adds Retry-After). A request cancelled while it waits
+never runs; one cancelled while it runs (its client went away) stops before its next model
+call, and its slot is freed when its thread ends.
 
 The HTTP app (app.py) calls only the async methods below; another object with the same methods
 (a proxy to Ray Serve replicas) can stand in for this class.
@@ -20,13 +24,15 @@ The HTTP app (app.py) calls only the async methods below; another object with th
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import logging
 import math
 import os
 import threading
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,8 +49,24 @@ from .masks import FORMATS, encode_mask
 
 log = logging.getLogger("ois_deploy.serve")
 
+LARGE_PIXELS = 4_194_304  # 2048 x 2048: a larger image's requests take the large lane (see above)
+BYTES_PER_PIXEL = 8  # a model request's peak working memory per image pixel (a 40 MP upload: 6, measured)
 MAX_PREFIXES = 8  # fed-back masks kept per image: the current sequence's last prefixes (extend, undo)
 Click = tuple[float, float, bool]
+
+
+def working_memory_bound(slots: int, max_image_pixels: int) -> int:
+    """Bytes the model requests running at once may hold: a large image per large-lane slot, a
+    small one per small-lane slot (docs/serving.md, "Memory")."""
+    return BYTES_PER_PIXEL * (max(1, slots - 1) * max_image_pixels + slots * LARGE_PIXELS)
+
+
+def _lower_priority() -> None:
+    """This thread at niceness +10 (Linux: a thread's own; raising it needs no privilege)."""
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 10)
+    except (AttributeError, OSError):  # not Linux, or not allowed: the default priority
+        pass
 
 
 class _Abandoned(Exception):
@@ -98,26 +120,21 @@ class SegmentationService:
         serial = not runner.thread_safe or runner.name.startswith("torch")
         self._run_lock = threading.Lock() if serial else nullcontext()
         # Model requests (upload: decode and encode; masks: the decodes and the mask at the image's
-        # size) run at most this many at a time: a burst waits here instead of holding that many
-        # images' worth of memory at once (the bound of docs/serving.md, "Memory").
+        # size) run at most this many at a time per lane: a burst waits instead of holding that
+        # many images' worth of memory at once (the bound of docs/serving.md, "Memory").
         self.slots = max(1, slots or os.cpu_count() or 1)
-        self._model_slots = threading.BoundedSemaphore(self.slots)
-        self.max_in_flight = self.slots + max(0, int(max_queue))
-        self._in_flight = 0  # admitted model requests, running or waiting
+        self._lanes = _Lanes(self.slots, max(0, int(max_queue)))
+        # A thread per slot; the large lane's at a lower CPU priority, so that the small images'
+        # requests (and the event loop) come first on busy cores.
+        self._threads = {"small": ThreadPoolExecutor(self._lanes.capacity["small"], thread_name_prefix="ois-small"),
+                         "large": ThreadPoolExecutor(self._lanes.capacity["large"], thread_name_prefix="ois-large",
+                                                     initializer=_lower_priority)}
         self._closed = False
         self.counters = {"hits": 0, "misses": 0, "evictions": 0, "encodes": 0, "decodes": 0, "rejected": 0,
                          "abandoned": 0}
 
     # -- the API -----------------------------------------------------------------------------
-    async def add_image(self, data: bytes) -> dict:
-        return await self._run(self._add_image, bytes(data))
-
-    async def masks(self, image_id: str, clicks: list[Click], fmt: str = "rle") -> dict:
-        return await self._run(self._masks, image_id, list(clicks), fmt)
-
-    async def state(self, image_id: str) -> bytes:
-        return await self._run(self._state, image_id)
-
+    # add_image, masks, state: below, with the admission
     async def delete(self, image_id: str) -> None:
         with self._lock:
             entry = self._cache.pop(image_id, None)
@@ -136,7 +153,7 @@ class SegmentationService:
         """Cache and model counters, for /metrics."""
         with self._lock:
             return {"entries": len(self._cache), "bytes": self._bytes, "capacity_bytes": self.capacity,
-                    "in_flight": self._in_flight, **self.counters}
+                    "in_flight": self._lanes.in_flight, **self.counters}
 
     def model_info(self) -> dict:
         return {
@@ -155,6 +172,8 @@ class SegmentationService:
 
     def close(self) -> None:
         self._closed = True
+        for threads in self._threads.values():
+            threads.shutdown(wait=True, cancel_futures=True)
         self.runner.close()
 
     def _public_manifest(self) -> dict | None:
@@ -166,33 +185,66 @@ class SegmentationService:
             weights["path"] = Path(weights["path"]).name
         return {**self.manifest, "weights": weights}
 
-    # -- admission: a bounded queue in front of the model slots ------------------------------
-    async def _run(self, work, *args):
-        """work(*args, stop) in a worker thread, admitted if fewer than slots + max_queue model
-        requests are in flight (503 otherwise). Cancelled (the client went away): `stop` is set
-        and the thread ends before its next model call; the caller does not wait for it."""
+    # -- admission: two bounded lanes in front of the model slots -----------------------------
+    async def add_image(self, data: bytes) -> dict:
+        data = bytes(data)
+        return await self._run(self._pixels_of_upload(data), self._add_image, data)
+
+    async def masks(self, image_id: str, clicks: list[Click], fmt: str = "rle") -> dict:
+        return await self._run(self._pixels_of(image_id), self._masks, image_id, list(clicks), fmt)
+
+    async def state(self, image_id: str) -> bytes:
+        return await self._run(self._pixels_of(image_id), self._state, image_id)
+
+    def _pixels_of(self, image_id: str) -> int:
         with self._lock:
-            if self._in_flight >= self.max_in_flight:
-                self.counters["rejected"] += 1
-                raise ApiError(503, f"the server is busy: {self._in_flight} model requests are running or waiting; "
-                                    "retry shortly")
-            self._in_flight += 1
-        stop = threading.Event()
+            entry = self._cache.get(image_id)
+        return entry.encoded.frame.width * entry.encoded.frame.height if entry is not None else 0
+
+    def _pixels_of_upload(self, data: bytes) -> int:
+        """The image's pixels from its header (a bad file: 0, small; the work then says why)."""
         try:
-            return await anyio.to_thread.run_sync(self._in_slot, work, args, stop, abandon_on_cancel=True)
-        except anyio.get_cancelled_exc_class():
+            width, height, _ = image_header(data)
+        except UserError:
+            return 0
+        return width * height
+
+    async def _run(self, pixels: int, work, *args):
+        """work(*args, stop) in a worker thread once a slot of its lane is free; 503 when the lane
+        has max_queue requests waiting. Cancelled (the client went away): `stop` is set, the thread
+        ends before its next model call and frees the slot; the caller does not wait for it."""
+        lane = self._lanes.lane(pixels)
+        if not self._lanes.admit(lane):
+            with self._lock:
+                self.counters["rejected"] += 1
+            raise ApiError(503, f"the server is busy: {self._lanes.in_flight} model requests are running or waiting; "
+                                "retry shortly")
+        loop, stop = asyncio.get_running_loop(), threading.Event()
+        try:
+            await self._lanes.acquire(lane)
+        except BaseException as e:
+            self._lanes.leave(lane)
+            if isinstance(e, asyncio.CancelledError):  # gone while waiting: it never runs
+                with self._lock:
+                    self.counters["abandoned"] += 1
+            raise
+
+        def in_slot():
+            try:
+                self._check(stop)
+                return work(*args, stop)
+            finally:
+                loop.call_soon_threadsafe(self._lanes.release, lane)
+
+        result = asyncio.wrap_future(self._threads[lane].submit(in_slot))
+        result.add_done_callback(lambda f: f.cancelled() or f.exception())  # an abandoned one's error: nobody's
+        try:
+            return await asyncio.shield(result)
+        except asyncio.CancelledError:
             stop.set()
             with self._lock:
                 self.counters["abandoned"] += 1
             raise
-        finally:
-            with self._lock:
-                self._in_flight -= 1
-
-    def _in_slot(self, work, args: tuple, stop: threading.Event):
-        with self._model_slots:
-            self._check(stop)
-            return work(*args, stop)
 
     @staticmethod
     def _check(stop: threading.Event) -> None:
@@ -330,3 +382,62 @@ class SegmentationService:
         if not self.manifest:
             return {}
         return {name: meta for name, meta in self.manifest["graphs"].items() if meta.get("role") == "decoder"}
+
+
+class _Lanes:
+    """The model slots, handed out in the event loop, in two lanes with their own slots: `slots`
+    for requests on small images, slots - 1 (at least one) for large ones, so that a flood of
+    large images never holds the slots small ones need (both lanes full: the cores are shared
+    by up to 2 x slots - 1 threads, the large images' memory stays that of slots - 1). Each lane
+    admits `slots + max_queue` requests (running or waiting), first come first served."""
+
+    def __init__(self, slots: int, max_queue: int):
+        self.capacity = {"small": slots, "large": max(1, slots - 1)}
+        self.limit = {lane: n + max_queue for lane, n in self.capacity.items()}
+        self.admitted = {"small": 0, "large": 0}
+        self.running = {"small": 0, "large": 0}
+        self.waiting = {"small": deque(), "large": deque()}
+
+    @property
+    def in_flight(self) -> int:
+        return sum(self.admitted.values())
+
+    @staticmethod
+    def lane(pixels: int) -> str:
+        return "large" if pixels > LARGE_PIXELS else "small"
+
+    def admit(self, lane: str) -> bool:
+        if self.admitted[lane] >= self.limit[lane]:
+            return False
+        self.admitted[lane] += 1
+        return True
+
+    def leave(self, lane: str) -> None:
+        self.admitted[lane] -= 1
+
+    async def acquire(self, lane: str) -> None:
+        waiter = asyncio.get_running_loop().create_future()
+        self.waiting[lane].append(waiter)
+        self._dispatch(lane)
+        try:
+            await waiter
+        except asyncio.CancelledError:
+            if waiter.done() and not waiter.cancelled():  # granted as it was cancelled: give it back
+                self.running[lane] -= 1
+                self._dispatch(lane)
+            else:
+                self.waiting[lane].remove(waiter)
+            raise
+
+    def release(self, lane: str) -> None:
+        self.running[lane] -= 1
+        self.admitted[lane] -= 1
+        self._dispatch(lane)
+
+    def _dispatch(self, lane: str) -> None:
+        waiting = self.waiting[lane]
+        while waiting and self.running[lane] < self.capacity[lane]:
+            waiter = waiting.popleft()
+            if not waiter.done():
+                self.running[lane] += 1
+                waiter.set_result(None)
