@@ -183,6 +183,7 @@ def node_problems(model, precision: str, fused: bool = False) -> list[str]:
     problems = []
     dependent = _value_dependent(graph)
     types = {vi.name: vi.type.tensor_type.elem_type for vi in list(graph.value_info) + list(graph.input) + list(graph.output)}
+    producer = {out: n for n in graph.node for out in n.output}
     for node in graph.node:
         where = f"node {node.name or '?'} ({node.op_type})"
         if node.op_type in FORBIDDEN_OPS:
@@ -197,7 +198,7 @@ def node_problems(model, precision: str, fused: bool = False) -> list[str]:
             if index < len(node.input) and node.input[index] in dependent:
                 problems.append(f"{where}: shape input {node.input[index]!r} is computed from input values")
         if precision == "fp16":
-            problems += [f"{where}: {problem}" for problem in _island_problems(node, graph, types)]
+            problems += [f"{where}: {problem}" for problem in _island_problems(node, producer, types)]
     return problems + _nonfinite_constants(model)
 
 
@@ -205,12 +206,12 @@ def _dtype_name(elem_type) -> str:
     return {FLOAT: "float32", FLOAT16: "float16"}.get(elem_type, "not float32")
 
 
-def _island_problems(node, graph, types: dict) -> list[str]:
+def _island_problems(node, producer: dict, types: dict) -> list[str]:
     """Where an fp16 graph's node leaves its FP32 island (docs/design.md §4)."""
     if node.op_type in ("LayerNormalization", "Softmax") and types.get(node.input[0]) != FLOAT:
         return [f"input is {_dtype_name(types.get(node.input[0]))}; it must stay in an FP32 island"]
     if node.op_type == "Softmax":
-        return _logits_in_fp16(node.input[0], graph, types)
+        return _logits_in_fp16(node.input[0], producer, types)
     if node.op_type == FUSED_ATTENTION_OP:
         low = [f"{role} {node.input[i]!r} is {_dtype_name(types.get(node.input[i]))}" for i, role in enumerate(("Q", "K"))
                if types.get(node.input[i]) != FLOAT]
@@ -218,10 +219,10 @@ def _island_problems(node, graph, types: dict) -> list[str]:
     return []
 
 
-def _logits_in_fp16(logits: str, graph, types: dict) -> list[str]:
-    """Walk from a Softmax's input back through the scale and bias arithmetic: a float16 tensor
-    cast up on the way means the logits (or their bias) were computed in float16."""
-    producer = {out: n for n in graph.node for out in n.output}
+def _logits_in_fp16(logits: str, producer: dict, types: dict) -> list[str]:
+    """Walk from a Softmax's input back through the scale and bias arithmetic (producer: the
+    node that outputs each tensor): a float16 tensor cast up on the way means the logits (or
+    their bias) were computed in float16."""
     problems, todo, seen = [], [logits], set()
     while todo:
         name = todo.pop()

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from ..errors import UserError
+from ..errors import UserError, first_line
 from ..io import temp_file_beside, usual_permissions
 from ..presets import DEFAULT_PRESET_FOR_VARIANT, OISConfig, get_preset
 from .ois import OIS
@@ -139,8 +139,7 @@ def _read_checkpoint(path: Path) -> LoadedFile:
     except UserError:
         raise
     except Exception as e:  # corrupt or foreign file: the libraries' messages vary
-        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UserError(f"cannot read checkpoint {path}: {first_line}") from None
+        raise UserError(f"cannot read checkpoint {path}: {first_line(e)}") from None
     if not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise UserError(f"checkpoint {path} is not a state_dict of tensors")
     variant = _dav2_variant(state)

@@ -306,9 +306,13 @@ class OpenVinoRunner(Runner):
             "prev_mask": np.ascontiguousarray(prev_mask, np.float32),
         }
 
+    @staticmethod
+    def _decoder_for(coords: np.ndarray) -> str:
+        """The compiled decoder for these clicks: one prompt set (a click) or P (SAT)."""
+        return "decoder" if len(coords) == 1 else "prompts"
+
     def _decode(self, state, coords: np.ndarray, labels: np.ndarray, prev_mask: np.ndarray) -> np.ndarray:
-        variant = "decoder" if len(coords) == 1 else "prompts"
-        return self._infer(variant, self._click_feed(state, coords, labels, prev_mask),
+        return self._infer(self._decoder_for(coords), self._click_feed(state, coords, labels, prev_mask),
                            lambda request: np.array(request.get_tensor(DECODER_OUTPUTS[0]).data, np.float32))
 
     def state_to_numpy(self, state) -> dict[str, np.ndarray]:
@@ -338,9 +342,8 @@ class OpenVinoRunner(Runner):
         is a layout or precision conversion)."""
         if not self.config.get("PERF_COUNT"):
             raise UserError("open the openvino runner with profile=True to read its node counters")
-        variant = "decoder" if len(coords) == 1 else "prompts"
         feed = self._click_feed(state, coords, labels, prev_mask)
-        request = self._model(variant).create_infer_request()
+        request = self._model(self._decoder_for(coords)).create_infer_request()
         request.infer(feed)
         events, walls = [], []
         for _ in range(calls):

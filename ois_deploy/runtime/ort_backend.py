@@ -299,6 +299,6 @@ def open_runner(spec) -> OrtRunner:
         raise UserError(f"backend {spec.backend} runs on the {fixed} provider of a CUDA GPU, not on {spec.device!r}")
     providers = fixed or spec.device or "auto"
     runner = OrtRunner(spec.export_dir, spec.precision, providers=providers, threads=spec.threads,
-                         profile=spec.profile)
+                       profile=spec.profile)
     runner.name = spec.backend
     return runner

@@ -27,15 +27,17 @@ class NodeTime(NamedTuple):
 
 def summarise(events: list[NodeTime], calls: int, wall_ms: list[float], runtime: str) -> dict:
     """ms per call by node type (largest first), every layout or precision conversion, and the
-    TOP_NODES slowest nodes; nodes_ms is the
-    sum of every node, call_ms the median wall time of a call (nodes_ms may exceed it a little
-    where nodes run in parallel, and falls short by the runtime's own overhead)."""
+    TOP_NODES slowest nodes; nodes_ms is the sum of every node, call_ms the median wall time of a
+    call (nodes_ms may exceed it a little where nodes run in parallel, and falls short by the
+    runtime's own overhead)."""
     by_type, by_node, count = defaultdict(float), defaultdict(float), defaultdict(set)
     for e in events:
         by_type[e.type] += e.ms
         by_node[(e.name, e.type, e.kernel)] += e.ms
         count[e.type].add(e.name)
     total = sum(by_type.values())
+    nodes = [{"name": n, "type": t, "kernel": k, "ms": ms / calls}
+             for (n, t, k), ms in sorted(by_node.items(), key=lambda kv: -kv[1])]
     return {
         "runtime": runtime,
         "calls": calls,
@@ -43,9 +45,6 @@ def summarise(events: list[NodeTime], calls: int, wall_ms: list[float], runtime:
         "nodes_ms": total / calls,
         "by_type": [{"type": t, "ms": ms / calls, "share": ms / total if total else 0.0, "nodes": len(count[t])}
                     for t, ms in sorted(by_type.items(), key=lambda kv: -kv[1])],
-        "conversions": [{"name": n, "type": t, "kernel": k, "ms": ms / calls}
-                        for (n, t, k), ms in sorted(by_node.items(), key=lambda kv: -kv[1]) if t in CONVERSION_TYPES],
-        "top_nodes": [{"name": n, "type": t, "kernel": k, "ms": ms / calls}
-                      for (n, t, k), ms in sorted(by_node.items(), key=lambda kv: -kv[1])[:TOP_NODES]],
+        "conversions": [node for node in nodes if node["type"] in CONVERSION_TYPES],
+        "top_nodes": nodes[:TOP_NODES],
     }
-
