@@ -61,6 +61,35 @@ def int8_export(tmp_path_factory):
     return out
 
 
+def has_cuda() -> bool:
+    return torch.cuda.is_available()
+
+
+def ort_providers() -> list[str]:
+    import onnxruntime
+
+    return onnxruntime.get_available_providers()
+
+
+def has_tensorrt() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("tensorrt") is not None
+
+
+def gpu_skip(backend: str) -> str | None:
+    """Why a GPU backend (torch-cuda, ort-cuda, ort-trt, trt) cannot run here, or None."""
+    if not has_cuda():
+        return "needs a CUDA GPU visible to PyTorch"
+    if backend == "ort-cuda" and "CUDAExecutionProvider" not in ort_providers():
+        return "onnxruntime here has no CUDAExecutionProvider (onnxruntime-gpu is not installed)"
+    if backend == "ort-trt" and "TensorrtExecutionProvider" not in ort_providers():
+        return "onnxruntime here has no TensorrtExecutionProvider (onnxruntime-gpu is not installed)"
+    if backend in ("trt", "ort-trt") and not has_tensorrt():
+        return "TensorRT is not installed (pip install 'ois-deploy[gpu]')"
+    return None
+
+
 def run_cli(argv, capsys):
     """(exit code, stdout, stderr) of `ois-deploy ARGV` run in this process."""
     from ois_deploy.cli import main

@@ -12,8 +12,8 @@ import sys
 
 import numpy as np
 import pytest
+from conftest import run_cli as run
 
-from ois_deploy.cli import main
 from ois_deploy.errors import UserError
 from ois_deploy.export.aoti import build_packages, describe_exit, probe_package
 from ois_deploy.provenance import cpu_features
@@ -23,13 +23,6 @@ from ois_deploy.runtime.registry import RunnerSpec, open_runner
 pytestmark = pytest.mark.slow
 DEMO = "ois_deploy/assets/demo.png"
 CLICK = "122,188,+"
-
-
-def run(argv, capsys):
-    with pytest.raises(SystemExit) as info:
-        main(argv)
-    out, err = capsys.readouterr()
-    return info.value.code, out, err
 
 
 def cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:

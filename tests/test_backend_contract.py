@@ -16,6 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
+from conftest import gpu_skip, has_cuda, has_tensorrt, ort_providers
 
 from ois_deploy.contract import ENCODER_OUTPUTS, MAX_PROMPTS, state_shapes
 from ois_deploy.errors import UserError
@@ -25,40 +26,6 @@ from ois_deploy.verify import ASSETS, TOLERANCES
 
 SHAPES = ((1, 1), (3, 24), (16, 5))  # (P, N): one click; 3 prompt sets at the click limit; 16 at 5
 SAME = 1e-6  # relative L2 of "the same result": equal up to a GPU's reduction order
-
-
-def has_cuda() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
-
-
-def ort_providers() -> list[str]:
-    import onnxruntime
-
-    return onnxruntime.get_available_providers()
-
-
-def has_tensorrt() -> bool:
-    try:
-        import tensorrt  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-def gpu_skip(backend: str) -> str | None:
-    """Why a GPU backend cannot run here, or None."""
-    if not has_cuda():
-        return "needs a CUDA GPU visible to PyTorch"
-    if backend == "ort-cuda" and "CUDAExecutionProvider" not in ort_providers():
-        return "onnxruntime here has no CUDAExecutionProvider (onnxruntime-gpu is not installed)"
-    if backend == "ort-trt" and "TensorrtExecutionProvider" not in ort_providers():
-        return "onnxruntime here has no TensorrtExecutionProvider (onnxruntime-gpu is not installed)"
-    if backend in ("trt", "ort-trt") and not has_tensorrt():
-        return "TensorRT is not installed (pip install 'ois-deploy[gpu]')"
-    return None
-
 
 CASES = [
     pytest.param(("ort", "fp32"), id="ort-fp32"),

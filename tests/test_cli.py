@@ -12,18 +12,10 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from ois_deploy.cli import main
 from ois_deploy.model import OIS, get_preset
 from ois_deploy.model.weights import load_model, save_checkpoint
 
-from conftest import synthetic_dav2_state_dict
-
-
-def run(argv, capsys):
-    with pytest.raises(SystemExit) as exit_info:
-        main(argv)
-    out, err = capsys.readouterr()
-    return exit_info.value.code, out, err
+from conftest import synthetic_dav2_state_dict, run_cli as run
 
 
 @pytest.fixture

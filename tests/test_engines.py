@@ -2,15 +2,14 @@
 provider check, dtype mapping, binding, provenance, refusals), and the GPU and TensorRT paths
 themselves, which skip with a reason where those are missing. Batch splitting: test_batching.py."""
 
-import importlib.util
 import json
 import subprocess
 import sys
 
 import numpy as np
 import pytest
+from conftest import gpu_skip, has_cuda, has_tensorrt, ort_providers, run_cli as run
 
-from ois_deploy.cli import main
 from ois_deploy.errors import UserError, first_line
 from ois_deploy.export.tensorrt import check_attention, version_tuple
 from ois_deploy.runtime.ort_backend import check_provider, open_session, session_providers, tensorrt_provider_options
@@ -20,21 +19,6 @@ from ois_deploy.model import get_preset
 
 TINY = get_preset("ois-tiny")
 S, G = TINY.input_size, TINY.grid  # ois-tiny's input side and token grid
-
-HAS_TRT = importlib.util.find_spec("tensorrt") is not None
-
-
-def has_cuda():
-    import torch
-
-    return torch.cuda.is_available()
-
-
-def run(argv, capsys):
-    with pytest.raises(SystemExit) as info:
-        main(argv)
-    out, err = capsys.readouterr()
-    return info.value.code, out, err
 
 
 def test_decoder_profiles():
@@ -86,13 +70,7 @@ def test_cuda_provider_runs_without_tf32(tmp_path):
     assert session_providers(["CPUExecutionProvider"], cfg, tmp_path, "encoder") == ["CPUExecutionProvider"]
 
 
-def cuda_provider_available() -> bool:
-    import onnxruntime
-
-    return "CUDAExecutionProvider" in onnxruntime.get_available_providers()
-
-
-@pytest.mark.skipif(cuda_provider_available(), reason="onnxruntime-gpu with a CUDA provider is installed here")
+@pytest.mark.skipif("CUDAExecutionProvider" in ort_providers(), reason="onnxruntime-gpu with a CUDA provider is installed here")
 def test_asking_for_cuda_on_cpu_onnxruntime_is_refused(tiny_export, capsys):
     """ONNX Runtime itself opens a CPU session when asked for CUDA it does not have (a warning,
     nothing more); our sessions refuse that, with one line naming the cause."""
@@ -229,7 +207,7 @@ def test_package_import_does_not_import_tensorrt():
     assert out.strip() == "False"
 
 
-@pytest.mark.skipif(HAS_TRT, reason="TensorRT is installed: the refusal path does not apply")
+@pytest.mark.skipif(has_tensorrt(), reason="TensorRT is installed: the refusal path does not apply")
 def test_without_tensorrt_build_and_trt_refuse(tiny_export, capsys):
     code, _, err = run(["build", str(tiny_export)], capsys)
     assert code == 2 and "TensorRT is not installed" in err and "pip install 'ois-deploy[gpu]'" in err
@@ -278,7 +256,7 @@ def test_cuda_graph_decoder_matches_eager(tiny, rng):
 
 
 @pytest.mark.tensorrt
-@pytest.mark.skipif(not (HAS_TRT and has_cuda()), reason="needs TensorRT and a CUDA GPU")
+@pytest.mark.skipif(not (has_tensorrt() and has_cuda()), reason="needs TensorRT and a CUDA GPU")
 def test_tensorrt_build_and_parity(tiny_export, tmp_path):
     import shutil
 
@@ -306,23 +284,11 @@ def test_tensorrt_build_and_parity(tiny_export, tmp_path):
         assert first.image_embed.data_ptr() != second.image_embed.data_ptr()
 
 
-def ort_gpu_skip(provider: str) -> str | None:
-    if not has_cuda():
-        return "needs a CUDA GPU"
-    import onnxruntime
-
-    if provider not in onnxruntime.get_available_providers():
-        return f"onnxruntime here has no {provider} (onnxruntime-gpu is not installed)"
-    if provider == "TensorrtExecutionProvider" and not HAS_TRT:
-        return "the TensorRT provider needs tensorrt's libraries"
-    return None
-
-
 @pytest.mark.gpu
 @pytest.mark.parametrize("backend, provider", [("ort-cuda", "CUDAExecutionProvider"), ("ort-trt", "TensorrtExecutionProvider")])
 def test_onnxruntime_gpu_providers_parity(tiny_export, tmp_path, backend, provider):
-    if ort_gpu_skip(provider):
-        pytest.skip(ort_gpu_skip(provider))
+    if gpu_skip(backend):
+        pytest.skip(gpu_skip(backend))
     import shutil
 
     from ois_deploy.runtime.ort_backend import OrtRunner

@@ -5,8 +5,8 @@ import json
 import cv2
 import numpy as np
 import pytest
+from conftest import run_cli as run
 
-from ois_deploy.cli import main
 from ois_deploy.evaluate.datasets import load_dataset
 from ois_deploy.errors import UserError
 from ois_deploy.evaluate.clicker import Clicker
@@ -113,13 +113,6 @@ def test_dataset_errors(tmp_path):
         load_dataset(tmp_path)
     with pytest.raises(UserError, match="dataset folder not found"):
         load_dataset(tmp_path / "nope")
-
-
-def run(argv, capsys):
-    with pytest.raises(SystemExit) as info:
-        main(argv)
-    out, err = capsys.readouterr()
-    return info.value.code, out, err
 
 
 def test_eval_on_a_generated_davis_dataset(tmp_path, capsys):

@@ -16,11 +16,11 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
+from conftest import run_cli as run
 import torch
 from PIL import Image
 
 from ois_deploy import Predictor, UserError
-from ois_deploy.cli import main
 from ois_deploy.contract import check_graph, read_manifest
 from ois_deploy.export.lint import lint_export
 from ois_deploy.io import staged_folder
@@ -32,13 +32,6 @@ from ois_deploy.provenance import sha256_file
 # setpriv). Other users obey them anyway.
 SETPRIV = ["setpriv", "--bounding-set=-dac_override,-dac_read_search,-fowner", "--inh-caps=-all", "--"]
 DROP_CAPS = SETPRIV if os.geteuid() == 0 else []
-
-
-def run(argv, capsys):
-    with pytest.raises(SystemExit) as exit_info:
-        main(argv)
-    out, err = capsys.readouterr()
-    return exit_info.value.code, out, err
 
 
 def cli(args, cwd=None, drop_caps=False, timeout=600):

@@ -9,6 +9,7 @@ import json
 import numpy as np
 import onnx
 import pytest
+from conftest import run_cli as run
 
 from ois_deploy.cli import main
 from ois_deploy.cli.export_cmds import parse_precisions
@@ -19,13 +20,6 @@ from ois_deploy.export.quantize import KEEP_FP32, fp32_groups
 from ois_deploy.runtime.predictor import Predictor
 from ois_deploy.runtime.preprocess import read_image
 from ois_deploy.verify import ASSETS, TOLERANCES, verify
-
-
-def run(argv, capsys):
-    with pytest.raises(SystemExit) as exit_info:
-        main(argv)
-    out, err = capsys.readouterr()
-    return exit_info.value.code, out, err
 
 
 def test_export_writes_int8_graphs_and_records_them(int8_export):
