@@ -293,3 +293,36 @@ def test_lint_fails_fp16_graphs_whose_attention_logits_left_fp32(tiny_export, fu
     reports = {r.graph: r.problems for r in lint_export(fused)}
     assert reports["decoder.fp16.onnx"] == [] and len(reports["encoder.fp16.onnx"]) == 1
     assert f"{name} (Attention): Q " in reports["encoder.fp16.onnx"][0] and "FP32 island" in reports["encoder.fp16.onnx"][0]
+
+
+@pytest.mark.slow
+def test_absorbed_attention_exports_lint_and_verify(tiny, tmp_path):
+    """A decoder whose cross-attentions fold the image side's projections (ois-tiny's weights,
+    max_clicks 8, so (heads - 1) x max_clicks <= width) exports in both precisions, passes lint,
+    and matches PyTorch FP32 under ONNX Runtime (and OpenVINO, where installed) within the usual
+    tolerances: the folding holds in the graphs, not only in eager PyTorch."""
+    import dataclasses
+    import importlib.util
+
+    from ois_deploy.export.onnx import ExportRequest, export_model
+    from ois_deploy.model import OIS
+    from ois_deploy.model.blocks import decoder_absorbs
+    from ois_deploy.model.weights import save_checkpoint, weights_provenance
+
+    cfg = dataclasses.replace(tiny.cfg, decoder=dataclasses.replace(tiny.cfg.decoder, max_clicks=8))
+    assert decoder_absorbs(cfg.decoder)
+    absorbing = OIS(cfg).eval()
+    absorbing.load_state_dict(tiny.state_dict())
+    ckpt, out = tmp_path / "absorbing.safetensors", tmp_path / "export"
+    save_checkpoint(absorbing, ckpt)
+    model, report = load_model(None, ckpt)
+    export_model(model, weights_provenance(report), ExportRequest(out, precisions=("fp32", "fp16")))
+    assert all(r.ok for r in lint_export(out)), [r.problems for r in lint_export(out)]
+    backends = ["ort"] + (["openvino"] if importlib.util.find_spec("openvino") else [])
+    for backend in backends:
+        result = verify(out, backend=backend, precisions=("fp32",))
+        assert result["passed"], (backend, result["failures"])
+        rows = {r["output"]: r for r in result["results"]}
+        assert rows["decoder/mask_logits"]["rel_l2"] < 1e-4, backend
+    fp16 = verify(out, precisions=("fp16",))
+    assert fp16["passed"], fp16["failures"]

@@ -273,11 +273,12 @@ def test_masked_bias_falls_back_to_plain_attention_on_empty_rows():
     assert bias.tolist() == [[[0.0, -1e4, 0.0], [0.0, 0.0, 0.0]]]
 
 
+@pytest.mark.parametrize("absorb", [None, "keys", "queries"])
 @pytest.mark.parametrize("impl", ATTENTION_IMPLS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_fully_masked_rows_never_give_nan(impl, dtype):
+def test_fully_masked_rows_never_give_nan(impl, dtype, absorb):
     torch.manual_seed(0)
-    attn = Attention(32, 2).to(dtype)
+    attn = Attention(32, 2, absorb).to(dtype)
     attn.impl = impl
     q, kv = torch.randn(2, 3, 32, dtype=dtype), torch.randn(1, 50, 32, dtype=dtype)
     nothing_allowed = masked_bias(torch.zeros(2, 3, 50), -1e4)
@@ -286,6 +287,73 @@ def test_fully_masked_rows_never_give_nan(impl, dtype):
         plain = attn(q, kv, kv, None)
     assert torch.isfinite(out).all()
     torch.testing.assert_close(out, plain)  # an empty row is plain attention
+
+
+@pytest.mark.parametrize("impl", ["matmul", "sdpa"])
+@pytest.mark.parametrize("absorb", ["keys", "queries"])
+def test_absorbed_cross_attention_is_the_projected_one(absorb, impl):
+    """Folding the image side's projections into the click tokens is the same function: with
+    and without a bias, with keys shared by the batch (batch 1), in float32 and float16."""
+    g = torch.Generator().manual_seed(0)
+    attn = Attention(64, 4, absorb).eval()
+    for param in attn.parameters():
+        param.data = torch.randn(param.shape, generator=g) * 0.2  # nonzero biases: their folding counts
+    clicks, tokens = torch.randn(3, 5, 64, generator=g), torch.randn(3, 300, 64, generator=g)
+    if absorb == "keys":  # clicks read the image tokens, steered per click and token
+        cases = [(clicks, tokens, tokens, torch.randn(3, 5, 300, generator=g)), (clicks, tokens[:1], tokens[:1], None)]
+    else:  # the image tokens read the clicks, padding keys hidden
+        cases = [(tokens, clicks, clicks, masked_bias(torch.tensor([[1.0, 1, 1, 0, 0]]).expand(3, 1, 5), -1e4)),
+                 (tokens, clicks, clicks, None)]
+    for dtype, tol in ((torch.float32, 1e-5), (torch.float16, 2e-2)):
+        attn = attn.to(dtype)
+        attn.impl = impl
+        for q, k, v, bias in cases:
+            args = [t.to(dtype) for t in (q, k, v)] + [bias]
+            with torch.no_grad():
+                absorbed = attn(*args)
+                attn.absorb = None
+                projected = attn(*args)
+                attn.absorb = absorb
+            assert absorbed.shape == projected.shape == q.shape
+            torch.testing.assert_close(absorbed.float(), projected.float(), atol=tol, rtol=tol)
+
+
+def test_cross_attention_absorbs_where_it_is_no_dearer_at_max_clicks():
+    """(heads - 1) x max_clicks <= width: the 256-wide 8-head decoders fold the projections,
+    ois-tiny (64 wide, 4 heads, 24 clicks) projects; a whole decode is the same either way."""
+    from ois_deploy.model.blocks import decoder_absorbs
+
+    assert all(decoder_absorbs(get_preset(p).decoder) for p in ("ois-s-1024", "ois-b-1024", "ois-l-1024"))
+    assert not decoder_absorbs(get_preset("ois-tiny").decoder)
+    tiny = get_preset("ois-tiny")
+    cfg = dataclasses.replace(tiny, decoder=dataclasses.replace(tiny.decoder, max_clicks=8))
+    assert decoder_absorbs(cfg.decoder)
+    torch.manual_seed(0)
+    absorbing = OIS(cfg).eval()
+    projecting = OIS(tiny).eval()
+    projecting.load_state_dict(absorbing.state_dict())
+    coords = torch.tensor([[[100.0, 120.0], [30.0, 40.0], [0.0, 0.0]], [[10.0, 12.0], [200.0, 40.0], [60.0, 61.0]]])
+    labels = torch.tensor([[1, 0, -1], [1, 1, 0]])
+    prev = torch.rand(2, 1, S, S, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        state = random_state(absorbing)
+        torch.testing.assert_close(absorbing.decode(state, coords, labels, prev),
+                                   projecting.decode(state, coords, labels, prev), atol=1e-4, rtol=1e-4)
+
+
+def test_level4_projection_folded_into_its_stride_2_conv():
+    """Level 4's 1x1 projection runs folded into the 3x3 stride-2 conv after it; its bias, which
+    that conv's zero padding never sees, stays exact at the borders."""
+    from ois_deploy.model.dpt import conv_of_projection
+
+    g = torch.Generator().manual_seed(0)
+    project, conv = torch.nn.Conv2d(32, 48, 1), torch.nn.Conv2d(48, 48, 3, stride=2, padding=1)
+    for param in (*project.parameters(), *conv.parameters()):
+        param.data = torch.randn(param.shape, generator=g) * 0.3
+    for side in (20, 21):
+        x = torch.randn(2, 32, side, side, generator=g)
+        with torch.no_grad():
+            torch.testing.assert_close(conv_of_projection(conv, project, x), conv(project(x)), atol=1e-4, rtol=1e-5)
 
 
 def test_object_aware_first_click_is_plain_attention(tiny):

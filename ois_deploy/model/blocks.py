@@ -11,6 +11,15 @@ from torch import Tensor, nn
 
 from .attention import Attention
 from .vit import LayerNorm32
+from ..presets import DecoderConfig
+
+
+def decoder_absorbs(d: DecoderConfig) -> bool:
+    """Whether the cross-attentions fold the image side's projections into the click tokens:
+    that costs heads x clicks x width per image token against width x (width + clicks) for
+    projecting, so it is used where it is no dearer at max_clicks ((heads - 1) x max_clicks <=
+    width: ois-s/b/l, 8 heads at width 256; not ois-tiny, 4 heads at width 64)."""
+    return (d.num_heads - 1) * d.max_clicks <= d.width
 
 
 class FeedForward(nn.Sequential):
@@ -19,18 +28,19 @@ class FeedForward(nn.Sequential):
 
 
 class DecoderBlock(nn.Module):
-    def __init__(self, dim: int, num_heads: int, mlp_ratio: float):
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float, absorb: bool = False):
+        """absorb: the image-token side's projections folded into the click tokens (Attention)."""
         super().__init__()
         self.norm_image_kv = LayerNorm32(dim)
         self.norm_click_q = LayerNorm32(dim)
-        self.click_to_image = Attention(dim, num_heads)
+        self.click_to_image = Attention(dim, num_heads, "keys" if absorb else None)
         self.norm_self = LayerNorm32(dim)
         self.self_attn = Attention(dim, num_heads)
         self.norm_click_mlp = LayerNorm32(dim)
         self.click_mlp = FeedForward(dim, mlp_ratio)
         self.norm_image_q = LayerNorm32(dim)
         self.norm_click_kv = LayerNorm32(dim)
-        self.image_to_click = Attention(dim, num_heads)
+        self.image_to_click = Attention(dim, num_heads, "queries" if absorb else None)
         self.norm_image_mlp = LayerNorm32(dim)
         self.image_mlp = FeedForward(dim, mlp_ratio)
 

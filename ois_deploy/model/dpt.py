@@ -4,6 +4,7 @@ mask head (docs/design.md §2.6), initialised from the depth head."""
 
 from __future__ import annotations
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -57,6 +58,21 @@ class Scratch(nn.Module):
         )
 
 
+def conv_of_projection(conv: nn.Conv2d, project: nn.Conv2d, x: Tensor) -> Tensor:
+    """conv(project(x)) for a 1x1 `project`, as one conv whose kernel has the projection folded
+    in: the same function up to float rounding, at the cost of a conv on x's (fewer) channels,
+    with no map at the projection's width. project's bias, which conv's zero padding never
+    sees, becomes a constant map: itself through conv, on a map of ones, plus conv's bias. The
+    folding is arithmetic on weights only (constant-folded in the exported graphs), in float32."""
+    weight = conv.weight.float()  # [O,M,k,k]
+    projection = project.weight.float()[:, :, 0, 0]  # [M,C]
+    folded = (weight.permute(0, 2, 3, 1) @ projection).permute(0, 3, 1, 2)  # [O,C,k,k]
+    bias_kernel = (weight * project.bias.float().view(1, -1, 1, 1)).sum(dim=1, keepdim=True)  # [O,1,k,k]
+    ones = torch.ones((1, 1, *x.shape[-2:]), dtype=torch.float32, device=x.device)
+    bias_map = F.conv2d(ones, bias_kernel, conv.bias.float(), conv.stride, conv.padding)  # [1,O,h',w']
+    return F.conv2d(x, folded.to(x.dtype), None, conv.stride, conv.padding) + bias_map.to(x.dtype)
+
+
 class DPTHead(nn.Module):
     """levels 1-3 come from ViT tokens; level 4 from ViT tokens (depth) or decoder tokens (mask)."""
 
@@ -78,7 +94,11 @@ class DPTHead(nn.Module):
 
     def _level(self, i: int, x: Tensor) -> Tensor:
         """Reassemble level i (0-based) from a [B,C,h,w] map and project it to `features`."""
-        x = self.resize_layers[i](self.projects[i](x))
+        project, resize = self.projects[i], self.resize_layers[i]
+        if isinstance(resize, nn.Conv2d):  # level 4: a 1x1 projection, then a 3x3 stride-2 conv
+            x = conv_of_projection(resize, project, x)
+        else:
+            x = resize(project(x))
         return getattr(self.scratch, f"layer{i + 1}_rn")(x)
 
     def skips(self, maps: list[Tensor]) -> list[Tensor]:

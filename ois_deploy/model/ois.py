@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .blocks import DecoderBlock
+from .blocks import DecoderBlock, decoder_absorbs
 from .dpt import DPTHead
 from .order import object_bias, order_bias, order_maps, order_rows, padding_bias
 from ..presets import OISConfig
@@ -61,8 +61,9 @@ class OISDecoder(nn.Module):
         d, vit = cfg.decoder, cfg.encoder
         self.neck = nn.Conv2d(vit.embed_dim, d.width, 1)
         self.prompts = PromptEncoder(d.width, vit.patch_size, cfg.input_size, cfg.disk_radius, d.fourier_scale)
-        self.object_blocks = nn.ModuleList(DecoderBlock(d.width, d.num_heads, d.mlp_ratio) for _ in range(d.object_blocks))
-        self.order_blocks = nn.ModuleList(DecoderBlock(d.width, d.num_heads, d.mlp_ratio) for _ in range(d.order_blocks))
+        absorb = decoder_absorbs(d)
+        self.object_blocks = nn.ModuleList(DecoderBlock(d.width, d.num_heads, d.mlp_ratio, absorb) for _ in range(d.object_blocks))
+        self.order_blocks = nn.ModuleList(DecoderBlock(d.width, d.num_heads, d.mlp_ratio, absorb) for _ in range(d.order_blocks))
         # sigma = softplus(order_sigma) > 0, learned
         self.order_sigma = nn.Parameter(torch.tensor(math.log(math.expm1(d.sigma_init))))
         self.mask_head = DPTHead(vit.embed_dim, cfg.depth_head, level4_in_channels=d.width, out_relu=False)
