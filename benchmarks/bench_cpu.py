@@ -12,6 +12,7 @@ Writes benchmarks/results/cpu_<date>.json with machine, versions and date.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import statistics
 import time
@@ -29,6 +30,7 @@ from ois_deploy.model.precision import to_fp16
 from ois_deploy.runtime.torch_backend import TorchRunner
 from ois_deploy.provenance import machine_info, now_utc, tool_versions
 from ois_deploy.model.weights import load_model, weights_provenance
+import ois_deploy
 
 RESULTS = Path(__file__).parent / "results"
 EXPORTS = Path("artifacts/bench")
@@ -52,20 +54,33 @@ def median_ms(fn, repeats: int) -> float:
 BENCH_CALIBRATION_SCENES = 2
 
 
+def graph_source_hash() -> str:
+    """SHA-256 of the code that makes the graphs (the model and the exporters): the same weights
+    exported by other code are other graphs."""
+    package = Path(ois_deploy.__file__).parent
+    digest = hashlib.sha256()
+    for path in sorted([*(package / "model").glob("*.py"), *(package / "export").glob("*.py")]):
+        digest.update(path.name.encode() + path.read_bytes())
+    return digest.hexdigest()
+
+
 def ensure_export(preset: str, model, report, precisions=("fp32", "fp16", "int8")) -> Path:
-    """Reuse the cached graphs only if they hold this very model and these precisions: after a
-    retrain or a preset change, stale graphs would time another architecture."""
+    """Reuse the cached graphs only if they hold this very model, made by this very code, and
+    these precisions: after a retrain, a preset or a model-code change, stale graphs would time
+    another architecture."""
     out = EXPORTS / preset
+    stamp = out / "graph_source.sha256"  # beside the export, not in its manifest: a cache key
     floats = tuple(p for p in precisions if p != "int8")
     try:
         manifest = read_manifest(out)
-        same_model = manifest["model_hash"] == state_dict_hash(model)
+        same_model = manifest["model_hash"] == state_dict_hash(model) and stamp.read_text() == graph_source_hash()
     except Exception:
         manifest, same_model = None, False
     if not (same_model and set(floats) <= set(manifest["precisions"])):
         print(f"exporting {preset} to {out} ...", flush=True)
         EXPORTS.mkdir(parents=True, exist_ok=True)
         manifest = export_model(model, weights_provenance(report), ExportRequest(out, floats))
+        stamp.write_text(graph_source_hash())
     if "int8" in precisions and "int8" not in manifest["precisions"]:
         print(f"quantizing {preset} ...", flush=True)
         manifest["int8"] = quantize_export(model, out, manifest["graphs"], scenes=BENCH_CALIBRATION_SCENES)

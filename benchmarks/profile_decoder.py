@@ -1,6 +1,7 @@
 """Where a click's decoder time goes on the CPU runtimes, and what the image state's form costs.
 
     python benchmarks/profile_decoder.py [--presets ois-s-1024] [--precisions fp32 bf16] [--rounds 9] [--threads 2]
+        [--against OTHER_EXPORT]
 
 Graphs come from artifacts/bench/<preset> (bench_cpu.ensure_export: exported once, reused; random
 weights for the 1024 presets: time does not depend on them). One click: P = N = 1 with a previous
@@ -10,6 +11,8 @@ process, both with OpenVINO's per-node counters (PERF_COUNT), rounds interleaved
   P dynamic with the state's broadcast made explicit (tile_state_inputs): how the openvino
   backend ran it before the state was kept in the plugin's form;
 - after: the openvino backend as it is (OpenVinoRunner.profile_decode).
+- against (with --against DIR): another export of the preset, e.g. made by an earlier checkout, run
+  by the openvino backend as it is: a model or exporter change's before and after.
 `state_conversions` lists the executed nodes that convert or copy a state input (OpenVINO names a
 Reorder after its source: `pyramid_l1_abcd_acdb_...`; Tile copies the state to P rows). ONNX
 Runtime's profile of the same click (fp32) is added for comparison.
@@ -70,13 +73,18 @@ class Before:
                 for p in self.request.profiling_info if p.status == p.Status.EXECUTED]
 
 
-def compare(folder: Path, precision: str, threads: int, rounds: int, arrays: dict, click: tuple) -> dict:
-    """Before and after, rounds interleaved: wall ms per call and the per-node profiles."""
+def compare(folder: Path, precision: str, threads: int, rounds: int, arrays: dict, click: tuple,
+            against: Path | None = None) -> dict:
+    """Before and after (and `against`), rounds interleaved: wall ms per call and the per-node profiles."""
     coords, labels, prev = click
     before = Before(folder, precision, threads, {**arrays, "point_coords": coords, "point_labels": labels, "prev_mask": prev})
-    runner = OpenVinoRunner(folder, precision, threads=threads, cache=False, profile=True)
-    state = runner.state_from_numpy(arrays)  # once per image: the plugin's form
-    calls = {"before": before.call, "after": lambda: runner.decode(state, coords, labels, prev)}
+    runners = {"after": OpenVinoRunner(folder, precision, threads=threads, cache=False, profile=True)}
+    if against:
+        runners["against"] = OpenVinoRunner(against, precision, threads=threads, cache=False, profile=True)
+    states = {name: r.state_from_numpy(arrays) for name, r in runners.items()}  # once per image: the plugin's form
+    calls = {"before": before.call}
+    for name, r in runners.items():
+        calls[name] = lambda r=r, state=states[name]: r.decode(state, coords, labels, prev)
     walls, events = {k: [] for k in calls}, []
     for fn in calls.values():
         fn()
@@ -87,8 +95,9 @@ def compare(folder: Path, precision: str, threads: int, rounds: int, arrays: dic
             walls[name].append((time.perf_counter() - start) * 1000)
         events += before.events()
     runtime = f"OpenVINO CPU ({precision})"
-    profiles = {"before": summarise(events, rounds, walls["before"], runtime),
-                "after": runner.profile_decode(state, coords, labels, prev, rounds)}
+    profiles = {"before": summarise(events, rounds, walls["before"], runtime)}
+    for name, r in runners.items():
+        profiles[name] = r.profile_decode(states[name], coords, labels, prev, rounds)
     out = {}
     for name, profile in profiles.items():
         profile["call_ms"] = float(np.median(walls[name]))  # interleaved wall time (after: not its own profiling run)
@@ -96,6 +105,9 @@ def compare(folder: Path, precision: str, threads: int, rounds: int, arrays: dic
         profile["state_conversion_ms"] = sum(c["ms"] for c in profile["state_conversions"])
         out[name] = profile
     out["after_vs_before"] = out["before"]["call_ms"] / out["after"]["call_ms"]
+    if against:
+        out["against_export"] = str(against)
+        out["after_vs_against"] = out["against"]["call_ms"] / out["after"]["call_ms"]
     return out
 
 
@@ -105,8 +117,12 @@ def main() -> None:
     parser.add_argument("--precisions", nargs="+", default=["fp32", "bf16"], help="OpenVINO precisions")
     parser.add_argument("--rounds", type=int, default=9)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--against", type=Path, default=None,
+                        help="another export of the (one) preset to profile side by side, e.g. from an earlier checkout")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
+    if args.against and len(args.presets) != 1:
+        parser.error("--against takes one preset")
     rng = np.random.default_rng(0)
     load_before = os.getloadavg()
     rows = []
@@ -123,12 +139,15 @@ def main() -> None:
         row = {"preset": preset, "onnxruntime_fp32": ort.profile_decode(state, *click, args.rounds)}
         for precision in args.precisions:
             print(f"profiling {preset} openvino {precision} ...", flush=True)
-            row[f"openvino_{precision}"] = result = compare(folder, precision, args.threads, args.rounds, state, click)
+            row[f"openvino_{precision}"] = result = compare(folder, precision, args.threads, args.rounds, state, click,
+                                                            args.against)
             print(f"  before {result['before']['call_ms']:.1f} ms (state conversions {result['before']['state_conversion_ms']:.1f} ms)"
                   f", after {result['after']['call_ms']:.1f} ms ({result['after']['state_conversion_ms']:.1f} ms): "
                   f"{result['after_vs_before']:.2f}x", flush=True)
+            if args.against:
+                print(f"  against {result['against']['call_ms']:.1f} ms: {result['after_vs_against']:.2f}x", flush=True)
         rows.append(row)
-    result = {"benchmark": "a click's decoder call by node type: OpenVINO before/after the native image state; ONNX Runtime",
+    result = {"benchmark": "a click's decoder call by node type: OpenVINO before/after the native image state (and against another export); ONNX Runtime",
               "command": "python benchmarks/profile_decoder.py " + " ".join(sys.argv[1:]),
               "rounds": args.rounds, "threads": args.threads, "cpu_flags": cpu_flags(), "machine": machine_info(),
               "versions": tool_versions(), "date": now_utc(),
