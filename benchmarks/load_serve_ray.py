@@ -25,18 +25,11 @@ import load_serve as ls  # noqa: E402
 
 from ois_deploy.errors import run_script  # noqa: E402
 from ois_deploy.io import write_json  # noqa: E402
-from ois_deploy.provenance import machine_info, now_utc, tool_versions  # noqa: E402
+from ois_deploy.provenance import cpu_flags, machine_info, now_utc, tool_versions  # noqa: E402
 
 
 def delta(after: dict, before: dict) -> dict:
     return {k: round(v - before.get(k, 0), 6) for k, v in after.items()}
-
-
-def cpu_flags() -> list[str]:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("flags"):
-            return [f for f in line.split(":", 1)[1].split() if f.startswith(("avx", "fma", "sse4", "amx"))]
-    return []
 
 
 def main() -> None:

@@ -24,7 +24,7 @@ from ois_deploy import Predictor, UserError
 from ois_deploy.contract import check_graph, read_manifest
 from ois_deploy.export.lint import lint_export
 from ois_deploy.io import staged_folder
-from ois_deploy.model import OIS, get_preset
+from ois_deploy.model import get_preset
 from ois_deploy.model.weights import FORMAT_TAG, load_model, save_checkpoint
 from ois_deploy.provenance import sha256_file
 
