@@ -305,6 +305,7 @@ def test_absorbed_attention_exports_lint_and_verify(tiny, tmp_path):
     import importlib.util
 
     from ois_deploy.export.onnx import ExportRequest, export_model
+    from ois_deploy.export.quantize import fp32_groups
     from ois_deploy.model import OIS
     from ois_deploy.model.blocks import decoder_absorbs
     from ois_deploy.model.weights import save_checkpoint, weights_provenance
@@ -318,6 +319,11 @@ def test_absorbed_attention_exports_lint_and_verify(tiny, tmp_path):
     model, report = load_model(None, ckpt)
     export_model(model, weights_provenance(report), ExportRequest(out, precisions=("fp32", "fp16")))
     assert all(r.ok for r in lint_export(out)), [r.problems for r in lint_export(out)]
+    decoder = onnx.load(str(out / "decoder.onnx"))
+    per_head = {i.name for i in decoder.graph.initializer if len(i.dims) == 3}
+    absorbed = {n.name for n in decoder.graph.node if n.op_type == "MatMul" and set(n.input) & per_head}
+    assert len(absorbed) == 5 * (cfg.decoder.object_blocks + cfg.decoder.order_blocks)  # folded, not projected
+    assert absorbed <= set(fp32_groups(decoder)["attention"])  # INT8 keeps them with the logits, in FP32
     backends = ["ort"] + (["openvino"] if importlib.util.find_spec("openvino") else [])
     for backend in backends:
         result = verify(out, backend=backend, precisions=("fp32",))

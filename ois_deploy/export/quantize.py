@@ -87,8 +87,8 @@ def _last_of(graph, op_type: str, output: str) -> set[str]:
 def fp32_groups(model) -> dict[str, list[str]]:
     """Group name -> node names, by topology (exported node names carry no module paths).
 
-    attention: Softmax, the activation-by-activation MatMuls (Q.K^T, A.V) and the scaling and
-        bias arithmetic between them; prompt_encoder: the Conv and MatMul nodes that see clicks
+    attention: Softmax, the activation-by-activation MatMuls (Q.K^T, A.V), the scaling and
+        bias arithmetic between them, and an absorbed cross-attention's per-head projections; prompt_encoder: the Conv and MatMul nodes that see clicks
         and previous mask but no image features (Fourier features of the click coordinates, the
         patch embedding of the click and mask maps: cheap); token_convs: the mask head's Convs
         fed by the decoder's tokens alone, before the encoder's pyramid joins (the token grid and
@@ -101,7 +101,10 @@ def fp32_groups(model) -> dict[str, list[str]]:
         from the depth input to the attention biases; logits_conv: the Conv nearest to
         mask_logits; depth_head: the Conv nearest to the depth output."""
     graph = model.graph
-    constants = {i.name for i in graph.initializer} | {o for n in graph.node if n.op_type == "Constant" for o in n.output}
+    constant_shapes = {i.name: list(i.dims) for i in graph.initializer}
+    constant_shapes |= {n.output[0]: list(a.t.dims) for n in graph.node if n.op_type == "Constant"
+                        for a in n.attribute if a.name == "value"}
+    constants = set(constant_shapes) | {o for n in graph.node if n.op_type == "Constant" for o in n.output}
     softmax = [n for n in graph.node if n.op_type == "Softmax"]
     act_matmuls = {n.name for n in graph.node if n.op_type == "MatMul" and not any(i in constants for i in n.input)}
     # between Q.K^T and Softmax: scale and bias adds (no further MatMul on the way back)
@@ -110,7 +113,12 @@ def fp32_groups(model) -> dict[str, list[str]]:
         scores |= _ancestors(graph, node.input[:1], stop=act_matmuls) - {node.name}
     compute = {n.name for n in graph.node if n.op_type in OP_TYPES} - act_matmuls
     depth_cone = _descendants(graph, ["depth"]) if any(i.name == "depth" for i in graph.input) else set()
-    attention = {n.name for n in softmax} | act_matmuls | {s for s in scores if s not in compute and s not in depth_cone}
+    # absorbed cross-attention (model/attention.py): the projections folded into the click tokens
+    # multiply by per-head weights, the only 3-D constants a MatMul reads; they make the logits
+    per_head = {n.name for n in graph.node if n.op_type == "MatMul"
+                and any(len(shape) == 3 for shape in (constant_shapes.get(i) for i in n.input) if shape is not None)}
+    attention = ({n.name for n in softmax} | act_matmuls | per_head
+                 | {s for s in scores if s not in compute and s not in depth_cone})
     outputs = {o.name for o in graph.output}
     pyramid_cone = _descendants(graph, [i.name for i in graph.input if i.name.startswith("pyramid_")])
     image_cone = _descendants(graph, [i.name for i in graph.input if i.name in IMAGE_FEATURES])
