@@ -10,7 +10,7 @@ import platform
 from pathlib import Path
 
 TOOLS = ("ois-deploy", "torch", "numpy", "onnx", "onnxruntime", "onnxruntime-gpu", "onnxscript", "onnxslim", "polygraphy", "tensorrt",
-         "openvino",
+         "openvino", "nncf",
          "fastapi", "uvicorn", "httpx", "prometheus-client", "ray")
 
 

@@ -23,7 +23,7 @@ from .model.weights import reference_model
 from .provenance import machine_info, now_utc, tool_versions
 from .runtime.predictor import Predictor
 from .runtime.preprocess import DEFAULT_MAX_PIXELS, read_image, sigmoid
-from .runtime.registry import RunnerSpec, get_backend, open_runner
+from .runtime.registry import RunnerSpec, check_spec, get_backend, open_runner
 from .runtime.torch_backend import TorchRunner
 
 # Relative L2 error and mask IoU thresholds per precision (docs/design.md §5); overridable.
@@ -197,8 +197,10 @@ def verify(
     seed: int = 0,
     progress=None,
     max_image_pixels: int = DEFAULT_MAX_PIXELS,
+    int8_decoder: str = "qdq",
 ) -> dict:
-    """Compare a backend's graphs with the PyTorch FP32 model. Returns the JSON result."""
+    """Compare a backend's graphs with the PyTorch FP32 model. Returns the JSON result.
+    int8_decoder: the int8 precision's decoder (qdq, or nncf on openvino; RunnerSpec)."""
     manifest = read_manifest(export_dir)
     if backend == "trt" and manifest.get("engines"):
         precisions = (manifest["engines"]["precision"],)  # engines exist for one precision
@@ -206,6 +208,10 @@ def verify(
         precisions = tuple(p for p in manifest["precisions"] if any(e["precision"] == p for e in manifest["aoti"].values()))
     # by default what was exported and the backend runs (bf16, a runtime setting, only when asked)
     precisions = precisions or tuple(p for p in manifest["precisions"] if p in get_backend(backend).precisions)
+    if int8_decoder != "qdq":  # refused before the long run, not at the int8 step
+        if "int8" not in precisions:
+            raise UserError(f"the {int8_decoder} int8 decoder applies to the int8 precision, which is not checked here")
+        check_spec(RunnerSpec(backend, str(export_dir), "int8", int8_decoder=int8_decoder))
     image_paths = list_images(images)
     step = progress or (lambda text: None)
     step("load the PyTorch FP32 reference")
@@ -215,7 +221,8 @@ def verify(
     rows, failures = [], []
     for precision in precisions:
         tol = {**TOLERANCES[precision], **((tolerances or {}).get(precision, {}))}
-        runner = open_runner(RunnerSpec(backend, str(export_dir), precision))
+        runner = open_runner(RunnerSpec(backend, str(export_dir), precision,
+                                        int8_decoder=int8_decoder if precision == "int8" else "qdq"))
         rng = np.random.default_rng(seed)
         try:
             step(f"{precision}: graphs on random inputs")
@@ -238,6 +245,7 @@ def verify(
         "failures": failures,
         "tolerances": {p: {**TOLERANCES[p], **((tolerances or {}).get(p, {}))} for p in precisions},
         "images": [str(p) for p in image_paths],
+        **({"int8_decoder": int8_decoder} if "int8" in precisions else {}),
         "machine": machine_info(),
         "versions": tool_versions(),
         "date": now_utc(),

@@ -6,6 +6,7 @@ naming the missing flags elsewhere. The graphs: conftest's int8_export (fp32 + i
 """
 
 import json
+import shlex
 import shutil
 from concurrent.futures import ThreadPoolExecutor
 
@@ -202,3 +203,62 @@ def test_nncf_decoder_missing_or_changed_is_refused(export_copy):
     write_manifest(export_copy, manifest)
     with pytest.raises(UserError, match="no OpenVINO INT8 decoder"):
         OpenVinoRunner(export_copy, "int8", cache=False, int8_decoder="nncf")
+
+
+@pytest.fixture(scope="module")
+def one_scene(tmp_path_factory):
+    """A generated DAVIS-layout folder of one scene (`ois-deploy scenes`)."""
+    from ois_deploy.cli import main
+
+    out = tmp_path_factory.mktemp("scenes") / "one"
+    with pytest.raises(SystemExit) as exit_info:
+        main(["scenes", "--out", str(out), "--count", "1", "--seed", "3"])
+    assert exit_info.value.code == 0
+    return out
+
+
+@pytest.mark.slow
+def test_cli_runs_the_nncf_decoder_on_request(int8_export, one_scene, tmp_path, capsys):
+    """`--int8-decoder nncf`: bench times OpenVINO's own INT8 decoder, and eval records which
+    decoder, the command and the CPU's flags beside its figures (the task-parity protocol)."""
+    pytest.importorskip("nncf", reason="nncf (the openvino extra) is not installed")
+    int8 = ["--backend", "openvino", "--precision", "int8", "--int8-decoder", "nncf"]
+    code, _, err = run(["bench", str(int8_export), *int8, "--clicks", "1", "--repeats", "1", "--no-sat",
+                        "--json", str(tmp_path / "bench.json")], capsys)
+    assert code == 0, err
+    assert json.loads((tmp_path / "bench.json").read_text())["runtime_isa"]["decoder_graph"] == OPENVINO_INT8_DECODER[0]
+    argv = ["eval", str(int8_export), "--dataset", str(one_scene), *int8, "--limit", "1", "--max-clicks", "2",
+            "--json", str(tmp_path / "eval.json")]
+    code, _, err = run(argv, capsys)
+    assert code == 0, err
+    report = json.loads((tmp_path / "eval.json").read_text())
+    assert report["int8_decoder"] == "nncf" and report["objects"] == 1
+    assert report["command"] == shlex.join(["ois-deploy", *argv])
+    assert set(report["machine"]["cpu_flags"]) >= {"avx512_vnni", "amx_int8"}
+
+
+@pytest.mark.parametrize("options, message", [
+    (["--backend", "openvino", "--precision", "int8", "--int8-decoder", "fp8"], "int8 decoder must be one of qdq, nncf, not 'fp8'"),
+    (["--backend", "ort", "--precision", "int8", "--int8-decoder", "nncf"], "applies to --backend openvino --precision int8 only"),
+    (["--backend", "openvino", "--precision", "fp32", "--int8-decoder", "nncf"], "applies to --backend openvino --precision int8 only"),
+])
+def test_int8_decoder_option_bad_values(int8_export, one_scene, tmp_path, capsys, options, message):
+    """Refused in one line, exit 2, nothing written, by every command that opens a runner."""
+    out = tmp_path / "out"
+    for argv in (["eval", str(int8_export), "--dataset", str(one_scene), "--json", str(out / "eval.json")],
+                 ["bench", str(int8_export), "--json", str(out / "bench.json")],
+                 ["predict", "--model", str(int8_export), "--image", str(ASSETS / "demo.png"), "--click", "10,10,+",
+                  "--out", str(out / "mask.png")]):
+        out.mkdir(exist_ok=True)
+        code, _, err = run(argv + options, capsys)
+        assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err
+        assert not any(out.iterdir())
+
+
+def test_verify_int8_decoder_refused_before_the_run(int8_export, capsys):
+    code, _, err = run(["verify", str(int8_export), "--backend", "openvino", "--precision", "fp32",
+                        "--int8-decoder", "nncf"], capsys)
+    assert code == 2 and "applies to the int8 precision, which is not checked here" in err, err
+    code, _, err = run(["verify", str(int8_export), "--backend", "ort", "--precision", "int8", "--int8-decoder", "nncf"],
+                       capsys)
+    assert code == 2 and "applies to --backend openvino --precision int8 only" in err, err

@@ -4,6 +4,7 @@ with the extra that installs it."""
 
 from __future__ import annotations
 
+import shlex
 import sys
 from typing import Optional
 
@@ -33,8 +34,10 @@ def missing_extra(error: ModuleNotFoundError) -> str | None:
 
 
 def main(argv: Optional[list[str]] = None) -> None:
+    args = sys.argv[1:] if argv is None else list(argv)
     try:
-        code = app(args=argv, standalone_mode=False, prog_name="ois-deploy")
+        # the command line rides in the context's obj, for results that record how they were made
+        code = app(args=args, standalone_mode=False, prog_name="ois-deploy", obj={"command": shlex.join(["ois-deploy", *args])})
     except UserError as e:
         exit_with(e)
     except ModuleNotFoundError as e:

@@ -21,6 +21,8 @@ BackendOpt = typer.Option(None, "--backend",
                                "Default: torch for a preset, ort for an export folder.")
 DeviceOpt = typer.Option(None, "--device", help="torch: cpu (default) or cuda; aoti: cpu or cuda (default: cuda where its packages were built and a GPU is seen); ort: auto (default), cpu, cuda or tensorrt.")
 PrecisionOpt = typer.Option("fp32", "--precision", help="fp32, fp16, int8 or bf16 (which of them: the backend's; see `backends`).")
+Int8DecoderOpt = typer.Option("qdq", "--int8-decoder",
+                              help="openvino --precision int8: qdq (the export's QDQ decoder) or nncf (OpenVINO's own, NNCF-quantised at export).")
 MaxImagePixelsOpt = typer.Option(100_000_000, "--max-image-pixels", min=1,
                                  help="Refuse images with more pixels than this (read from the file's header before decoding).")
 

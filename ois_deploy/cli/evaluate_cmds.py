@@ -10,7 +10,7 @@ import typer
 
 from ..errors import UserError
 from ..io import atomic_write_bytes, check_output_file, check_output_folder, check_outputs, write_json
-from .app import BackendOpt, CheckpointOpt, DeviceOpt, JsonOpt, MaxImagePixelsOpt, PrecisionOpt, app, check_json
+from .app import BackendOpt, CheckpointOpt, DeviceOpt, Int8DecoderOpt, JsonOpt, MaxImagePixelsOpt, PrecisionOpt, app, check_json
 from .console import console_for, counted_progress, note, progress_steps, table
 
 ASSETS = Path(__file__).resolve().parents[1] / "assets"
@@ -30,10 +30,12 @@ def run_eval(predictor, samples, max_clicks: int, console, label: str, max_image
 
 @app.command(name="eval")
 def evaluate(
+    ctx: typer.Context,
     model: str = typer.Argument(..., help="A preset name (PyTorch) or an export folder."),
     dataset: str = typer.Option(..., "--dataset", "-d", help="DAVIS, HQSeg44K-val or images/+masks/ folder."),
     backend: Optional[str] = BackendOpt,
     precision: str = PrecisionOpt,
+    int8_decoder: str = Int8DecoderOpt,
     checkpoint: Optional[str] = CheckpointOpt,
     device: Optional[str] = DeviceOpt,
     max_clicks: int = typer.Option(20, "--max-clicks", min=1, max=24),
@@ -50,7 +52,7 @@ def evaluate(
     """NoC@85/90/95, NoF, mIoU@k and seconds per click with simulated clicks (SegNext protocol)."""
     from ..evaluate.datasets import load_dataset
     from ..evaluate.metrics import summarise, task_parity
-    from ..provenance import machine_info, now_utc, tool_versions
+    from ..provenance import cpu_flags, machine_info, now_utc, tool_versions
     from ..runtime.predictor import Predictor
 
     # Every output is checked before the long run, not after it.
@@ -62,7 +64,8 @@ def evaluate(
         check_output_file(plot, "--plot", inputs=[dataset], image=True)
     layout, samples = load_dataset(dataset)
     samples = samples[:limit] if limit else samples
-    predictor = Predictor.open(model, backend, precision, checkpoint, device, order_attention=order_attention)
+    predictor = Predictor.open(model, backend, precision, checkpoint, device, order_attention=order_attention,
+                               int8_decoder=int8_decoder)
     note(*predictor.notes)
     backend_name = predictor.backend
     err = console_for(None, stderr=True)
@@ -77,7 +80,10 @@ def evaluate(
     report = {"summary": summary, "backend": backend_name, "precision": precision, "model": model,
               "checkpoint": checkpoint, "order_attention": predictor.cfg.decoder.order_attention,
               "dataset": str(dataset), "layout": layout, "objects": len(results), "skipped_empty_gt": len(skipped),
-              "machine": machine_info(), "versions": tool_versions(), "date": now_utc()}
+              "machine": {**machine_info(), "cpu_flags": cpu_flags()}, "versions": tool_versions(), "date": now_utc(),
+              "command": (ctx.obj or {}).get("command")}
+    if precision == "int8":
+        report["int8_decoder"] = int8_decoder
 
     if compare_backend:
         other = Predictor.open(model, compare_backend, compare_precision, checkpoint, device, order_attention=order_attention)
@@ -117,6 +123,7 @@ def bench(
     model: Optional[str] = typer.Argument(None, help="A preset name (PyTorch) or an export folder."),
     backend: Optional[str] = BackendOpt,
     precision: str = PrecisionOpt,
+    int8_decoder: str = Int8DecoderOpt,
     checkpoint: Optional[str] = CheckpointOpt,
     device: Optional[str] = DeviceOpt,
     image: Optional[str] = typer.Option(None, "--image", help="Image to time on (default: the bundled demo image)."),
@@ -161,7 +168,7 @@ def bench(
     if model is None:
         raise UserError("give a MODEL (preset name or export folder), or --report")
     rgb = read_image(image or ASSETS / "demo.png", max_image_pixels)
-    predictor = Predictor.open(model, backend, precision, checkpoint, device, profile=profile)
+    predictor = Predictor.open(model, backend, precision, checkpoint, device, profile=profile, int8_decoder=int8_decoder)
     note(*predictor.notes)
     backend_name = predictor.backend
     bar, step, finish = progress_steps(console_for(None, stderr=True))

@@ -10,7 +10,7 @@ from rich.console import Console
 
 from ..errors import UserError
 from ..io import write_json
-from .app import CheckpointOpt, JsonOpt, MaxImagePixelsOpt, PresetOpt, app, check_json
+from .app import CheckpointOpt, Int8DecoderOpt, JsonOpt, MaxImagePixelsOpt, PresetOpt, app, check_json
 from .console import console_for, progress_steps, table
 
 
@@ -155,6 +155,7 @@ def verify(
     folder: str = typer.Argument(..., help="Export folder."),
     backend: str = typer.Option("ort", "--backend", help="Backend to check against PyTorch FP32."),
     precision: Optional[str] = typer.Option(None, "--precision", help="fp32, fp16, int8, bf16 (openvino), both, all or a list (default: what was exported and the backend runs)."),
+    int8_decoder: str = Int8DecoderOpt,
     images: Optional[str] = typer.Option(None, "--images", help="Folder of real images (default: bundled ones)."),
     checkpoint: Optional[str] = CheckpointOpt,
     rel_l2_fp32: Optional[float] = typer.Option(None, "--rel-l2-fp32", help="Tolerance override."),
@@ -180,7 +181,7 @@ def verify(
     bar, step, finish = progress_steps(console_for(None, stderr=True))
     with bar:
         result = run_verify(folder, backend, parse_precisions(precision) if precision else None, images, checkpoint,
-                            tolerances, progress=step, max_image_pixels=max_image_pixels)
+                            tolerances, progress=step, max_image_pixels=max_image_pixels, int8_decoder=int8_decoder)
         finish()
     fmt = lambda v, f: "-" if v is None else format(v, f)  # noqa: E731
     rows = [[r["precision"], r["output"], fmt(r["max_abs"], ".2e"), fmt(r["rel_l2"], ".2e"), str(r["nonfinite"]),

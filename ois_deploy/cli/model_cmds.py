@@ -11,7 +11,8 @@ import typer
 from .. import __version__
 from ..errors import UserError
 from ..io import atomic_write_bytes, check_output_file, check_outputs, encode_image, write_json
-from .app import BackendOpt, CheckpointOpt, DeviceOpt, JsonOpt, MaxImagePixelsOpt, PrecisionOpt, PresetOpt, app, check_json
+from .app import (BackendOpt, CheckpointOpt, DeviceOpt, Int8DecoderOpt, JsonOpt, MaxImagePixelsOpt, PrecisionOpt, PresetOpt, app,
+                  check_json)
 from .console import console_for, note, table
 
 PAPER_PARAMS = {"ois-b-1024": 107_880_000, "ois-b-2048": 107_880_000}
@@ -98,6 +99,7 @@ def predict(
     backend: Optional[str] = BackendOpt,
     model: Optional[str] = typer.Option(None, "--model", "-m", help="Export folder (for the ort and trt backends)."),
     precision: str = PrecisionOpt,
+    int8_decoder: str = Int8DecoderOpt,
     device: Optional[str] = DeviceOpt,
     max_image_pixels: int = MaxImagePixelsOpt,
 ):
@@ -112,7 +114,7 @@ def predict(
     clicks = [parse_click(c) for c in click]
     rgb = read_image(image, max_image_pixels)
     predictor = Predictor.open(model or preset or "ois-tiny", backend or ("ort" if model else "torch"), precision,
-                               checkpoint, device)
+                               checkpoint, device, int8_decoder=int8_decoder)
     note(*predictor.notes)
     if len(clicks) > predictor.max_clicks:
         raise UserError(f"at most {predictor.max_clicks} clicks per object, got {len(clicks)}")

@@ -3,9 +3,9 @@
 Precisions: fp32 (INFERENCE_PRECISION_HINT f32 forced), bf16 (the fp32 graphs with a bf16
 inference-precision hint: OpenVINO keeps its own FP32 islands, e.g. softmax and normalisation;
 refused on CPUs without AVX512-BF16 or AMX-BF16), int8 (the QDQ graphs, or with
-int8_decoder="nncf" the decoder NNCF quantized for OpenVINO, which is faster but just under the
-int8 gate on ois-tiny (docs/design.md §4.3); an f32 hint, so that what the quantizers left in
-float stays FP32).
+int8_decoder="nncf" the decoder NNCF quantized for OpenVINO: task parity on ois-tiny, its mask
+IoU just under verify's int8 gate, slower than bf16 on the CPUs measured (docs/design.md §4.3);
+an f32 hint, so that what the quantizers left in float stays FP32).
 
 Compiled models are cached in DIR/openvino-cache/<key>/, one folder per graph hash, OpenVINO
 version, precision and compile settings, so that a changed graph is never served from a stale
@@ -50,6 +50,7 @@ from ..errors import UserError, first_line
 from ..provenance import cpu_flags, sha256_file
 from .base import Runner
 from .profiling import NodeTime, summarise
+from .registry import INT8_DECODERS
 
 CACHE_DIR = "openvino-cache"
 PRECISION_HINTS = {"fp32": "f32", "bf16": "bf16", "int8": "f32"}
@@ -213,8 +214,8 @@ class OpenVinoRunner(Runner):
         for path in self.paths.values():
             check_graph(path, self.manifest)  # the graph is the one the manifest recorded (hash)
         self.hashes = {role: self.manifest["graphs"][path.name]["sha256"] for role, path in self.paths.items()}
-        if int8_decoder not in ("qdq", "nncf"):
-            raise UserError(f"int8_decoder must be qdq or nncf, not {int8_decoder!r}")
+        if int8_decoder not in INT8_DECODERS:
+            raise UserError(f"int8_decoder must be one of {', '.join(INT8_DECODERS)}, not {int8_decoder!r}")
         if precision == "int8" and int8_decoder == "nncf":  # OpenVINO's own INT8 decoder (NNCF), opt-in
             nncf = self.manifest.get("int8", {}).get("openvino")
             if not nncf:
@@ -238,6 +239,7 @@ class OpenVinoRunner(Runner):
             "threads": int(decoder.get_property("INFERENCE_NUM_THREADS")),
             "performance_hint": str(decoder.get_property("PERFORMANCE_HINT")),
             "state": f"{STATE_LAYOUT} {self.state_type.get_type_name()}",
+            "decoder_graph": self.paths["decoder"].name,  # which int8 decoder (QDQ or NNCF) a record timed
             **isa_info(self._core),
             "openvino": ov.__version__,
         }
@@ -359,4 +361,4 @@ def open_runner(spec) -> OpenVinoRunner:
     if spec.device not in (None, "cpu"):
         raise UserError(f"the openvino backend runs on the CPU; device {spec.device!r} is not supported")
     return OpenVinoRunner(spec.export_dir, spec.precision, threads=spec.threads, streams=spec.streams,
-                          profile=spec.profile)
+                          profile=spec.profile, int8_decoder=spec.int8_decoder)

@@ -85,13 +85,14 @@ class Predictor:
     def open(cls, model: str = "ois-tiny", backend: str | None = None, precision: str = "fp32",
              checkpoint: str | None = None, device: str | None = None, threads: int = 0,
              order_attention: str | None = None, max_image_pixels: int = DEFAULT_MAX_PIXELS,
-             profile: bool = False) -> "Predictor":
+             profile: bool = False, int8_decoder: str = "qdq") -> "Predictor":
         """A Predictor for MODEL, a preset name (torch backends) or an export folder (any backend;
         default ort). device: torch cpu/cuda; ort auto/cpu/cuda/tensorrt. precision fp32 or fp16.
         order_attention: override of the model's order-attention mode (torch backends). profile:
-        collect the runtime's per-node times (openvino, ort; Runner.profile_decode)."""
+        collect the runtime's per-node times (openvino, ort; Runner.profile_decode). int8_decoder:
+        qdq or nncf (openvino int8; RunnerSpec)."""
         spec = RunnerSpec(backend or default_backend(str(model)), str(model), precision, checkpoint, device, threads,
-                          order_attention, profile=profile)
+                          order_attention, profile=profile, int8_decoder=int8_decoder)
         return cls(open_runner(spec), max_image_pixels)
 
     @property

@@ -28,6 +28,11 @@ class Backend:
     summary: str
 
 
+# The int8 decoders an export can hold: the QDQ graph (every backend's int8) and, where nncf was
+# installed at export, OpenVINO's own NNCF-quantised IR (docs/design.md §4.3).
+INT8_DECODERS = ("qdq", "nncf")
+
+
 @dataclass(frozen=True)
 class RunnerSpec:
     """What to open: model is a preset name or an export folder."""
@@ -41,6 +46,7 @@ class RunnerSpec:
     order_attention: str | None = None  # override of the model's mode (torch backends; ablations)
     streams: int = 0  # openvino: NUM_STREAMS (0: what its LATENCY hint picks)
     profile: bool = False  # openvino, ort: collect per-node times for Runner.profile_decode
+    int8_decoder: str = "qdq"  # openvino int8: the export's QDQ decoder or OpenVINO's own (nncf)
 
     @property
     def export_dir(self) -> Path | None:
@@ -59,7 +65,7 @@ BACKENDS: dict[str, Backend] = {
         Backend("aoti", "aoti_backend", True, False, ("fp32", "fp16"), "export",
                 "AOTInductor packages (ois-deploy build --engine aoti), CPU or CUDA"),
         Backend("openvino", "openvino_backend", True, False, ("fp32", "bf16", "int8"), "openvino",
-                "OpenVINO on the CPU: fp32, bf16 (AVX512-BF16/AMX), int8 (the QDQ graphs)"),
+                "OpenVINO on the CPU: fp32, bf16 (AVX512-BF16/AMX), int8 (the QDQ graphs; --int8-decoder nncf)"),
         Backend("ort-web", "ort_web_backend", True, False, ("fp32", "fp16"), "dev",
                 "Decoder in headless Chromium through onnxruntime-web (WASM), encoder in ONNX Runtime; parity"),
     )
@@ -100,4 +106,8 @@ def check_spec(spec: RunnerSpec) -> Backend:
                         "(ois-deploy export --out DIR)")
     if spec.order_attention is not None and backend.module != "torch_backend":
         raise UserError("an order-attention override applies to the torch backends only (graphs fix it at export)")
+    if spec.int8_decoder not in INT8_DECODERS:
+        raise UserError(f"int8 decoder must be one of {', '.join(INT8_DECODERS)}, not {spec.int8_decoder!r}")
+    if spec.int8_decoder != "qdq" and (backend.name != "openvino" or spec.precision != "int8"):
+        raise UserError(f"the {spec.int8_decoder} int8 decoder applies to --backend openvino --precision int8 only")
     return backend
