@@ -220,7 +220,7 @@ def one_scene(tmp_path_factory):
 @pytest.mark.slow
 def test_cli_runs_the_nncf_decoder_on_request(int8_export, one_scene, tmp_path, capsys):
     """`--int8-decoder nncf`: bench times OpenVINO's own INT8 decoder, and eval records which
-    decoder, the command and the CPU's flags beside its figures (the task-parity protocol)."""
+    decoder, the command, the CPU's flags and the load average beside its figures (the task-parity protocol)."""
     pytest.importorskip("nncf", reason="nncf (the openvino extra) is not installed")
     int8 = ["--backend", "openvino", "--precision", "int8", "--int8-decoder", "nncf"]
     code, _, err = run(["bench", str(int8_export), *int8, "--clicks", "1", "--repeats", "1", "--no-sat",
@@ -235,6 +235,7 @@ def test_cli_runs_the_nncf_decoder_on_request(int8_export, one_scene, tmp_path, 
     assert report["int8_decoder"] == "nncf" and report["objects"] == 1
     assert report["command"] == shlex.join(["ois-deploy", *argv])
     assert set(report["machine"]["cpu_flags"]) >= {"avx512_vnni", "amx_int8"}
+    assert all(len(report["load_average"][k]) == 3 for k in ("before", "after"))
 
 
 @pytest.mark.parametrize("options, message", [

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json as jsonlib
+import os
 from pathlib import Path
 from typing import Optional
 
@@ -70,6 +71,7 @@ def evaluate(
     backend_name = predictor.backend
     err = console_for(None, stderr=True)
     skipped: list[str] = []
+    load_before = os.getloadavg()  # a shared machine's other work shows in the timings (spc_ms)
     results = run_eval(predictor, samples, max_clicks, err, backend_name, max_image_pixels, skipped)
     if skipped:
         shown = ", ".join(skipped[:5]) + (f" and {len(skipped) - 5} more" if len(skipped) > 5 else "")
@@ -95,6 +97,8 @@ def evaluate(
         report["compare"] = {"backend": compare_backend, "precision": compare_precision, **parity,
                              "NoC@90": {here: noc_here, there: noc_there}, "summary": summarise(reference, max_clicks)}
 
+    report["load_average"] = {"before": [round(v, 2) for v in load_before],
+                              "after": [round(v, 2) for v in os.getloadavg()]}
     out = console_for(json)
     m = summary["mIoU@k"]
     row = [*(f"{summary[k]:.2f}" for k in ("NoC@85", "NoC@90", "NoC@95")),
