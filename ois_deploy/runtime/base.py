@@ -19,7 +19,7 @@ import numpy as np
 
 from ..errors import UserError
 from ..presets import OISConfig
-from .preprocess import Frame, feedback, logit_cut, logits_to_image, logits_to_input_frame, mask_to_image, to_input
+from .preprocess import Frame, feedback, logit_cut, logits_to_image, logits_to_input_frame, mask_to_image, scratch, to_input
 
 TimingHook = Callable[[str, float], None]  # (what: "encode" | "decode", milliseconds)
 
@@ -46,6 +46,7 @@ class Runner(ABC):
         self.notes = list(notes or [])
         self.last_ms: dict[str, float] = {}
         self._hooks: list[TimingHook] = []
+        self._no_prev = np.zeros((0, 1, cfg.input_size, cfg.input_size), np.float32)  # empty_prev's zeros
 
     # -- what a backend implements ---------------------------------------------------------
     @abstractmethod
@@ -93,9 +94,13 @@ class Runner(ABC):
         return self.encode(to_input(image, frame.size)[0])
 
     def empty_prev(self, prompts: int = 1) -> Any:
-        """The previous-mask probability before the first click: [P,1,S,S] zeros."""
-        s = self.cfg.input_size
-        return np.zeros((prompts, 1, s, s), np.float32)
+        """The previous-mask probability before the first click: [P,1,S,S] zeros, the first P of
+        one array kept for the largest P asked so far (shared: never written). A new array on
+        every click or SAT chunk cost a page fault per 4 KiB page as the decoder read it."""
+        if len(self._no_prev) < prompts:
+            s = self.cfg.input_size
+            self._no_prev = np.zeros((prompts, 1, s, s), np.float32)
+        return self._no_prev[:prompts]
 
     def prev_from_numpy(self, prob: np.ndarray) -> Any:
         """A previous-mask probability [1,1,S,S] from host memory, where decode_to_image takes it."""
@@ -107,13 +112,15 @@ class Runner(ABC):
         -> (bool mask [H,W] on the host, float32 logits [H,W] or None, the next previous mask).
         Logits stay at the input frame until the final resize; the mask is made in strips, with
         no float array of the image's size, the same with or without logits."""
-        logits_sxs = logits_to_input_frame(self.decode(state, coords, labels, prev)[0, 0], self.cfg.input_size)
+        size = self.cfg.input_size
+        logits_sxs = logits_to_input_frame(self.decode(state, coords, labels, prev)[0, 0], size,
+                                           scratch("logits_sxs", (size, size)))
         logits = logits_to_image(logits_sxs, frame) if with_logits else None
         return mask_to_image(logits_sxs, frame, logit_cut(threshold)), logits, feedback(logits_sxs, frame)
 
     def decode_prompts(self, state: Any, coords: np.ndarray, labels: np.ndarray) -> Any:
         """P prompt sets without a previous mask (SAT) -> logits [P,1,S',S'] wherever the backend
-        keeps them; on the host the empty previous mask takes P x S x S floats."""
+        keeps them; on the host the empty previous mask is empty_prev's (made once, not per call)."""
         return self.decode(state, coords, labels, self.empty_prev(len(coords)))
 
     def add_timing_hook(self, hook: TimingHook) -> Callable[[], None]:

@@ -249,7 +249,7 @@ class OrtRunner(Runner):
             "prev_mask": self._feed("prev_mask", prev_mask),
         }
         if not self.on_gpu:
-            return session.run(list(DECODER_OUTPUTS), {**state, **clicks})[0].astype(np.float32)
+            return session.run(list(DECODER_OUTPUTS), {**state, **clicks})[0].astype(np.float32, copy=False)
         binding = session.io_binding()
         for name, value in state.items():
             if isinstance(value, np.ndarray):

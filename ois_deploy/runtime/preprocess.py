@@ -7,6 +7,7 @@ to SxS, cropped to the resized image and resized to the original size.
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -187,9 +188,26 @@ def to_input(image: np.ndarray, size: int) -> tuple[np.ndarray, Frame]:
     return fit_to_frame(image, frame).transpose(2, 0, 1)[None].copy(), frame
 
 
-def logits_to_input_frame(logits: np.ndarray, size: int) -> np.ndarray:
-    """mask logits [S',S'] -> [S,S] (bilinear)."""
-    return cv2.resize(logits.astype(np.float32), (size, size), interpolation=cv2.INTER_LINEAR)
+_scratch = threading.local()
+
+
+def scratch(key: str, shape: tuple[int, ...]) -> np.ndarray:
+    """A float32 work array of this thread for `key`, reused from call to call (contents left
+    from the last use). A fresh array of megabytes pays a page fault per 4 KiB page each time it
+    is first written, which cost more than the arithmetic on it: a click's host loop at S = 1022
+    made ~6,000 faults (~25 ms in a VM, as long as a fifth of the decoder). Only for arrays that
+    never leave the function that asked; per thread, as a runner may be shared by threads; at
+    most the input frame and a few strips (STRIP_ELEMENTS) per thread are kept."""
+    buffers = _scratch.__dict__.setdefault("buffers", {})
+    size = int(np.prod(shape))
+    if key not in buffers or buffers[key].size < size:
+        buffers[key] = np.empty(size, np.float32)
+    return buffers[key][:size].reshape(shape)
+
+
+def logits_to_input_frame(logits: np.ndarray, size: int, out: np.ndarray | None = None) -> np.ndarray:
+    """mask logits [S',S'] -> [S,S] (bilinear), into `out` where given."""
+    return cv2.resize(logits.astype(np.float32, copy=False), (size, size), dst=out, interpolation=cv2.INTER_LINEAR)
 
 
 def logits_to_image(logits_sxs: np.ndarray, frame: Frame) -> np.ndarray:
@@ -204,11 +222,12 @@ def logit_cut(threshold: float) -> float:
 
 
 def feedback(logits_sxs: np.ndarray, frame: Frame) -> np.ndarray:
-    """Probability fed back as the next prev_mask [1,1,S,S]; the padding outside the image is zero."""
-    prob = np.zeros_like(logits_sxs)
+    """Probability fed back as the next prev_mask [1,1,S,S]; the padding outside the image is zero.
+    A new array (the caller keeps it), computed in place: no temporaries of its size."""
+    prob = np.zeros((1, 1, *logits_sxs.shape), np.float32)
     h, w = frame.resized
-    prob[:h, :w] = sigmoid(logits_sxs[:h, :w])
-    return prob[None, None]
+    sigmoid(logits_sxs[:h, :w], out=prob[0, 0, :h, :w])
+    return prob
 
 
 # Output elements per strip when a mask is made at the image's size: bounds the float temporaries
@@ -232,7 +251,8 @@ def strips(frame: Frame, elements: int = STRIP_ELEMENTS) -> range:
 def mask_to_image(logits_sxs: np.ndarray, frame: Frame, cut: float) -> np.ndarray:
     """logits [S,S] in the input frame -> bool mask [H,W] (logit > cut), made in row strips so
     that no float array of the image's size exists; the same bilinear geometry as logits_to_image
-    (rows interpolated first, then columns: equal up to float rounding)."""
+    (rows interpolated first, then columns: equal up to float rounding). The strips' arrays are
+    this thread's scratch arrays, reused from click to click."""
     h, w = frame.resized
     crop = logits_sxs[:h, :w]
     mask = np.empty((frame.height, frame.width), bool)
@@ -240,11 +260,24 @@ def mask_to_image(logits_sxs: np.ndarray, frame: Frame, cut: float) -> np.ndarra
     for start in rows_at:
         stop = min(start + rows_at.step, frame.height)
         i0, i1, a = bilinear_rows(start, stop, h, frame.height)
-        rows = crop[i0] + (crop[i1] - crop[i0]) * a[:, None]
-        rows = cv2.resize(rows, (frame.width, stop - start), interpolation=cv2.INTER_LINEAR)
-        np.greater(rows, cut, out=mask[start:stop])
+        # rows = crop[i0] + (crop[i1] - crop[i0]) * a, in place, then the columns
+        rows, step = np.take(crop, i0, 0, scratch("rows", (stop - start, w))), np.take(crop, i1, 0, scratch("step", (stop - start, w)))
+        np.subtract(step, rows, out=step)
+        np.multiply(step, a[:, None], out=step)
+        np.add(rows, step, out=rows)
+        wide = cv2.resize(rows, (frame.width, stop - start), dst=scratch("wide", (stop - start, frame.width)),
+                          interpolation=cv2.INTER_LINEAR)
+        np.greater(wide, cut, out=mask[start:stop])
     return mask
 
 
-def sigmoid(x: np.ndarray) -> np.ndarray:
-    return 1.0 / (1.0 + np.exp(-np.clip(x, -60, 60)))
+def sigmoid(x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    """1 / (1 + exp(-x)), x clipped to [-60, 60]; in `out` where given, the same operations in place
+    (no temporaries)."""
+    if out is None:
+        return 1.0 / (1.0 + np.exp(-np.clip(x, -60, 60)))
+    np.clip(x, -60, 60, out=out)
+    np.negative(out, out=out)
+    np.exp(out, out=out)
+    np.add(out, 1.0, out=out)
+    return np.divide(1.0, out, out=out)
