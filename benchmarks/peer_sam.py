@@ -253,7 +253,9 @@ def result_rows(medians: dict) -> list[dict]:
 
 def report_table(files: list[Path]) -> str:
     """Markdown: per model and graph, median ms per runtime and precision, and the fastest's ratio
-    to SAM's fastest (clicks: to the bare decoder). SAM's rows come from the first file."""
+    to SAM's fastest (clicks: to the bare decoder). A (model, graph) row comes from the newest
+    run that has it, with that run's SAM row above it."""
+    files = sorted(files, key=lambda path: json.loads(path.read_text())["date"], reverse=True)
     header = "| model | graph | " + " | ".join(f"{r} {p}" for r, p in COLUMNS) + " | fastest vs SAM's fastest |"
     lines = [header, "|" + "---|" * (len(COLUMNS) + 3)]
     dates, flags = set(), set()
@@ -265,8 +267,11 @@ def report_table(files: list[Path]) -> str:
         cells: dict = {}
         for r in data["results"]:
             cells.setdefault((r["model"], r["graph"]), {})[(r["runtime"], r["precision"])] = r
+        # ratios are to SAM in the same run: a run's SAM row is shown for the graphs it has new OIS rows of
+        fresh = {graph for (model, graph) in cells if model != "sam-vit-b" and (f"`{model}`", graph) not in seen}
         for (model, graph), by_column in cells.items():
-            # ratios are to SAM in the same run: SAM's rows of each run are shown
+            if model == "sam-vit-b" and graph not in fresh:
+                continue
             label = f"`{model}`" if model != "sam-vit-b" or not seen else f"`{model}` (run {path.stem[len('peer_sam_'):]})"
             if (label, graph) in seen:
                 continue
