@@ -185,8 +185,11 @@ def bench(
         out.print(profile_table(record["profile"]))
     if "sat_batched_speedup" in record:
         chosen = " (measured: the fastest per prompt)" if "sat_chunk_ms_per_prompt" in record else ""
-        out.print(f"SAT batched, {record['sat_chunk']} prompt sets per call{chosen}, is "
-                  f"{record['sat_batched_speedup']:.2f}x faster than sequential")
+        if record["sat_chunk"] == 1:  # batching did not pay: "batched" ran one prompt set per call too
+            out.print(f"SAT: one prompt set per call was the fastest{chosen}; batching does not pay here")
+        else:
+            out.print(f"SAT batched, {record['sat_chunk']} prompt sets per call{chosen}, is "
+                      f"{record['sat_batched_speedup']:.2f}x faster than sequential")
     if results is not None:
         note(f"appended to {append_result(record, results)}")
     if json:
