@@ -196,7 +196,7 @@ def folder_lock(target: Path):
         os.close(fd)
     _HELD_LOCKS.add(key)
     try:
-        with _sigterm_as_interrupt():  # so that SIGTERM, too, goes through the clean-ups below
+        with _signals_as_interrupt():  # so that SIGTERM, too, goes through the clean-ups below
             yield
     finally:
         _HELD_LOCKS.discard(key)
@@ -215,23 +215,38 @@ def _signals_deferred():
         signal.pthread_sigmask(signal.SIG_SETMASK, old)
 
 
+_received: set[int] = set()  # SIGINT/SIGTERM received while a folder lock is held (main thread)
+
+
+def _interrupt(signum, frame):
+    _received.add(signum)
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
 @contextlib.contextmanager
-def _sigterm_as_interrupt():
-    """SIGTERM ends the process through the same clean-up as Ctrl-C (main thread only)."""
+def _signals_as_interrupt():
+    """SIGINT and SIGTERM end the process through the clean-ups (main thread only). A library
+    that swallows the KeyboardInterrupt (a bare except in an exporter) does not swallow the
+    signal: it is remembered, and raise_if_interrupted raises it again before a folder is
+    replaced."""
     import threading
 
-    if threading.current_thread() is not threading.main_thread():
+    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGINT) is _interrupt:
         yield
         return
-
-    def interrupt(signum, frame):
-        raise KeyboardInterrupt(f"signal {signum}")
-
-    previous = signal.signal(signal.SIGTERM, interrupt)
+    _received.clear()
+    previous = {signum: signal.signal(signum, _interrupt) for signum in (signal.SIGINT, signal.SIGTERM)}
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
+def raise_if_interrupted() -> None:
+    """Raise KeyboardInterrupt if a signal came since the folder lock was taken."""
+    if _received:
+        raise KeyboardInterrupt(f"signal {min(_received)}")
 
 
 def replace_folder(staging: Path, target: Path) -> None:
@@ -276,6 +291,7 @@ def staged_folder(target: str | Path):
         staging = staging_dir_beside(target)
         try:
             yield staging
+            raise_if_interrupted()  # a Ctrl-C that a library swallowed still leaves `target` as it was
             replace_folder(staging, target)
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)

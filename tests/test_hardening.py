@@ -222,8 +222,10 @@ def wait_for(predicate, timeout=300.0):
 
 
 def staged_graph(parent: Path, name: str):
-    """A graph file already written in the staging folder of export NAME."""
-    return next((p for d in parent.glob(f".{name}.*") if d.is_dir() for p in d.glob("*.onnx")), None)
+    """A graph file already written in the staging folder of export NAME (not the old export that
+    the final renames put aside: seen there, the export has already finished)."""
+    staging = [d for d in parent.glob(f".{name}.*") if d.is_dir() and not d.name.startswith(f".{name}.old.")]
+    return next((p for d in staging for p in d.glob("*.onnx")), None)
 
 
 def assert_complete_export(folder: Path, hashes: dict | None = None):
@@ -255,6 +257,26 @@ def test_an_interrupted_export_leaves_the_old_folder_or_none(signum, old_export,
     assert listing(target.parent) == before  # no staging folder, no lock file, no new target
     if old_export:
         assert_complete_export(export_copy, old)
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_swallowed_by_a_library_still_leaves_the_old_folder(signum, tmp_path):
+    """A KeyboardInterrupt caught by a bare except inside the writer (as an exporter's library may
+    do) does not let the folder be replaced: the signal is remembered and raised again."""
+    target = tmp_path / "out"
+    target.mkdir()
+    (target / "manifest.json").write_text("old")
+    with pytest.raises(KeyboardInterrupt):
+        with staged_folder(target) as staging:
+            (staging / "manifest.json").write_text("new")
+            try:
+                os.kill(os.getpid(), signum)
+                time.sleep(1)  # the handler raises here
+            except KeyboardInterrupt:
+                pass  # swallowed
+    assert (target / "manifest.json").read_text() == "old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no staging folder, no lock file
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers put back
 
 
 def test_export_replaces_an_old_folder_whole_and_refuses_a_second_export(export_copy, tmp_path):

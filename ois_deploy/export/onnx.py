@@ -35,7 +35,7 @@ from ..contract import (
     write_manifest,
 )
 from ..errors import UserError, first_line
-from ..io import check_output_folder, staged_folder
+from ..io import check_output_folder, raise_if_interrupted, staged_folder
 from ..model import OIS, ImageState
 from ..model.attention import set_attention_impl
 from ..model.graphs import DecoderGraph, EncoderGraph
@@ -178,6 +178,7 @@ def _write_export(model: OIS, weights: dict, request: ExportRequest, out: Path, 
             ("decoder", DecoderGraph(variant).eval(), dec_args, DECODER_INPUTS, DECODER_OUTPUTS),
         ):
             name = graph_file(role, precision)
+            raise_if_interrupted()  # a Ctrl-C swallowed inside the previous graph's export stops here
             step(f"export {name}")
             with torch.no_grad():
                 proto = _export(module, args, names_in, names_out, dynamic[role], request.opset)
