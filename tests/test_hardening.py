@@ -49,6 +49,14 @@ def one_error(code, err, *words):
     return errors[0]
 
 
+def old_folder(tmp_path: Path) -> Path:
+    """tmp_path/out holding old.txt: a folder that a staged write may replace."""
+    target = tmp_path / "out"
+    target.mkdir()
+    (target / "old.txt").write_text("old")
+    return target
+
+
 def listing(root: Path) -> list[str]:
     """Every file and folder under root, hidden ones too."""
     return sorted(str(p.relative_to(root)) for p in Path(root).rglob("*"))
@@ -263,19 +271,16 @@ def test_an_interrupted_export_leaves_the_old_folder_or_none(signum, old_export,
 def test_a_signal_swallowed_by_a_library_still_leaves_the_old_folder(signum, tmp_path):
     """A KeyboardInterrupt caught by a bare except inside the writer (as an exporter's library may
     do) does not let the folder be replaced: the signal is remembered and raised again."""
-    target = tmp_path / "out"
-    target.mkdir()
-    (target / "manifest.json").write_text("old")
+    target = old_folder(tmp_path)
     with pytest.raises(KeyboardInterrupt):
         with staged_folder(target) as staging:
-            (staging / "manifest.json").write_text("new")
+            (staging / "new.txt").write_text("new")
             try:
                 os.kill(os.getpid(), signum)
                 time.sleep(1)  # the handler raises here
             except KeyboardInterrupt:
                 pass  # swallowed
-    assert (target / "manifest.json").read_text() == "old"
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no staging folder, no lock file
+    assert listing(tmp_path) == ["out", "out/old.txt"]  # no staging folder, no lock file
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers put back
 
 
@@ -324,9 +329,7 @@ def test_a_killed_writer_leaves_nothing_after_the_next_export(when, tmp_path):
     """SIGKILL cannot be caught: the staging folder (or the old folder renamed aside) stays. The
     next write into the same place removes it, and puts an old folder aside back first (seen
     here through a next write that fails: the old folder is what is left)."""
-    target = tmp_path / "out"
-    target.mkdir()
-    (target / "old.txt").write_text("old")
+    target = old_folder(tmp_path)
     killed = subprocess.run([sys.executable, "-c", KILLED_WRITER, str(target), when], capture_output=True, text=True,
                             timeout=120)
     assert killed.returncode == -signal.SIGKILL, killed.stderr
@@ -339,9 +342,7 @@ def test_a_killed_writer_leaves_nothing_after_the_next_export(when, tmp_path):
 
 
 def test_staged_folder_keeps_the_old_folder_on_an_error(tmp_path):
-    target = tmp_path / "out"
-    target.mkdir()
-    (target / "old.txt").write_text("old")
+    target = old_folder(tmp_path)
     with pytest.raises(KeyboardInterrupt):
         with staged_folder(target) as staging:
             (staging / "new.txt").write_text("new")
