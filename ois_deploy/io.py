@@ -235,7 +235,9 @@ def _signals_as_interrupt():
         yield
         return
     _received.clear()
-    previous = {signum: signal.signal(signum, _interrupt) for signum in (signal.SIGINT, signal.SIGTERM)}
+    # a signal the process was started to ignore (nohup, a background job's SIGINT) stays ignored
+    previous = {signum: signal.signal(signum, _interrupt) for signum in (signal.SIGINT, signal.SIGTERM)
+                if signal.getsignal(signum) is not signal.SIG_IGN}
     try:
         yield
     finally:

@@ -252,8 +252,10 @@ def test_an_interrupted_export_leaves_the_old_folder_or_none(signum, old_export,
     target = export_copy if old_export else export_copy.parent / "new"
     old = {name: sha256_file(export_copy / name) for name in read_manifest(export_copy)["graphs"]}
     before = listing(target.parent)
+    # Ctrl-C as in a terminal, whatever the test runner was started with (a background job ignores SIGINT)
     process = subprocess.Popen([sys.executable, "-m", "ois_deploy", "export", "--out", str(target)],
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         wait_for(lambda: staged_graph(target.parent, target.name) or process.poll() is not None)
         assert process.poll() is None, process.stderr.read()
@@ -272,16 +274,22 @@ def test_a_signal_swallowed_by_a_library_still_leaves_the_old_folder(signum, tmp
     """A KeyboardInterrupt caught by a bare except inside the writer (as an exporter's library may
     do) does not let the folder be replaced: the signal is remembered and raised again."""
     target = old_folder(tmp_path)
-    with pytest.raises(KeyboardInterrupt):
-        with staged_folder(target) as staging:
-            (staging / "new.txt").write_text("new")
-            try:
-                os.kill(os.getpid(), signum)
-                time.sleep(1)  # the handler raises here
-            except KeyboardInterrupt:
-                pass  # swallowed
+    # as in a terminal, whatever the test runner was started with (a background job ignores SIGINT)
+    outer = signal.signal(signum, signal.default_int_handler if signum == signal.SIGINT else signal.SIG_DFL)
+    try:
+        handler = signal.getsignal(signum)
+        with pytest.raises(KeyboardInterrupt):
+            with staged_folder(target) as staging:
+                (staging / "new.txt").write_text("new")
+                try:
+                    os.kill(os.getpid(), signum)
+                    time.sleep(1)  # the handler raises here
+                except KeyboardInterrupt:
+                    pass  # swallowed
+        assert signal.getsignal(signum) is handler  # put back
+    finally:
+        signal.signal(signum, outer)
     assert listing(tmp_path) == ["out", "out/old.txt"]  # no staging folder, no lock file
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers put back
 
 
 def test_export_replaces_an_old_folder_whole_and_refuses_a_second_export(export_copy, tmp_path):

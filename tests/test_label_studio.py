@@ -660,9 +660,15 @@ def png(image: np.ndarray) -> bytes:
 
 
 def visible_box(locator) -> dict:
-    """The locator's box once it is visible (bounding_box() is None while it is not laid out)."""
-    locator.wait_for(state="visible")
-    box = locator.bounding_box()
+    """The locator's box once it is visible (bounding_box() is None while it is not laid out, and
+    Label Studio may re-render the toolbar between the two calls)."""
+    deadline = time.monotonic() + 30
+    while True:
+        locator.wait_for(state="visible")
+        box = locator.bounding_box()
+        if box or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
     assert box, locator
     return box
 
