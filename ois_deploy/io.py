@@ -196,7 +196,7 @@ def folder_lock(target: Path):
         os.close(fd)
     _HELD_LOCKS.add(key)
     try:
-        with _signals_as_interrupt():  # so that SIGTERM, too, goes through the clean-ups below
+        with _signals_as_interrupt():  # so that SIGINT and SIGTERM go through the clean-ups below
             yield
     finally:
         _HELD_LOCKS.discard(key)
